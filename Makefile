@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Everything else here serves them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.scalekd-installed
+# The CPU wheel on these hosts; the GPU image installs the CUDA build of the same version instead.
+TORCH_SPEC ?= torch==2.13.0+cpu
+
+.PHONY: demo test install lint bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/torchvision_cpu_compat.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) tools/torchvision_cpu_compat.py
+	$(PY) tools/check_install.py
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scalekd demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py && $(PY) benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

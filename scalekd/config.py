@@ -1,0 +1,385 @@
+"""One typed configuration for every stage, loaded from YAML and validated once, at the edge.
+
+Errors name the dotted field, the bad value and what is allowed. Code below the edge trusts the config.
+The same plain dict (``to_dict``) is Ray's ``train_loop_config`` and the base of Tune's search space.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+METHODS = ("scalekd", "fitnet", "od", "none")
+ONE_STAGE = ("retinanet", "fcos")
+# Paper, section 4.1: loss weights (alpha, beta, gamma) per detector family.
+PAPER_WEIGHTS = {"one_stage": (0.01, 0.2, 0.05), "two_stage": (0.07, 0.5, 0.2)}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the dotted field."""
+
+    def __init__(self, path: str, value: Any, allowed: str):
+        self.path, self.value, self.allowed = path, value, allowed
+        super().__init__(f"config field '{path}' = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "runs/data/synth"  # local folder or s3://bucket/prefix with annotations/ and images/
+    train_split: str = "train"
+    val_split: str = "val"
+    student_size: int = 128  # student's short side in px; the teacher sees teacher_scale x this
+    teacher_scale: float = 2.0
+    max_size_ratio: float = 1.667  # long side cap = ratio x short side (torchvision's 1333/800)
+    hflip_prob: float = 0.5
+    loader_workers: int = 0
+    cache_dir: str = ""  # local cache for s3:// reads ("" = ~/.cache/scalekd)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    detector: str = "retinanet"
+    student_backbone: str = "mobilenet_v2"
+    teacher_backbone: str = "resnet18"
+    fpn_channels: int = 256
+    num_classes: int = 0  # 0: take it from the dataset's categories
+    anchor_scale: float = 4.0  # anchor side / stride (torchvision: 4); small objects want 2
+
+
+@dataclass(frozen=True)
+class SDFConfig:
+    enabled: bool = True
+    dilations: tuple[int, ...] = (1, 2, 3)
+    weight_sharing: bool = True
+    teacher_sdf: str = "shared"  # "shared" | "frozen" (interpretation, see DESIGN.md)
+    embed_channels: int = 128
+    bottleneck_ratio: int = 4
+
+
+@dataclass(frozen=True)
+class CSAConfig:
+    enabled: bool = True
+    attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
+    heads: int = 8
+    rates: tuple[int, ...] = (2, 4)  # pooling rates on the (2x) teacher map, one per head group
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    recompute: bool = True  # recompute assistant predictions after its step (else reuse pre-step ones)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = "scalekd"
+    alpha: Optional[float] = None  # None: the paper's value for the detector family
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    temperature: float = 1.0
+    background_weight: float = 1.5  # Chen et al. 2017
+    margin: float = 0.0  # bounded regression margin m
+    bbox_loss: str = "bounded"  # "bounded" | "l2" | "smooth_l1"
+    sdf: SDFConfig = field(default_factory=SDFConfig)
+    csa: CSAConfig = field(default_factory=CSAConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    teacher_iterations: int = 200
+    warmup_iterations: int = 200
+    distill_iterations: int = 200
+    freeze_backbone_iterations: int = 50  # student warm-up: backbone frozen this long
+    batch_size: int = 4
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_warmup_iterations: int = 50
+    lr_steps: tuple[float, ...] = (0.67, 0.89)  # fractions of the stage where lr drops by lr_gamma
+    lr_gamma: float = 0.1
+    grad_clip: float = 10.0
+    checkpoint_interval: int = 100
+    log_interval: int = 10
+    seed: int = 0
+    amp: bool = True  # mixed precision, used on GPU only
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    ray_address: str = ""  # "" = in-process local Ray; else submit a Ray job there
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL or AWS default
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_detections: tuple[int, ...] = (1, 10, 100)  # VisDrone: (1, 10, 100, 500)
+    score_threshold: float = 0.05
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def one_stage(self) -> bool:
+        return self.model.detector in ONE_STAGE
+
+    @property
+    def teacher_size(self) -> int:
+        return int(round(self.data.student_size * self.data.teacher_scale))
+
+    def loss_weights(self) -> tuple[float, float, float]:
+        """(alpha, beta, gamma), the paper's defaults filled in for the detector family."""
+        defaults = PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"]
+        given = (self.distill.alpha, self.distill.beta, self.distill.gamma)
+        return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Presets: overrides on the defaults, sized from the CPU costs in ../shared/notes/ENVIRONMENT.md.
+PRESETS: dict[str, dict] = {
+    "tiny": {  # tests: seconds
+        "data": {"student_size": 64},
+        "model": {"fpn_channels": 32, "anchor_scale": 2.0},
+        "distill": {"sdf": {"embed_channels": 16}, "csa": {"heads": 4}},
+        "train": {"teacher_iterations": 4, "warmup_iterations": 4, "distill_iterations": 4,
+                  "freeze_backbone_iterations": 2, "batch_size": 2, "lr_warmup_iterations": 1,
+                  "checkpoint_interval": 2, "log_interval": 1},
+        "eval": {"batch_size": 2},
+    },
+    "demo": {  # the README's main command: minutes on 2 CPU cores
+        "data": {"student_size": 128},
+        "model": {"fpn_channels": 64, "anchor_scale": 2.0},
+        "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
+        "train": {"teacher_iterations": 300, "warmup_iterations": 150, "distill_iterations": 150,
+                  "freeze_backbone_iterations": 40, "batch_size": 4, "lr": 0.01,
+                  "lr_warmup_iterations": 30, "checkpoint_interval": 50, "log_interval": 10},
+    },
+    "bench": {
+        "data": {"student_size": 128},
+        "model": {"fpn_channels": 64, "anchor_scale": 2.0},
+        "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
+        "train": {"teacher_iterations": 600, "warmup_iterations": 300, "distill_iterations": 300,
+                  "freeze_backbone_iterations": 60, "batch_size": 4, "lr_warmup_iterations": 50,
+                  "checkpoint_interval": 100},
+    },
+    "paper": {  # COCO 1x-style schedule for a GPU cluster (section 4.1)
+        "data": {"student_size": 800, "max_size_ratio": 1.667},
+        "model": {"fpn_channels": 256, "student_backbone": "resnet50", "teacher_backbone": "resnet101"},
+        "distill": {"sdf": {"embed_channels": 256}, "csa": {"heads": 8}},
+        "train": {"teacher_iterations": 90000, "warmup_iterations": 30000, "distill_iterations": 90000,
+                  "freeze_backbone_iterations": 10000, "batch_size": 2, "lr": 0.01,
+                  "lr_warmup_iterations": 500, "checkpoint_interval": 5000, "log_interval": 50},
+        "scaling": {"workers": 8, "gpu": True},
+    },
+}
+
+
+def load_config(path: Optional[str] = None, preset: Optional[str] = None,
+                overrides: Optional[list[str]] = None, text: Optional[str] = None) -> Config:
+    """Defaults <- preset <- YAML file (or text) <- `key=value` overrides; then validate."""
+    merged: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError("preset", preset, f"one of {', '.join(PRESETS)}")
+        merged = copy.deepcopy(PRESETS[preset])
+    if path is not None or text is not None:
+        if text is None:
+            from scalekd import storage
+
+            text = storage.read_text(path)
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config {path or '<text>'} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError("<root>", loaded, "a mapping of sections (data, model, distill, ...)")
+        _deep_update(merged, loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, item, "overrides look like section.field=value")
+        node = merged
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, raw, f"'{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(merged)
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "<root>", raw, "a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, raw[unknown[0]], f"unknown field; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, value, "a list")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {path}")
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    d, m, k, t, s = cfg.data, cfg.model, cfg.distill, cfg.train, cfg.scaling
+    _check(d.student_size >= 32 and d.student_size % 32 == 0, "data.student_size", d.student_size,
+           "a positive multiple of 32 (the FPN's coarsest stride)")
+    _check(d.teacher_scale >= 1.0 and (d.student_size * d.teacher_scale) % 32 == 0,
+           "data.teacher_scale", d.teacher_scale,
+           ">= 1 and such that student_size x teacher_scale is a multiple of 32 (the paper uses 2)")
+    _check(d.max_size_ratio >= 1.0, "data.max_size_ratio", d.max_size_ratio, ">= 1")
+    _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
+    _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    _check(bool(d.root), "data.root", d.root, "a local folder or s3://bucket/prefix")
+    _check(m.detector in DETECTORS, "model.detector", m.detector, f"one of {DETECTORS}")
+    _check(m.student_backbone in BACKBONES, "model.student_backbone", m.student_backbone, f"one of {BACKBONES}")
+    _check(m.teacher_backbone in BACKBONES, "model.teacher_backbone", m.teacher_backbone, f"one of {BACKBONES}")
+    _check(m.fpn_channels >= 8 and m.fpn_channels % 8 == 0, "model.fpn_channels", m.fpn_channels,
+           "a multiple of 8, at least 8")
+    _check(m.anchor_scale > 0, "model.anchor_scale", m.anchor_scale, "> 0 (anchor side / stride)")
+    _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
+    _check(k.method in METHODS, "distill.method", k.method, f"one of {METHODS}")
+    for name in ("alpha", "beta", "gamma"):
+        v = getattr(k, name)
+        _check(v is None or v >= 0, f"distill.{name}", v, "a non-negative number (or null for the paper's)")
+    _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
+    _check(k.background_weight > 0, "distill.background_weight", k.background_weight, "> 0")
+    _check(k.margin >= 0, "distill.margin", k.margin, ">= 0")
+    _check(k.bbox_loss in ("bounded", "l2", "smooth_l1"), "distill.bbox_loss", k.bbox_loss,
+           "one of bounded, l2, smooth_l1")
+    _check(len(k.sdf.dilations) >= 1 and all(x >= 1 for x in k.sdf.dilations), "distill.sdf.dilations",
+           k.sdf.dilations, "a non-empty list of dilation rates >= 1 (paper: [1, 2, 3])")
+    _check(k.sdf.teacher_sdf in ("shared", "frozen"), "distill.sdf.teacher_sdf", k.sdf.teacher_sdf,
+           "shared or frozen")
+    _check(k.sdf.embed_channels >= 1, "distill.sdf.embed_channels", k.sdf.embed_channels, ">= 1")
+    _check(k.sdf.bottleneck_ratio >= 1, "distill.sdf.bottleneck_ratio", k.sdf.bottleneck_ratio, ">= 1")
+    c = k.csa
+    _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
+    _check(len(c.rates) >= 1 and all(r >= 1 for r in c.rates), "distill.csa.rates", c.rates,
+           "a non-empty list of pooling rates >= 1")
+    _check(c.heads >= 1 and c.heads % len(c.rates) == 0, "distill.csa.heads", c.heads,
+           f"a positive multiple of the number of rates ({len(c.rates)})")
+    _check(m.fpn_channels % c.heads == 0, "distill.csa.heads", c.heads,
+           f"must divide model.fpn_channels ({m.fpn_channels})")
+    _check(c.lr > 0, "distill.csa.lr", c.lr, "> 0")
+    _check(c.weight_decay >= 0, "distill.csa.weight_decay", c.weight_decay, ">= 0")
+    for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
+                 "checkpoint_interval", "log_interval"):
+        _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
+    for name in ("freeze_backbone_iterations", "lr_warmup_iterations", "seed"):
+        _check(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "an integer >= 0")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _check(all(0 < x < 1 for x in t.lr_steps) and list(t.lr_steps) == sorted(t.lr_steps), "train.lr_steps",
+           t.lr_steps, "increasing fractions of the stage in (0, 1)")
+    _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "in (0, 1]")
+    _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
+    _check(s.workers >= 1, "scaling.workers", s.workers, "an integer >= 1")
+    _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, ">= 1")
+    _check(s.max_failures >= 0, "scaling.max_failures", s.max_failures, ">= 0")
+    e = cfg.eval
+    _check(len(e.max_detections) >= 1 and all(x >= 1 for x in e.max_detections)
+           and list(e.max_detections) == sorted(e.max_detections), "eval.max_detections",
+           e.max_detections, "increasing positive integers, e.g. [1, 10, 100]")
+    _check(0 <= e.score_threshold < 1, "eval.score_threshold", e.score_threshold, "in [0, 1)")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of ``cfg`` with fields of named sections replaced, validated again."""
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        _deep_update(raw.setdefault(section, {}), values)
+    return config_from_dict(raw)
+
+
+def _deep_update(base: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Datasets, converters, synthetic scenes and dual-resolution batches."""

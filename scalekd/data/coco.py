@@ -1,0 +1,175 @@
+"""COCO-format detection datasets read from local paths or s3:// URIs.
+
+Objects (iscrowd=0) become targets; crowd boxes (iscrowd=1) become ignore regions, never objects.
+Degenerate boxes are dropped and counted, the rest clipped to the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from scalekd import storage
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line or field) and what to do."""
+
+
+def load_coco_json(uri: str) -> dict:
+    """Parse and check a COCO instances file; tolerant of missing ``info``/``licenses``."""
+    raw = storage.read_bytes(uri)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{uri}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                        "fix or regenerate the annotation file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{uri}: not a UTF-8 JSON file; is this an annotation file?") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{uri}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{uri}: missing or non-list '{key}' (COCO instances format needs it)")
+    image_ids = {img.get("id") for img in data["images"]}
+    category_ids = {c.get("id") for c in data["categories"]}
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "file_name", "width", "height"):
+            if key not in img:
+                raise DataError(f"{uri}: images[{i}] lacks '{key}'")
+    for i, ann in enumerate(data["annotations"]):
+        if ann.get("image_id") not in image_ids:
+            raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) names image_id "
+                            f"{ann.get('image_id')!r}, which is not in 'images'; fix the file or add the image")
+        if ann.get("category_id") not in category_ids:
+            raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) names unknown category_id "
+                            f"{ann.get('category_id')!r}; known: {sorted(category_ids)}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4):
+            raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
+                            "expected [x, y, width, height]")
+    if not data["images"]:
+        raise DataError(f"{uri}: the dataset has no images; point at a non-empty annotation file")
+    data.setdefault("info", {})
+    data.setdefault("licenses", [])
+    return data
+
+
+def coco_api(data: dict):
+    """A pycocotools COCO object over an in-memory dict (quietly)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def decode_image(data: bytes, name: str) -> torch.Tensor:
+    """[3, H, W] float in [0, 1]; a corrupt or truncated file raises DataError naming it."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc}); the file is corrupt or truncated: "
+                        "replace it or remove it from the annotations") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+@dataclass
+class DatasetCounts:
+    objects: int = 0
+    ignore_regions: int = 0
+    dropped_degenerate: int = 0
+    clipped: int = 0
+    per_image_dropped: dict = field(default_factory=dict)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images with targets ``{boxes [n,4] xyxy, labels [n] in 1..K, ignore_boxes [m,4], image_id}``."""
+
+    def __init__(self, annotation_uri: str, images_uri: str, cache: bool = True):
+        self.annotation_uri = annotation_uri
+        self.images_uri = images_uri.rstrip("/")
+        self.cache = cache
+        self.data = load_coco_json(annotation_uri)
+        cats = sorted(c["id"] for c in self.data["categories"])
+        self.category_ids = cats  # contiguous label k (1-based) <-> cats[k - 1]
+        self.label_of_category = {c: i + 1 for i, c in enumerate(cats)}
+        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in self.data["categories"]}
+        self.images = sorted(self.data["images"], key=lambda im: im["id"])
+        self.counts = DatasetCounts()
+        by_image: dict = {im["id"]: [] for im in self.images}
+        for ann in self.data["annotations"]:
+            by_image[ann["image_id"]].append(ann)
+        self._targets = [self._build_target(im, by_image[im["id"]]) for im in self.images]
+        if self.counts.dropped_degenerate:
+            log.warning("%s: dropped %d degenerate boxes (zero or negative size)", annotation_uri,
+                        self.counts.dropped_degenerate)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def _build_target(self, image: dict, anns: list) -> dict:
+        w, h = float(image["width"]), float(image["height"])
+        boxes, labels, ignore = [], [], []
+        for ann in anns:
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(w, x + bw), min(h, y + bh)
+            if bw <= 0 or bh <= 0 or x2 - x1 < 1e-3 or y2 - y1 < 1e-3:
+                self.counts.dropped_degenerate += 1
+                self.counts.per_image_dropped[image["id"]] = self.counts.per_image_dropped.get(image["id"], 0) + 1
+                continue
+            if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+                self.counts.clipped += 1
+            if ann.get("iscrowd", 0) or ann.get("ignore", 0):
+                ignore.append([x1, y1, x2, y2])
+                self.counts.ignore_regions += 1
+            else:
+                boxes.append([x1, y1, x2, y2])
+                labels.append(self.label_of_category[ann["category_id"]])
+                self.counts.objects += 1
+        return {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "ignore_boxes": torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
+            "image_id": int(image["id"]),
+        }
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_uri(self, index: int) -> str:
+        return f"{self.images_uri}/{self.images[index]['file_name']}"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        uri = self.image_uri(index)
+        try:
+            raw = storage.read_bytes(uri, cache=self.cache)
+        except storage.StorageError as exc:
+            raise DataError(f"{exc} (image of {self.annotation_uri})") from None
+        image = decode_image(raw, uri)
+        meta = self.images[index]
+        if image.shape[1:] != (meta["height"], meta["width"]):
+            raise DataError(f"{uri}: image is {image.shape[2]}x{image.shape[1]} but the annotations say "
+                            f"{meta['width']}x{meta['height']}; regenerate the annotation file")
+        target = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self._targets[index].items()}
+        return image, target
+
+
+def dataset_from_root(root: str, split: str, cache: bool = True) -> CocoDetection:
+    """The project's layout: ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/images/``."""
+    return CocoDetection(storage.join(root, "annotations", f"instances_{split}.json"),
+                         storage.join(root, "images"), cache=cache)

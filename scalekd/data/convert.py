@@ -1,0 +1,174 @@
+"""Converters to COCO JSON: VisDrone2019-DET txt (optionally split into 4 patches) and YOLO txt."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from PIL import Image
+
+from scalekd import storage
+from scalekd.data.coco import DataError
+
+# VisDrone2019-DET: 0 = ignored region, 1..10 objects, 11 = others (treated as ignore regions).
+VISDRONE_NAMES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
+                  "awning-tricycle", "bus", "motor")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SLIVER_MIN_SIDE = 2.0  # px: a clipped box thinner than this is dropped
+SLIVER_MIN_KEPT = 0.25  # fraction of a box's area that must remain inside a patch
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+            img.verify()
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
+
+
+def _find_image(images_dir: str, stem: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = os.path.join(images_dir, stem + suffix)
+        if os.path.exists(candidate):
+            return candidate
+    raise DataError(f"no image for annotation '{stem}' in {images_dir} (looked for {IMAGE_SUFFIXES})")
+
+
+def parse_visdrone_line(line: str, path: str, lineno: int) -> tuple[list[float], int]:
+    fields = [f for f in line.strip().rstrip(",").split(",")]
+    if len(fields) != 8:
+        raise DataError(f"{path}:{lineno}: expected 8 comma-separated fields "
+                        "(left,top,width,height,score,category,truncation,occlusion), got "
+                        f"{len(fields)}: {line.strip()!r}")
+    try:
+        left, top, width, height = (float(v) for v in fields[:4])
+        category = int(fields[5])
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from None
+    if not 0 <= category <= 11:
+        raise DataError(f"{path}:{lineno}: category {category} is outside VisDrone's 0..11")
+    return [left, top, width, height], category
+
+
+def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) -> dict:
+    """COCO dict from ``SRC/images`` + ``SRC/annotations``; ignored (0) and others (11) become crowd."""
+    if patches not in (1, 4):
+        raise DataError(f"--patches {patches}: VisDrone conversion supports 1 or 4 (2x2) patches")
+    if patches == 4 and not images_out:
+        raise DataError("--patches 4 writes patch images: give an images output folder")
+    ann_dir, img_dir = os.path.join(src, "annotations"), os.path.join(src, "images")
+    if not os.path.isdir(ann_dir) or not os.path.isdir(img_dir):
+        raise DataError(f"{src}: expected VisDrone2019-DET layout with images/ and annotations/")
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(VISDRONE_NAMES)]
+    out = {"images": [], "annotations": [], "categories": categories}
+    ann_files = sorted(f for f in os.listdir(ann_dir) if f.endswith(".txt"))
+    if not ann_files:
+        raise DataError(f"{ann_dir}: no .txt annotation files")
+    for txt in ann_files:
+        path = os.path.join(ann_dir, txt)
+        image_path = _find_image(img_dir, txt[:-4])
+        width, height = _image_size(image_path)
+        objects, ignores = [], []
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                bbox, category = parse_visdrone_line(line, path, lineno)
+                (ignores if category in (0, 11) else objects).append((bbox, category))
+        tiles = _tiles(width, height, patches)
+        for t_index, (tx, ty, tw, th) in enumerate(tiles):
+            image_id = len(out["images"]) + 1
+            file_name = os.path.basename(image_path)
+            if patches > 1:
+                stem, suffix = os.path.splitext(file_name)
+                file_name = f"{stem}_p{t_index}{suffix}"
+                with Image.open(image_path) as img:
+                    buf = io.BytesIO()
+                    img.crop((tx, ty, tx + tw, ty + th)).save(buf, format=img.format or "PNG")
+                storage.write_bytes(storage.join(images_out, file_name), buf.getvalue())
+            out["images"].append({"id": image_id, "file_name": file_name, "width": tw, "height": th})
+            for bbox, category in objects:
+                clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
+                if clipped:
+                    _add(out, image_id, category, clipped, crowd=False)
+            for bbox, _ in ignores:
+                clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
+                if clipped:  # an ignored region ignores every class (COCOeval matches crowd per class)
+                    for cat in range(1, len(VISDRONE_NAMES) + 1):
+                        _add(out, image_id, cat, clipped, crowd=True)
+    return out
+
+
+def _tiles(width: int, height: int, patches: int) -> list[tuple[int, int, int, int]]:
+    if patches == 1:
+        return [(0, 0, width, height)]
+    hw, hh = width // 2, height // 2
+    return [(0, 0, hw, hh), (hw, 0, width - hw, hh), (0, hh, hw, height - hh), (hw, hh, width - hw, height - hh)]
+
+
+def _clip_to_tile(bbox: list[float], tile: tuple[int, int, int, int]) -> list[float] | None:
+    x, y, w, h = bbox
+    tx, ty, tw, th = tile
+    if w <= 0 or h <= 0:
+        return None
+    x1, y1 = max(x, tx), max(y, ty)
+    x2, y2 = min(x + w, tx + tw), min(y + h, ty + th)
+    cw, ch = x2 - x1, y2 - y1
+    if cw < SLIVER_MIN_SIDE or ch < SLIVER_MIN_SIDE or cw * ch < SLIVER_MIN_KEPT * w * h:
+        return None
+    return [x1 - tx, y1 - ty, cw, ch]
+
+
+def _add(out: dict, image_id: int, category: int, bbox: list[float], crowd: bool) -> None:
+    out["annotations"].append({"id": len(out["annotations"]) + 1, "image_id": image_id,
+                               "category_id": category, "bbox": [round(v, 2) for v in bbox],
+                               "area": round(bbox[2] * bbox[3], 2), "iscrowd": int(crowd)})
+
+
+def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> dict:
+    """COCO dict from YOLO labels (``class cx cy w h`` normalised) beside their images in ``src``."""
+    try:
+        with open(names_file) as f:
+            names = [n.strip() for n in f if n.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{names_file}: class names file not found") from None
+    if not names:
+        raise DataError(f"{names_file}: no class names")
+    out = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    image_files = images if images is not None else sorted(
+        f for f in os.listdir(src) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not image_files:
+        raise DataError(f"{src}: no images found")
+    for file_name in image_files:
+        image_path = os.path.join(src, file_name)
+        width, height = _image_size(image_path)
+        image_id = len(out["images"]) + 1
+        out["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        label_path = os.path.splitext(image_path)[0] + ".txt"
+        if not os.path.exists(label_path):
+            continue  # an image without a label file has no objects (YOLO convention)
+        with open(label_path) as f:
+            for lineno, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 5:
+                    raise DataError(f"{label_path}:{lineno}: expected 'class cx cy w h', got {line.strip()!r}")
+                try:
+                    cls = int(fields[0])
+                    cx, cy, w, h = (float(v) for v in fields[1:])
+                except ValueError:
+                    raise DataError(f"{label_path}:{lineno}: non-numeric field in {line.strip()!r}") from None
+                if not 0 <= cls < len(names):
+                    raise DataError(f"{label_path}:{lineno}: class {cls} not in {names_file} "
+                                    f"({len(names)} names)")
+                x0 = max(0.0, (cx - w / 2) * width)
+                y0 = max(0.0, (cy - h / 2) * height)
+                x1 = min(float(width), (cx + w / 2) * width)
+                y1 = min(float(height), (cy + h / 2) * height)
+                if x1 - x0 <= 0 or y1 - y0 <= 0:
+                    continue
+                _add(out, image_id, cls + 1, [x0, y0, x1 - x0, y1 - y0], crowd=False)
+    return out

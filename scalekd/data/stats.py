@@ -1,0 +1,50 @@
+"""Dataset statistics: objects, ignore regions, per-category and COCO size-class counts."""
+
+from __future__ import annotations
+
+from scalekd.data.coco import load_coco_json
+
+SMALL_AREA, MEDIUM_AREA = 32**2, 96**2  # COCO's size classes, in original-image pixels
+
+
+def dataset_stats(annotation_uri: str) -> dict:
+    data = load_coco_json(annotation_uri)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+    per_category = {names[c]: 0 for c in sorted(names)}
+    small = medium = large = 0
+    objects = 0
+    ignore = set()
+    degenerate = 0
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        if ann.get("iscrowd", 0) or ann.get("ignore", 0):
+            ignore.add((ann["image_id"], tuple(ann["bbox"])))
+            continue
+        if w <= 0 or h <= 0:
+            degenerate += 1
+            continue
+        objects += 1
+        per_category[names[ann["category_id"]]] += 1
+        area = ann.get("area", w * h) or w * h
+        if area < SMALL_AREA:
+            small += 1
+        elif area < MEDIUM_AREA:
+            medium += 1
+        else:
+            large += 1
+    return {"images": len(data["images"]), "annotations": objects, "ignore_regions": len(ignore),
+            "degenerate_dropped": degenerate, "small": small, "medium": medium, "large": large,
+            "per_category": per_category,
+            "objects_per_image": round(objects / max(1, len(data["images"])), 2)}
+
+
+def format_stats(stats: dict, title: str) -> str:
+    lines = [title, f"  images            {stats['images']}", f"  objects           {stats['annotations']}",
+             f"  ignore regions    {stats['ignore_regions']}",
+             f"  degenerate (drop) {stats['degenerate_dropped']}"]
+    total = max(1, stats["annotations"])
+    for key in ("small", "medium", "large"):
+        lines.append(f"  {key:<17} {stats[key]} ({100.0 * stats[key] / total:.1f}%)")
+    lines.append("  per category:")
+    lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Dual-resolution batches: each sample is loaded once, then resized for the student (short side s)
+and for the teacher (short side teacher_scale x s), with targets scaled by the same factors.
+
+The detectors' own transforms are built with the same min/max sizes, so they do not resize again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    scale = min(short_side / min(height, width), max_size / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize_sample(image: torch.Tensor, target: dict, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    """Resize ``image`` [3, H, W] to ``size`` (h, w) and scale its boxes by the same factors."""
+    h, w = image.shape[1:]
+    out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    sy, sx = size[0] / h, size[1] / w
+    scale = torch.tensor([sx, sy, sx, sy])
+    new_target = dict(target)
+    for key in ("boxes", "ignore_boxes"):
+        if key in target:
+            new_target[key] = target[key] * scale
+    new_target["scale"] = (sy, sx)
+    return out, new_target
+
+
+def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    width = image.shape[2]
+    new_target = dict(target)
+    for key in ("boxes", "ignore_boxes"):
+        if key in target and target[key].numel():
+            b = target[key].clone()
+            b[:, [0, 2]] = width - target[key][:, [2, 0]]
+            new_target[key] = b
+    return image.flip(-1), new_target
+
+
+@dataclass
+class DualBatch:
+    """One batch at two resolutions; targets for the teacher are the student's scaled by its factor."""
+
+    student_images: list[torch.Tensor]
+    student_targets: list[dict]
+    teacher_images: list[torch.Tensor]
+    teacher_targets: list[dict]
+
+    def to(self, device: torch.device) -> "DualBatch":
+        def move(targets):
+            return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+        return DualBatch([im.to(device, non_blocking=True) for im in self.student_images],
+                         move(self.student_targets),
+                         [im.to(device, non_blocking=True) for im in self.teacher_images],
+                         move(self.teacher_targets))
+
+
+class DualResolutionCollate:
+    """Collate function: random flip (train), then resize to the student's and teacher's sizes."""
+
+    def __init__(self, student_size: int, teacher_scale: float, max_size_ratio: float,
+                 hflip_prob: float = 0.0, with_teacher: bool = True):
+        self.student_size = student_size
+        self.teacher_scale = teacher_scale
+        self.max_size = int(round(student_size * max_size_ratio))
+        self.hflip_prob = hflip_prob
+        self.with_teacher = with_teacher
+
+    def __call__(self, samples: list[tuple[torch.Tensor, dict]]) -> DualBatch:
+        s_imgs, s_tgts, t_imgs, t_tgts = [], [], [], []
+        for image, target in samples:
+            if self.hflip_prob > 0 and random.random() < self.hflip_prob:
+                image, target = hflip(image, target)
+            sh, sw = resized_shape(image.shape[1], image.shape[2], self.student_size, self.max_size)
+            s_img, s_tgt = resize_sample(image, target, (sh, sw))
+            s_imgs.append(s_img)
+            s_tgts.append(s_tgt)
+            if self.with_teacher:
+                # Exactly teacher_scale x the student's shape, so feature maps line up across models.
+                th, tw = int(round(sh * self.teacher_scale)), int(round(sw * self.teacher_scale))
+                t_img, t_tgt = resize_sample(image, target, (th, tw))
+                t_imgs.append(t_img)
+                t_tgts.append(t_tgt)
+        return DualBatch(s_imgs, s_tgts, t_imgs, t_tgts)

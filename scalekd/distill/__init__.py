@@ -1,0 +1,1 @@
+"""ScaleKD: SDF, the Cross-Scale Assistant, output losses, baselines and the distiller."""

@@ -1,0 +1,25 @@
+"""Baselines users compare ScaleKD against: FitNet hints on the FPN maps.
+
+(Chen et al.'s "OD" output distillation is the distiller with the teacher's own head outputs, at the
+student's resolution, as targets; see ``distiller.py``.)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FitNetHint(nn.Module):
+    """A 1x1 conv adapter per FPN level (shared), L2 to the teacher's maps pooled to the student's grid."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.adapter = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
+        losses = []
+        for s, t in zip(student_maps, teacher_maps):
+            t = F.adaptive_avg_pool2d(t, s.shape[-2:]) if t.shape[-2:] != s.shape[-2:] else t
+            losses.append(F.mse_loss(self.adapter(s), t))
+        return sum(losses) / len(losses)

@@ -1,0 +1,90 @@
+"""The Cross-Scale Assistant (ScaleKD, section 3.2, equations 3-6).
+
+Per FPN level, queries come from the student's map F_S; keys and values come from the teacher's map
+F_T (2x larger), aggregated by MSC at one pooling rate per group of heads (the Shunted Transformer's
+pattern), with a depth-wise 3x3 conv added to V (eq. 5). The heads' outputs are concatenated,
+projected and added back onto F_S; the result goes through the *student's* detection head.
+Equation 6's parenthesis is a typo: h_i = softmax(Q_i K_i^T / sqrt(d_h)) V_i.
+Memory grows with student tokens x pooled teacher tokens, never with teacher tokens squared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiScaleAggregation(nn.Module):
+    """MSC(F, r): area-pool by r, then a per-token MLP (Linear, LayerNorm, GELU)."""
+
+    def __init__(self, dim: int, rate: int):
+        super().__init__()
+        self.rate = rate
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
+
+    def forward(self, teacher_map: Tensor) -> tuple[Tensor, int, int]:
+        """[N, C, H, W] -> tokens [N, L, C] with L = ceil(H/r) * ceil(W/r), and that grid's (h, w)."""
+        if self.rate > 1:
+            teacher_map = F.avg_pool2d(teacher_map, self.rate, self.rate, ceil_mode=True)
+        n, c, h, w = teacher_map.shape
+        return self.mlp(teacher_map.flatten(2).transpose(1, 2)), h, w
+
+
+class CrossScaleAttention(nn.Module):
+    """forward(student_map [N, C, h, w], teacher_map [N, C, H, W]) -> [N, C, h, w]."""
+
+    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale"):
+        super().__init__()
+        self.dim, self.heads, self.attention = dim, heads, attention
+        self.head_dim = dim // heads
+        self.rates = tuple(rates) if attention == "multiscale" else (1,)
+        self.heads_per_group = heads // len(self.rates)
+        group_dim = self.heads_per_group * self.head_dim
+        self.norm_q = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        if attention == "multiscale":
+            self.aggregate = nn.ModuleList(MultiScaleAggregation(dim, r) for r in self.rates)
+            # Eq. 5: V_i = V_i + P(V_i), P a depth-wise 3x3 conv on the pooled grid.
+            self.dwconv = nn.ModuleList(nn.Conv2d(group_dim, group_dim, 3, padding=1, groups=group_dim)
+                                        for _ in self.rates)
+        else:  # standard cross-attention over every teacher token (Table 6's "plain")
+            self.aggregate = nn.ModuleList([nn.LayerNorm(dim)])
+            self.dwconv = None
+        self.kv = nn.ModuleList(nn.Linear(dim, 2 * group_dim) for _ in self.rates)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+        n, c, h, w = student_map.shape
+        tokens = student_map.flatten(2).transpose(1, 2)  # [N, hw, C]
+        q = self.q(self.norm_q(tokens)).view(n, h * w, self.heads, self.head_dim).transpose(1, 2)
+        outputs = []
+        for g in range(len(self.rates)):
+            if self.dwconv is not None:
+                kv_tokens, gh, gw = self.aggregate[g](teacher_map)
+            else:
+                kv_tokens = self.aggregate[g](teacher_map.flatten(2).transpose(1, 2))
+            length = kv_tokens.shape[1]
+            k, v = self.kv[g](kv_tokens).chunk(2, dim=-1)  # [N, L, Cg] each
+            if self.dwconv is not None:
+                v_map = v.transpose(1, 2).reshape(n, -1, gh, gw)
+                v = v + self.dwconv[g](v_map).flatten(2).transpose(1, 2)
+            k = k.view(n, length, self.heads_per_group, self.head_dim).transpose(1, 2)
+            v = v.view(n, length, self.heads_per_group, self.head_dim).transpose(1, 2)
+            q_g = q[:, g * self.heads_per_group:(g + 1) * self.heads_per_group]
+            outputs.append(F.scaled_dot_product_attention(q_g, k, v))  # [N, Hg, hw, d]
+        out = torch.cat(outputs, dim=1).transpose(1, 2).reshape(n, h * w, c)
+        out = tokens + self.proj(out)
+        return out.transpose(1, 2).reshape(n, c, h, w)
+
+
+class CrossScaleAssistant(nn.Module):
+    """One cross-scale attention shared by every FPN level, like the detection head it feeds."""
+
+    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale"):
+        super().__init__()
+        self.attention = CrossScaleAttention(dim, heads, rates, attention)
+
+    def forward(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
+        """Per level: student [N, C, h, w] and teacher [N, C, ~2h, ~2w] -> assistant map [N, C, h, w]."""
+        return [self.attention(s, t) for s, t in zip(student_maps, teacher_maps)]

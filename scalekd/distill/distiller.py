@@ -1,0 +1,199 @@
+"""One ScaleKD training iteration: teacher forward at 2x -> student forward -> assistant step on
+ground truth (only CSA parameters move) -> student step on L_det + alpha L_feat + beta L_cls + gamma L_bbox.
+
+The same class runs the baselines (plain student, FitNet, Chen et al. "OD") and every ablation, so
+they share one loop and one set of logs. Nothing here knows about Ray: gradient averaging across
+workers comes in as a callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from scalekd.config import Config
+from scalekd.data.transforms import DualBatch
+from scalekd.distill import losses as L
+from scalekd.distill.baselines import FitNetHint
+from scalekd.distill.csa import CrossScaleAssistant
+from scalekd.distill.sdf import ScaleDecoupledFeatures
+from scalekd.models.parts import DetectorParts, Forward
+
+GradSync = Callable[[list[nn.Parameter]], None]
+
+
+def _no_sync(params: list[nn.Parameter]) -> None:
+    return None
+
+
+@dataclass
+class Optimizers:
+    student: torch.optim.Optimizer
+    assistant: Optional[torch.optim.Optimizer]
+    grad_clip: float = 10.0
+    sync: GradSync = _no_sync
+
+
+def c5_channels(model: nn.Module) -> int:
+    with torch.no_grad():
+        body = model.backbone.body
+        was_training = body.training
+        body.eval()
+        out = list(body(torch.zeros(1, 3, 64, 64)).values())[-1]
+        body.train(was_training)
+    return out.shape[1]
+
+
+class Distiller(nn.Module):
+    """Holds the student, the frozen teacher and the distillation modules of one method."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: Config):
+        super().__init__()
+        k = cfg.distill
+        self.cfg = cfg
+        self.method = k.method
+        self.alpha, self.beta, self.gamma = cfg.loss_weights()
+        self.student = student
+        self.student_parts = DetectorParts(student)
+        # The teacher is frozen and kept out of this module's state_dict and parameters().
+        self._teacher = [teacher] if teacher is not None else []
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher_parts = DetectorParts(teacher)
+        if self.method != "none" and teacher is None:
+            raise ValueError(f"distill.method={self.method} needs a teacher")
+        self.sdf = None
+        self.csa = None
+        self.fitnet = None
+        if self.method == "scalekd" and k.sdf.enabled:
+            self.sdf = ScaleDecoupledFeatures(c5_channels(student), c5_channels(teacher), k.sdf.embed_channels,
+                                              k.sdf.dilations, k.sdf.weight_sharing, k.sdf.bottleneck_ratio,
+                                              k.sdf.teacher_sdf)
+        if self.method == "scalekd" and k.csa.enabled:
+            self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention)
+        if self.method == "fitnet":
+            self.fitnet = FitNetHint(cfg.model.fpn_channels)
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self._teacher:
+            self._teacher[0]._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._teacher:
+            self._teacher[0].eval()  # teacher discipline: always eval mode
+        return self
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the student optimizer steps: the student plus SDF / FitNet adapters."""
+        params = [p for p in self.student.parameters()]
+        for module in (self.sdf, self.fitnet):
+            if module is not None:
+                params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    def assistant_parameters(self) -> list[nn.Parameter]:
+        return list(self.csa.parameters()) if self.csa is not None else []
+
+    # ------------------------------------------------------------------------------------------------
+    def train_step(self, batch: DualBatch, opt: Optimizers, autocast: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+        """One iteration; returns the named, unweighted loss terms (detached) for logging."""
+        amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
+        logs: dict[str, Tensor] = {}
+        with amp:
+            student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
+            teacher_c5, teacher_maps = self._teacher_features(batch)
+        terms = {f"det/{k}": v for k, v in student_out.losses.items()}
+        target_preds = None
+        if self.csa is not None:
+            target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp)
+            logs.update(assistant_logs)
+        elif self.method == "od":
+            with torch.no_grad(), amp:
+                target_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
+        with amp:
+            if self.sdf is not None:
+                s_emb, t_emb = self.sdf(student_out.c5, teacher_c5)
+                terms["kd/feat"] = L.feature_l2_loss(s_emb.float(), t_emb.float())
+            if self.fitnet is not None:
+                terms["kd/feat"] = self.fitnet(student_out.fpn, teacher_maps)
+            if target_preds is not None:
+                terms.update(self._output_losses(student_out, target_preds))
+        weights = {"kd/feat": self.alpha, "kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
+        total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+        opt.student.zero_grad(set_to_none=True)
+        total.backward()
+        params = [p for p in self.student_parameters() if p.grad is not None]
+        opt.sync(params)
+        torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
+        opt.student.step()
+        logs.update({k: v.detach() for k, v in terms.items()})
+        logs["loss/total"] = total.detach()
+        return logs
+
+    def _teacher_features(self, batch: DualBatch):
+        if self.method == "none":
+            return None, None
+        # Chen et al.'s "OD" baseline compares outputs anchor by anchor: the teacher sees the student's size.
+        images = batch.student_images if self.method == "od" else batch.teacher_images
+        with torch.no_grad():
+            return self.teacher_parts.teacher_features(images)
+
+    def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp):
+        """CSA features -> the student's head -> the detector's loss on ground truth -> Adam on CSA only."""
+        parts, ctx = self.student_parts, student_out.context
+        student_maps = [m.detach() for m in student_out.fpn]
+        with amp:
+            preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx)
+            assistant_losses = parts.loss(preds, ctx)
+        assistant_total = sum(v.float() for v in assistant_losses.values())
+        csa_params = self.assistant_parameters()
+        opt.assistant.zero_grad(set_to_none=True)
+        # inputs= keeps gradients off the student's head, which the assistant shares but must not step.
+        assistant_total.backward(inputs=csa_params)
+        opt.sync(csa_params)
+        torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
+        opt.assistant.step()
+        if self.cfg.distill.csa.recompute:
+            with torch.no_grad(), amp:
+                preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx)
+        logs = {f"assistant/{k}": v.detach() for k, v in assistant_losses.items()}
+        return {k: v.detach() for k, v in preds.items()}, logs
+
+    def _output_losses(self, student_out: Forward, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        k = self.cfg.distill
+        parts, ctx, pred = self.student_parts, student_out.context, student_out.predictions
+        if parts.one_stage:
+            fg, gt_reg = parts.dense_regression_targets(ctx)
+            cls = L.soft_sigmoid_loss(pred["cls_logits"].float(), target["cls_logits"].float(), k.temperature,
+                                      k.background_weight, normalizer=float(fg.sum()))
+            s_reg, t_reg, y = pred["bbox_regression"][fg].float(), target["bbox_regression"][fg].float(), gt_reg[fg]
+            out = {"kd/cls": cls}
+            if parts.kind == "fcos":
+                out["kd/ctr"] = L.centerness_loss(pred["bbox_ctrness"][fg].squeeze(-1).float(),
+                                                  target["bbox_ctrness"][fg].squeeze(-1).float())
+        else:
+            labels = torch.cat(ctx.roi_labels)
+            y = torch.cat(ctx.roi_regression_targets)
+            out = {"kd/cls": L.soft_softmax_loss(pred["class_logits"].float(), target["class_logits"].float(),
+                                                 k.temperature, k.background_weight)}
+            pos = torch.where(labels > 0)[0]
+            cols = labels[pos]
+            s_reg = pred["box_regression"].float().reshape(labels.shape[0], -1, 4)[pos, cols]
+            t_reg = target["box_regression"].float().reshape(labels.shape[0], -1, 4)[pos, cols]
+            y = y[pos]
+        if k.bbox_loss == "bounded":
+            out["kd/bbox"] = L.bounded_regression_loss(s_reg, t_reg, y, k.margin)
+        else:
+            out["kd/bbox"] = L.mimic_regression_loss(s_reg, t_reg, k.bbox_loss)
+        return out

@@ -1,0 +1,1 @@
+"""Torchvision detector builders and the parts distillation needs from them."""

@@ -1,0 +1,166 @@
+"""What distillation needs from each detector, reached through its own submodules.
+
+``DetectorParts`` runs a torchvision detector step by step (transform -> backbone body (C5) -> FPN ->
+head) and exposes the pieces: FPN maps, head outputs, anchors/proposals, matching, and the detector's
+own loss for *any* set of predictions on the same anchors/proposals, so the Cross-Scale Assistant's
+predictions are scored by exactly the student's loss. It adds no parameters and changes no weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import boxes as box_ops
+
+from scalekd.models.detectors import last_stage_features
+
+
+@dataclass
+class StepContext:
+    """Per-batch state shared by the student, the assistant and the distillation losses."""
+
+    image_sizes: list[tuple[int, int]]
+    targets: list[dict]
+    anchors: list[Tensor] = field(default_factory=list)  # one-stage
+    num_anchors_per_level: list[int] = field(default_factory=list)
+    matched_idxs: list[Tensor] = field(default_factory=list)
+    proposals: list[Tensor] = field(default_factory=list)  # two-stage: sampled RoIs
+    roi_labels: list[Tensor] = field(default_factory=list)
+    roi_regression_targets: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Forward:
+    c5: Tensor
+    fpn: list[Tensor]
+    fpn_names: list[str]
+    predictions: dict[str, Tensor]
+    losses: dict[str, Tensor]
+    context: StepContext
+
+
+class DetectorParts:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        if isinstance(model, RetinaNet):
+            self.kind = "retinanet"
+        elif isinstance(model, FCOS):
+            self.kind = "fcos"
+        elif isinstance(model, FasterRCNN):
+            self.kind = "faster_rcnn"
+        else:
+            raise TypeError(f"unsupported detector {type(model).__name__}")
+
+    @property
+    def one_stage(self) -> bool:
+        return self.kind != "faster_rcnn"
+
+    # -- features -------------------------------------------------------------------------------------
+    def features(self, images: list[Tensor], targets: list[dict] | None = None):
+        """Normalise and batch (the detector's own transform), then C5 and the FPN maps."""
+        image_list, targets = self.model.transform(images, targets)
+        c5, fpn = last_stage_features(self.model, image_list.tensors)
+        return image_list, targets, c5, fpn
+
+    # -- training forward -----------------------------------------------------------------------------
+    def forward_train(self, images: list[Tensor], targets: list[dict]) -> Forward:
+        image_list, targets, c5, fpn = self.features(images, targets)
+        names, maps = list(fpn.keys()), list(fpn.values())
+        ctx = StepContext(image_sizes=image_list.image_sizes, targets=targets)
+        if self.one_stage:
+            ctx.anchors = self.model.anchor_generator(image_list, maps)
+            ctx.num_anchors_per_level = [m.shape[2] * m.shape[3] for m in maps]
+            ctx.matched_idxs = self.match(targets, ctx.anchors, ctx.num_anchors_per_level)
+            predictions = self.model.head(maps)
+            losses = self.model.head.compute_loss(targets, predictions, ctx.anchors, ctx.matched_idxs)
+        else:
+            rpn = self.model.rpn
+            proposals, rpn_losses = rpn(image_list, fpn, targets)
+            roi = self.model.roi_heads
+            proposals, _, labels, regression_targets = roi.select_training_samples(proposals, targets)
+            ctx.proposals, ctx.roi_labels, ctx.roi_regression_targets = proposals, labels, regression_targets
+            predictions = self.predict(maps, names, ctx)
+            losses = {**rpn_losses, **self.loss(predictions, ctx)}
+        return Forward(c5, maps, names, predictions, losses, ctx)
+
+    def teacher_features(self, images: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """C5 and FPN maps of a frozen teacher (call under ``torch.no_grad`` in eval mode)."""
+        _, _, c5, fpn = self.features(images)
+        return c5, list(fpn.values())
+
+    # -- predictions and losses on given features ------------------------------------------------------
+    def predict(self, maps: list[Tensor], names: list[str], ctx: StepContext) -> dict[str, Tensor]:
+        """Head outputs for FPN maps on the context's anchors (dense) or sampled proposals (RoI)."""
+        if self.one_stage:
+            return self.model.head(maps)
+        roi = self.model.roi_heads
+        features = dict(zip(names, maps))
+        pooled = roi.box_roi_pool(features, ctx.proposals, ctx.image_sizes)
+        class_logits, box_regression = roi.box_predictor(roi.box_head(pooled))
+        return {"class_logits": class_logits, "box_regression": box_regression}
+
+    def loss(self, predictions: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        """The detector's own loss of these predictions (the RoI head's, for two-stage)."""
+        if self.one_stage:
+            return self.model.head.compute_loss(ctx.targets, predictions, ctx.anchors, ctx.matched_idxs)
+        cls_loss, box_loss = fastrcnn_loss(predictions["class_logits"], predictions["box_regression"],
+                                           ctx.roi_labels, ctx.roi_regression_targets)
+        return {"loss_classifier": cls_loss, "loss_box_reg": box_loss}
+
+    def match(self, targets: list[dict], anchors: list[Tensor], num_per_level: list[int]) -> list[Tensor]:
+        """Ground-truth index per anchor (-1 background, -2 ignored), as the detector's loss matches."""
+        out = []
+        for anchors_i, targets_i in zip(anchors, targets):
+            if targets_i["boxes"].numel() == 0:
+                out.append(torch.full((anchors_i.size(0),), -1, dtype=torch.int64, device=anchors_i.device))
+            elif self.kind == "retinanet":
+                out.append(self.model.proposal_matcher(box_ops.box_iou(targets_i["boxes"], anchors_i)))
+            else:
+                out.append(_fcos_match(targets_i["boxes"], anchors_i, num_per_level,
+                                       self.model.center_sampling_radius))
+        return out
+
+    def dense_regression_targets(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """Foreground mask [N, A] and encoded ground-truth regression targets [N, A, 4]."""
+        fg, encoded = [], []
+        coder = self.model.head.regression_head.box_coder if self.kind == "retinanet" else self.model.head.box_coder
+        for anchors_i, targets_i, matched in zip(ctx.anchors, ctx.targets, ctx.matched_idxs):
+            boxes = targets_i["boxes"]
+            if boxes.numel() == 0:
+                gt = anchors_i.new_zeros(anchors_i.shape)
+            else:
+                gt = boxes[matched.clamp(min=0)]
+            fg.append(matched >= 0)
+            if self.kind == "retinanet":
+                encoded.append(coder.encode_single(gt, anchors_i))
+            else:
+                encoded.append(coder.encode(anchors_i, gt))
+        return torch.stack(fg), torch.stack(encoded)
+
+
+def _fcos_match(gt_boxes: Tensor, anchors: Tensor, num_per_level: list[int], radius: float) -> Tensor:
+    """torchvision's FCOS.compute_loss assignment (center sampling, per-level size ranges, min area)."""
+    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
+    anchor_sizes = anchors[:, 2] - anchors[:, 0]
+    match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(dim=2).values < (
+        radius * anchor_sizes[:, None])
+    x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
+    x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
+    dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
+    match &= dist.min(dim=2).values > 0
+    lower = anchor_sizes * 4
+    lower[: num_per_level[0]] = 0
+    upper = anchor_sizes * 8
+    upper[-num_per_level[-1]:] = float("inf")
+    dist = dist.max(dim=2).values
+    match &= (dist > lower[:, None]) & (dist < upper[:, None])
+    areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
+    scored = match.to(torch.float32) * (1e8 - areas[None, :])
+    best, idx = scored.max(dim=1)
+    idx[best < 1e-5] = -1
+    return idx

@@ -1,0 +1,271 @@
+"""URIs for every artifact: local paths and ``s3://bucket/key`` on any S3-compatible endpoint.
+
+Writes are atomic: a local file is written beside its target and renamed over it; an S3 object is
+visible only once its PUT (or multipart upload) completes. Reads of S3 objects can go through a local
+cache that is validated against the object's size and ETag on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+_settings = {"endpoint_url": "", "region": ""}
+_clients: dict = {}
+_lock = threading.Lock()
+
+
+class StorageError(RuntimeError):
+    """An artifact could not be read or written; the message names the URI and what to do."""
+
+
+def configure(endpoint_url: str = "", region: str = "") -> None:
+    """Set the S3 endpoint used when AWS_ENDPOINT_URL is not set (from the config's storage section)."""
+    _settings.update(endpoint_url=endpoint_url, region=region)
+    _clients.clear()
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@dataclass(frozen=True)
+class S3Path:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "S3Path":
+        rest = uri[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, like s3://bucket/key")
+        return cls(bucket, key)
+
+
+def _endpoint() -> Optional[str]:
+    return os.environ.get("AWS_ENDPOINT_URL") or _settings["endpoint_url"] or None
+
+
+def _client():
+    endpoint = _endpoint()
+    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), _settings["region"])
+    with _lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config as BotoConfig
+
+            # "standard" retry mode: exponential backoff with jitter on throttling and 5xx/connection errors.
+            boto_cfg = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5,
+                                  read_timeout=60, s3={"addressing_style": "path"})
+            region = _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            _clients[key] = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=boto_cfg)
+        return _clients[key]
+
+
+def _s3_error(uri: str, exc: Exception) -> StorageError:
+    """Turn a boto error into one sentence naming the URI and the fix (never the credentials)."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {_endpoint() or '(AWS default)'}; "
+                            "check AWS_ENDPOINT_URL / storage.endpoint_url and that the server is up")
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object; check the path, or run the stage that writes it")
+        if code == "NoSuchBucket":
+            bucket = S3Path.parse(uri).bucket
+            return StorageError(f"{uri}: bucket '{bucket}' does not exist; create it or fix the URI")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            return StorageError(f"{uri}: the S3 server rejected the credentials ({code}); check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
+        return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def _s3_call(uri: str, fn, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from None
+
+
+def read_bytes(uri: str, cache: bool = False) -> bytes:
+    if is_s3(uri):
+        if cache:
+            with open(cached_path(uri), "rb") as f:
+                return f.read()
+        p = S3Path.parse(uri)
+        body = _s3_call(uri, _client().get_object, Bucket=p.bucket, Key=p.key)["Body"]
+        return body.read()
+    try:
+        with open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file; check the path, or run the stage that writes it") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers see the old content or the new, never a part."""
+    if is_s3(uri):
+        p = S3Path.parse(uri)
+        _s3_call(uri, _client().put_object, Bucket=p.bucket, Key=p.key, Body=data)
+        return
+    directory = os.path.dirname(os.path.abspath(uri))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, uri)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri`` atomically (multipart for large files on S3)."""
+    if is_s3(uri):
+        p = S3Path.parse(uri)
+        _s3_call(uri, _client().upload_file, Filename=local_path, Bucket=p.bucket, Key=p.key)
+        return
+    if os.path.abspath(local_path) == os.path.abspath(uri):
+        return
+    directory = os.path.dirname(os.path.abspath(uri))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, uri)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        p = S3Path.parse(uri)
+        try:
+            _client().head_object(Bucket=p.bucket, Key=p.key)
+            return True
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _s3_error(uri, exc) from None
+    return os.path.exists(uri)
+
+
+def list_uris(prefix: str) -> Iterator[str]:
+    """Every object (or file, recursively) under ``prefix``, sorted."""
+    if is_s3(prefix):
+        p = S3Path.parse(prefix)
+        key_prefix = p.key.rstrip("/") + "/" if p.key else ""
+        paginator = _client().get_paginator("list_objects_v2")
+        out = []
+        pages = _s3_call(prefix, lambda: list(paginator.paginate(Bucket=p.bucket, Prefix=key_prefix)))
+        for page in pages:
+            out += [f"s3://{p.bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        yield from sorted(out)
+        return
+    if not os.path.isdir(prefix):
+        return
+    found = []
+    for root, _, files in os.walk(prefix):
+        found += [os.path.join(root, f) for f in files if not f.startswith(".tmp-")]
+    yield from sorted(found)
+
+
+def delete(uri: str) -> None:
+    if is_s3(uri):
+        p = S3Path.parse(uri)
+        _s3_call(uri, _client().delete_object, Bucket=p.bucket, Key=p.key)
+    elif os.path.exists(uri):
+        os.remove(uri)
+
+
+def cache_dir() -> str:
+    return os.environ.get("SCALEKD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "scalekd")
+
+
+def cached_path(uri: str) -> str:
+    """A local path holding ``uri``'s bytes; S3 objects are cached, checked by size and ETag."""
+    if not is_s3(uri):
+        if not os.path.exists(uri):
+            raise StorageError(f"{uri}: no such file; check the path")
+        return uri
+    p = S3Path.parse(uri)
+    head = _s3_call(uri, _client().head_object, Bucket=p.bucket, Key=p.key)
+    size, etag = int(head["ContentLength"]), str(head.get("ETag", "")).strip('"')
+    endpoint_tag = hashlib.sha1((_endpoint() or "aws").encode()).hexdigest()[:8]
+    local = os.path.join(cache_dir(), "s3", endpoint_tag, p.bucket, p.key)
+    meta_path = local + ".meta.json"
+    if os.path.exists(local) and os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("size") == size and meta.get("etag") == etag and os.path.getsize(local) == size:
+                return local
+        except (OSError, ValueError):
+            pass
+    body = _s3_call(uri, _client().get_object, Bucket=p.bucket, Key=p.key)["Body"].read()
+    write_bytes(local, body)
+    write_text(meta_path, json.dumps({"size": size, "etag": etag}))
+    return local
+
+
+def download_dir(prefix: str, local_dir: str) -> str:
+    """Mirror every object under ``prefix`` into ``local_dir``; returns ``local_dir``."""
+    base = prefix.rstrip("/") + "/"
+    for uri in list_uris(prefix):
+        rel = uri[len(base):]
+        dest = os.path.join(local_dir, rel)
+        if is_s3(uri):
+            write_bytes(dest, read_bytes(uri))
+        else:
+            upload_file(uri, dest)
+    return local_dir
+
+
+def upload_dir(local_dir: str, prefix: str) -> None:
+    for path in list_uris(local_dir):
+        upload_file(path, join(prefix, os.path.relpath(path, local_dir)))
