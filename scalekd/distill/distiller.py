@@ -30,6 +30,20 @@ def _no_sync(params: list[nn.Parameter]) -> None:
     return None
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss term is NaN or infinite; raised before any parameter moves."""
+
+    def __init__(self, term: str, value: float):
+        self.term, self.value = term, value
+        super().__init__(f"loss term '{term}' is {value}")
+
+
+def check_finite(terms: dict[str, Tensor]) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(name, float(value.detach().float().sum()))
+
+
 @dataclass
 class Optimizers:
     student: torch.optim.Optimizer
@@ -130,12 +144,13 @@ class Distiller(nn.Module):
             if target_preds is not None:
                 terms.update(self._output_losses(student_out, target_preds))
         weights = {"kd/feat": self.alpha, "kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
+        check_finite(terms)
         total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
         opt.student.zero_grad(set_to_none=True)
         total.backward()
-        params = [p for p in self.student_parameters() if p.grad is not None]
+        params = [p for p in self.student_parameters() if p.requires_grad]
         opt.sync(params)
-        torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
         opt.student.step()
         logs.update({k: v.detach() for k, v in terms.items()})
         logs["loss/total"] = total.detach()
@@ -156,6 +171,7 @@ class Distiller(nn.Module):
         with amp:
             preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx)
             assistant_losses = parts.loss(preds, ctx)
+        check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
         assistant_total = sum(v.float() for v in assistant_losses.values())
         csa_params = self.assistant_parameters()
         opt.assistant.zero_grad(set_to_none=True)

@@ -1,0 +1,92 @@
+"""Checkpoints and model files: plain dicts of tensors and primitives, written atomically, loaded with
+``weights_only=True`` (no pickled code runs from a file someone handed you).
+
+The student's model file holds the student alone; the teacher, the assistant and the optimizers live
+in the stage's resumable checkpoints only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from typing import Optional
+
+import torch
+
+from scalekd import storage
+from scalekd.models.detectors import DetectorSpec, build_detector
+
+log = logging.getLogger(__name__)
+MODEL_FORMAT = "scalekd-model-v1"
+CHECKPOINT_FORMAT = "scalekd-checkpoint-v1"
+_ITER_RE = re.compile(r"iter_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save(obj: dict, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def load(uri: str) -> dict:
+    raw = storage.read_bytes(uri)
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"{uri}: not a loadable scalekd checkpoint ({type(exc).__name__}: {exc}); "
+                              "it may be truncated or from an untrusted source") from None
+
+
+def checkpoint_uri(out: str, iteration: int) -> str:
+    return storage.join(out, "checkpoints", f"iter_{iteration:07d}.pt")
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    found = [(int(m.group(1)), u) for u in storage.list_uris(storage.join(out, "checkpoints"))
+             if (m := _ITER_RE.search(u))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(out: str, keep: int = 2) -> None:
+    found = sorted((int(m.group(1)), u) for u in storage.list_uris(storage.join(out, "checkpoints"))
+                   if (m := _ITER_RE.search(u)))
+    for _, uri in found[:-keep]:
+        storage.delete(uri)
+
+
+def model_uri(out: str) -> str:
+    return storage.join(out, "model.pt")
+
+
+def save_model(model: torch.nn.Module, spec: DetectorSpec, out: str, categories: list, extra: dict) -> str:
+    uri = model_uri(out)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save({"format": MODEL_FORMAT, "spec": spec.to_dict(), "state_dict": state,
+          "categories": categories, **extra}, uri)
+    return uri
+
+
+def load_model(uri: str, expect: Optional[DetectorSpec] = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a detector from its model file; errors name both architectures on a mismatch."""
+    blob = load(uri)
+    if blob.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{uri}: not a scalekd model file (format {blob.get('format')!r})")
+    spec = DetectorSpec(**blob["spec"])
+    if expect is not None:
+        mine = (expect.detector, expect.backbone, expect.num_classes, expect.fpn_channels)
+        theirs = (spec.detector, spec.backbone, spec.num_classes, spec.fpn_channels)
+        if mine != theirs:
+            raise CheckpointError(f"{uri}: holds a {_describe(spec)} but the config asks for a "
+                                  f"{_describe(expect)}; point at the right file or change the config")
+    model = build_detector(spec)
+    model.load_state_dict(blob["state_dict"])
+    return model, blob
+
+
+def _describe(spec: DetectorSpec) -> str:
+    return f"{spec.detector}/{spec.backbone} ({spec.num_classes} classes, FPN {spec.fpn_channels})"
