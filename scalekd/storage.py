@@ -75,7 +75,9 @@ def _client():
             boto_cfg = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5,
                                   read_timeout=60, s3={"addressing_style": "path"})
             region = _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-            _clients[key] = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=boto_cfg)
+            # A fresh session each time: the default one caches credentials read from the environment.
+            session = boto3.session.Session()
+            _clients[key] = session.client("s3", endpoint_url=endpoint, region_name=region, config=boto_cfg)
         return _clients[key]
 
 

@@ -1,0 +1,314 @@
+"""The ``scalekd`` command line: one command per stage, plus data tools, evaluation, export, tune,
+pipeline compile/run/submit/schedule and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from scalekd import storage
+from scalekd.config import ConfigError, load_config
+
+log = logging.getLogger("scalekd")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (local or s3://)")
+    p.add_argument("--preset", help="tiny | demo | bench | paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set distill.alpha=0.02 (repeatable)")
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--data", help="dataset root (local or s3://) with annotations/ and images/")
+    p.add_argument("--out", required=True, help="output URI of this stage (local or s3://)")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--ray-address", help="submit to this Ray cluster (http://HEAD:8265) instead of a local Ray")
+    p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (debugging)")
+
+
+def _load(args) -> "Config":  # noqa: F821
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data.root"), ("workers", "scaling.workers"), ("ray_address", "scaling.ray_address")):
+        value = getattr(args, flag, None)
+        if value:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if getattr(args, "gpu", False):
+        overrides.append("scaling.gpu=true")
+    cfg = load_config(args.config, args.preset, overrides)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    return cfg
+
+
+def cmd_config(args) -> int:
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from scalekd.train.loop import StageRequest
+    from scalekd.train.ray_runner import launch
+
+    cfg = _load(args)
+    stage = {"train-teacher": "teacher", "warmup": "warmup", "distill": "distill"}[args.command]
+    request = StageRequest(stage, cfg.to_dict(), cfg.data.root, args.out,
+                           teacher=getattr(args, "teacher", "") or "", student_init=getattr(args, "student", "") or "")
+    summary = launch(request, cfg, use_ray=not args.no_ray)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from scalekd.data import convert, stats, synth
+
+    if args.data_command == "synth":
+        counts = synth.generate(args.out, args.images, args.seed, args.size)
+        print(json.dumps(counts))
+        for split in ("train", "val"):
+            ann = storage.join(args.out, "annotations", f"instances_{split}.json")
+            print(stats.format_stats(stats.dataset_stats(ann), f"{split}: {ann}"))
+        return 0
+    if args.data_command == "convert":
+        if args.format == "visdrone":
+            images_out = args.images_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "images")
+            coco = convert.convert_visdrone(args.src, args.patches, images_out if args.patches > 1 else None)
+        else:
+            if not args.names:
+                raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
+            coco = convert.convert_yolo(args.src, args.names)
+        storage.write_text(args.out, json.dumps(coco))
+        print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+        return 0
+    if args.data_command == "stats":
+        result = stats.dataset_stats(args.annotations)
+        if args.images:
+            data = json.loads(storage.read_text(args.annotations))
+            missing = [im["file_name"] for im in data["images"]
+                       if not storage.exists(storage.join(args.images, im["file_name"]))]
+            result["missing_images"] = len(missing)
+            if missing:
+                print(f"warning: {len(missing)} images missing under {args.images}, e.g. {missing[0]}",
+                      file=sys.stderr)
+        print(stats.format_stats(result, args.annotations))
+        if args.json:
+            storage.write_json(args.json, result)
+        return 0
+    raise SystemExit(2)
+
+
+def cmd_evaluate(args) -> int:
+    from scalekd.eval.metrics import evaluate_detections
+
+    if args.detections:
+        from scalekd.data.coco import load_coco_json
+
+        gt = load_coco_json(args.gt)
+        dets = json.loads(storage.read_text(args.detections))
+        if isinstance(dets, dict) and "annotations" in dets:
+            dets = dets["annotations"]
+        metrics = evaluate_detections(gt, dets, tuple(args.max_dets))
+    else:
+        if not (args.model and args.data):
+            raise ConfigError("--model/--data", None, "give --gt and --detections, or --model and --data")
+        from scalekd.eval.evaluate import evaluate_models
+        from scalekd.eval.report import metrics_table
+
+        cfg = load_config(args.config, args.preset, args.overrides + [f"eval.max_detections={list(args.max_dets)}"])
+        (result,) = evaluate_models({"model": args.model}, args.data, cfg, args.split)
+        print(metrics_table([result], markdown=False))
+        metrics = {**result.metrics, "params": result.parameters, "images_per_s": result.images_per_s}
+    if args.json:
+        storage.write_json(args.json, metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from scalekd.data.coco import dataset_from_root
+    from scalekd.eval.evaluate import evaluate_models
+    from scalekd.eval.report import metrics_table, write_report
+
+    cfg = _load(args)
+    models = dict(item.split("=", 1) for item in args.model)
+    results = evaluate_models(models, cfg.data.root, cfg)
+    paths = write_report(results, dataset_from_root(cfg.data.root, cfg.data.val_split), args.out)
+    print(metrics_table(results, markdown=False))
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from scalekd.export import export_model
+
+    card = export_model(args.model, args.out, args.data, split=args.split, images=args.images,
+                        metrics_uri=args.metrics)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from scalekd.tune import TuneSpace, run_tune
+
+    cfg = _load(args)
+    space = TuneSpace.parse(args.space) if args.space else TuneSpace.around_paper(cfg)
+    best = run_tune(cfg, args.teacher, args.student, cfg.data.root, args.out, space, trials=args.trials,
+                    metric=args.metric, rungs=args.rungs)
+    print(json.dumps(best, indent=2))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from pipelines import runner
+
+    if args.pipeline_command == "compile":
+        for path in runner.compile_all(args.out):
+            print(path)
+        return 0
+    params = dict(item.split("=", 1) for item in args.param)
+    if args.pipeline_command == "run":
+        result = runner.run_local(params, preset=args.preset)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.pipeline_command == "submit":
+        run_id = runner.submit(args.host, params, experiment=args.experiment, preset=args.preset)
+        print(f"created run {run_id} on {args.host}")
+        return 0
+    if args.pipeline_command == "schedule":
+        job_id = runner.schedule(args.host, args.cron, params, experiment=args.experiment, preset=args.preset)
+        print(f"created recurring run {job_id} on {args.host} ({args.cron})")
+        return 0
+    raise SystemExit(2)
+
+
+def cmd_demo(args) -> int:
+    from pipelines import runner
+
+    return runner.demo(workdir=args.workdir, preset=args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalekd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    for name, text in (("train-teacher", "train the teacher at teacher_scale x the student's resolution"),
+                       ("warmup", "warm up the student (backbone frozen for the first F iterations)"),
+                       ("distill", "ScaleKD distillation (or a baseline) from the warm student")):
+        p = sub.add_parser(name, help=text)
+        _stage_args(p)
+        if name == "distill":
+            p.add_argument("--teacher", required=True, help="the teacher's model.pt")
+            p.add_argument("--student", required=True, help="the warm student's model.pt")
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("data", help="generate, convert and inspect datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("synth", help="synthetic small-object scenes in COCO format")
+    q.add_argument("out")
+    q.add_argument("--images", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--size", type=int, default=256, help="image side in px (the teacher's view)")
+    q = dsub.add_parser("convert", help="VisDrone or YOLO annotations to COCO JSON")
+    q.add_argument("format", choices=("visdrone", "yolo"))
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--names", help="YOLO class names file")
+    q.add_argument("--patches", type=int, default=1, help="VisDrone: 4 = split each image into 2x2 patches")
+    q.add_argument("--images-out", help="where --patches writes patch images (default: OUT's folder/images)")
+    q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts")
+    q.add_argument("annotations")
+    q.add_argument("--images", help="check that every image exists under this folder")
+    q.add_argument("--json")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("evaluate", help="COCO metrics of a detections file, or of a model on a dataset")
+    _config_args(p)
+    p.add_argument("--gt")
+    p.add_argument("--detections")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--split")
+    p.add_argument("--max-dets", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="metrics table, charts and drawn examples for several models")
+    _config_args(p)
+    p.add_argument("--data")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=URI")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="TorchScript + ONNX with a parity check, and a model card")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="dataset root whose images the parity check runs on")
+    p.add_argument("--split", default="val")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--metrics", help="metrics JSON to put in the model card")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", help="Ray Tune over alpha/beta/gamma with ASHA on validation AP_S")
+    _config_args(p)
+    p.add_argument("--data")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--rungs", type=int, default=2, help="validation reports per trial (ASHA rungs)")
+    p.add_argument("--metric", default="AP_S")
+    p.add_argument("--space", help="e.g. 'alpha=0.001:0.1,beta=0.05:1,gamma=0.01:0.5' (log-uniform)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--gpu", action="store_true")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the kfp pipelines")
+    psub = p.add_subparsers(dest="pipeline_command", required=True)
+    q = psub.add_parser("compile")
+    q.add_argument("--out", default="pipelines/compiled")
+    for name in ("run", "submit", "schedule"):
+        q = psub.add_parser(name)
+        q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+        q.add_argument("--preset", default="demo")
+        if name == "run":
+            q.add_argument("--local", action="store_true", required=True, help="kfp's local SubprocessRunner")
+        else:
+            q.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint")
+            q.add_argument("--experiment", default="scalekd")
+        if name == "schedule":
+            q.add_argument("--cron", required=True, help="six fields, seconds first: '0 0 3 * * *'")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the main job: the training pipeline on synthetic data, locally")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--preset", default="demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from scalekd.data.coco import DataError
+    from scalekd.train.checkpoint import CheckpointError
+    from scalekd.train.loop import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, storage.StorageError, TrainingError, CheckpointError, ValueError) as exc:
+        print(f"scalekd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

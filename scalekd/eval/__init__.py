@@ -1,0 +1,1 @@
+"""COCO metrics, model prediction and speed, and the visual report."""

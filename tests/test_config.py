@@ -1,0 +1,53 @@
+import pytest
+
+from scalekd.config import PRESETS, ConfigError, config_from_dict, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_load_and_round_trip_through_yaml(preset):
+    cfg = load_config(preset=preset)
+    again = load_config(text=cfg.to_yaml())
+    assert again == cfg
+
+
+def test_overrides_and_paper_defaults():
+    cfg = load_config(preset="tiny", overrides=["distill.alpha=0.02", "model.detector=faster_rcnn"])
+    assert cfg.loss_weights() == (0.02, 0.5, 0.2)  # beta, gamma: the paper's two-stage values
+    assert load_config().loss_weights() == (0.01, 0.2, 0.05)
+    assert load_config(preset="tiny").teacher_size == 2 * load_config(preset="tiny").data.student_size
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("distill.alpha=-0.1", "distill.alpha", "non-negative"),
+    ("data.student_size=100", "data.student_size", "multiple of 32"),
+    ("data.student_size=65", "data.student_size", "multiple of 32"),
+    ("model.detector=yolo", "model.detector", "retinanet"),
+    ("train.batch_size=0", "train.batch_size", ">= 1"),
+    ("distill.csa.heads=3", "distill.csa.heads", "multiple"),
+    ("distill.sdf.teacher_sdf=ema", "distill.sdf.teacher_sdf", "shared or frozen"),
+    ("train.lr_steps=[0.9,0.5]", "train.lr_steps", "increasing"),
+    ("data.teacher_scale=1.3", "data.teacher_scale", "multiple of 32"),
+])
+def test_invalid_values_name_the_field(override, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert err.value.path == field
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_unknown_keys_and_wrong_types_are_rejected_with_dotted_path():
+    with pytest.raises(ConfigError, match="distill.sdf.dilation'"):
+        config_from_dict({"distill": {"sdf": {"dilation": [1, 2]}}})
+    with pytest.raises(ConfigError, match="train.iterations"):
+        load_config(overrides=["train.iterations=5"])
+    with pytest.raises(ConfigError, match="'train.batch_size' = 'four'"):
+        load_config(text="train:\n  batch_size: four\n")
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(overrides=["distill.csa.recompute=1"])
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(path))

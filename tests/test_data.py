@@ -1,0 +1,201 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from scalekd import storage
+from scalekd.data import convert, stats, synth
+from scalekd.data.coco import CocoDetection, DataError, dataset_from_root, load_coco_json
+from scalekd.data.transforms import DualResolutionCollate
+
+
+def _write_coco(tmp_path, images, annotations, categories=None, name="ann.json"):
+    data = {"images": images, "annotations": annotations,
+            "categories": categories or [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}]}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _write_png(path, w=40, h=30):
+    from PIL import Image
+
+    Image.new("RGB", (w, h), (10, 20, 30)).save(path)
+
+
+def test_synthetic_data_is_deterministic_and_mostly_small(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    synth.generate(str(a), images=6, seed=3, size=128)
+    synth.generate(str(b), images=6, seed=3, size=128)
+    assert (a / "annotations" / "instances_train.json").read_bytes() == (b / "annotations" / "instances_train.json").read_bytes()
+    assert sorted(os.listdir(a / "images")) == sorted(os.listdir(b / "images"))
+    first = sorted(os.listdir(a / "images"))[0]
+    assert (a / "images" / first).read_bytes() == (b / "images" / first).read_bytes()
+    s = stats.dataset_stats(str(a / "annotations" / "instances_train.json"))
+    assert s["images"] == 5 and s["annotations"] > 20
+    assert s["small"] / s["annotations"] > 0.6
+    synth.generate(str(tmp_path / "c"), images=6, seed=4, size=128)
+    assert (tmp_path / "c" / "annotations" / "instances_train.json").read_bytes() != \
+        (a / "annotations" / "instances_train.json").read_bytes()
+
+
+def test_crowd_boxes_become_ignore_regions_and_degenerate_boxes_are_dropped(tmp_path):
+    (tmp_path / "img").mkdir()
+    _write_png(tmp_path / "img" / "a.png")
+    ann = _write_coco(tmp_path, [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}], [
+        {"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 2, 10, 8], "iscrowd": 0},
+        {"id": 2, "image_id": 7, "category_id": 2, "bbox": [30, 20, 20, 20], "iscrowd": 0},  # clipped
+        {"id": 3, "image_id": 7, "category_id": 1, "bbox": [5, 5, 0, 4], "iscrowd": 0},  # degenerate
+        {"id": 4, "image_id": 7, "category_id": 1, "bbox": [5, 5, -3, 4], "iscrowd": 0},  # negative
+        {"id": 5, "image_id": 7, "category_id": 2, "bbox": [0, 0, 5, 5], "iscrowd": 1},  # ignore region
+    ])
+    ds = CocoDetection(ann, str(tmp_path / "img"))
+    image, target = ds[0]
+    assert image.shape == (3, 30, 40)
+    assert target["boxes"].tolist() == [[1, 2, 11, 10], [30, 20, 40, 30]]
+    assert target["labels"].tolist() == [1, 2]
+    assert target["ignore_boxes"].tolist() == [[0, 0, 5, 5]]
+    assert ds.counts.dropped_degenerate == 2 and ds.counts.clipped == 1 and ds.counts.ignore_regions == 1
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [\n  {"id": 1,,}\n]}')
+    with pytest.raises(DataError, match=r"broken.json: malformed JSON at line 2, column"):
+        load_coco_json(str(path))
+
+
+@pytest.mark.parametrize("images, anns, cats, words", [
+    ([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
+     [{"id": 9, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}], None, "image_id 2"),
+    ([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
+     [{"id": 9, "image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}], None, "unknown category_id 5"),
+    ([], [], None, "no images"),
+    ([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
+     [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}], None, "expected \\[x, y, width, height\\]"),
+])
+def test_bad_annotations_get_clear_errors(tmp_path, images, anns, cats, words):
+    path = _write_coco(tmp_path, images, anns, cats)
+    with pytest.raises(DataError, match=words) as err:
+        load_coco_json(path)
+    assert "ann.json" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", None])
+def test_corrupt_or_truncated_image_is_named(tmp_path, content):
+    (tmp_path / "img").mkdir()
+    _write_png(tmp_path / "img" / "bad.png", 64, 64)
+    raw = (tmp_path / "img" / "bad.png").read_bytes()
+    (tmp_path / "img" / "bad.png").write_bytes(content if content is not None else raw[: len(raw) // 2])
+    ann = _write_coco(tmp_path, [{"id": 1, "file_name": "bad.png", "width": 64, "height": 64}], [])
+    ds = CocoDetection(ann, str(tmp_path / "img"))
+    with pytest.raises(DataError, match="bad.png: cannot decode image"):
+        ds[0]
+
+
+def test_missing_image_file_is_named(tmp_path):
+    ann = _write_coco(tmp_path, [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8}], [])
+    with pytest.raises(DataError, match="gone.png: no such file"):
+        CocoDetection(ann, str(tmp_path))[0]
+
+
+def test_dual_resolution_boxes_line_up(synth_root):
+    ds = dataset_from_root(synth_root, "train")
+    image, target = ds[0]
+    batch = DualResolutionCollate(64, 2.0, 1.667)([(image, target)])
+    s_img, t_img = batch.student_images[0], batch.teacher_images[0]
+    assert t_img.shape[1:] == (2 * s_img.shape[1], 2 * s_img.shape[2])
+    s_boxes, t_boxes = batch.student_targets[0]["boxes"], batch.teacher_targets[0]["boxes"]
+    assert torch.allclose(t_boxes, 2 * s_boxes)
+    scale = s_img.shape[1] / image.shape[1]
+    assert torch.allclose(s_boxes, target["boxes"] * scale)
+    # The pixels under a box agree across scales: compare box-mean colour at both resolutions.
+    box = t_boxes[t_boxes[:, 2] - t_boxes[:, 0] >= 8][0]
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    t_mean = t_img[:, y0:y1, x0:x1].mean(dim=(1, 2))
+    s_mean = s_img[:, y0 // 2:y1 // 2, x0 // 2:x1 // 2].mean(dim=(1, 2))
+    assert torch.allclose(t_mean, s_mean, atol=0.08)
+
+
+def test_dataset_reads_from_s3(s3, synth_root):
+    prefix = f"s3://{s3['bucket']}/datasets/synth"
+    storage.upload_dir(synth_root, prefix)
+    ds = dataset_from_root(prefix, "val")
+    local = dataset_from_root(synth_root, "val")
+    image, target = ds[0]
+    assert torch.equal(image, local[0][0]) and torch.equal(target["boxes"], local[0][1]["boxes"])
+
+
+def test_visdrone_conversion_on_real_files(shared_data, tmp_path):
+    src = shared_data / "visdrone_sample"
+    coco = convert.convert_visdrone(str(src))
+    assert len(coco["images"]) == 5
+    assert [c["name"] for c in coco["categories"]][:4] == ["pedestrian", "people", "bicycle", "car"]
+    objects = [a for a in coco["annotations"] if not a["iscrowd"]]
+    crowd = [a for a in coco["annotations"] if a["iscrowd"]]
+    categories = [int(line.split(",")[5]) for f in sorted((src / "annotations").iterdir())
+                  for line in f.read_text().splitlines() if line.strip()]
+    assert len(objects) == sum(1 for c in categories if 1 <= c <= 10)
+    # Ignored regions (0) and "others" (11) become ignore regions, repeated for each of the 10 classes.
+    assert len(crowd) == 10 * sum(1 for c in categories if c in (0, 11))
+    out = tmp_path / "vd.json"
+    out.write_text(json.dumps(coco))
+    ds = CocoDetection(str(out), str(src / "images"))
+    assert ds.counts.objects == len(objects) and len(ds[0][1]["boxes"]) > 0
+    patched = convert.convert_visdrone(str(src), patches=4, images_out=str(tmp_path / "patches"))
+    assert len(patched["images"]) == 20 and len(os.listdir(tmp_path / "patches")) == 20
+    for img in patched["images"]:
+        for ann in (a for a in patched["annotations"] if a["image_id"] == img["id"]):
+            x, y, w, h = ann["bbox"]
+            assert x >= 0 and y >= 0 and x + w <= img["width"] + 1e-6 and y + h <= img["height"] + 1e-6
+            assert w >= convert.SLIVER_MIN_SIDE and h >= convert.SLIVER_MIN_SIDE
+
+
+def test_visdrone_line_with_wrong_field_count_names_file_and_line(shared_data, tmp_path):
+    src = tmp_path / "vd"
+    shutil.copytree(shared_data / "visdrone_sample", src)
+    ann = sorted((src / "annotations").iterdir())[0]
+    lines = ann.read_text().splitlines()
+    lines[2] = "1,2,3,4,1,4"
+    ann.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{ann.name}:3: expected 8 comma-separated fields"):
+        convert.convert_visdrone(str(src))
+
+
+def test_yolo_conversion_on_kit_ais_cars(shared_data, tmp_path):
+    src = shared_data / "kit_ais_cars"
+    coco = convert.convert_yolo(str(src), str(src / "aerial.names"))
+    assert len(coco["images"]) == 65
+    assert abs(len(coco["annotations"]) - 2593) <= 5
+    out = tmp_path / "kit.json"
+    out.write_text(json.dumps(coco))
+    s = stats.dataset_stats(str(out))
+    assert s["small"] / s["annotations"] > 0.8 and s["large"] == 0
+
+
+def test_coco_tiny_loads_without_info_and_licenses(shared_data):
+    ann = shared_data / "coco_tiny" / "annotations" / "instances_val2017.json"
+    raw = json.loads(ann.read_text())
+    assert "info" not in raw and "licenses" not in raw
+    ds = CocoDetection(str(ann), str(shared_data / "coco_tiny" / "val2017"))
+    assert len(ds) == 80 and ds.num_classes == 80
+    image, target = ds[0]
+    assert image.shape[0] == 3 and target["boxes"].shape[1] == 4
+    assert ds.counts.ignore_regions >= 1  # crowd boxes kept as ignore regions
+
+
+def test_cli_data_commands(tmp_path, capsys):
+    from scalekd.cli import main
+
+    out = tmp_path / "syn"
+    assert main(["data", "synth", str(out), "--images", "4", "--seed", "1", "--size", "96"]) == 0
+    stats_json = tmp_path / "stats.json"
+    ann = out / "annotations" / "instances_train.json"
+    assert main(["data", "stats", str(ann), "--images", str(out / "images"), "--json", str(stats_json)]) == 0
+    data = json.loads(stats_json.read_text())
+    assert {"images", "annotations", "small", "medium", "large"} <= set(data)
+    assert data["missing_images"] == 0
+    assert main(["data", "stats", str(tmp_path / "none.json")]) == 2
+    assert "none.json: no such file" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+import os
+
+import pytest
+
+from scalekd import storage
+
+
+def test_local_atomic_write_keeps_old_content_when_a_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "a" / "model.pt"
+    storage.write_bytes(str(target), b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        storage.write_bytes(str(target), b"new" * 1000)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert os.listdir(target.parent) == ["model.pt"]  # no half-written temp file left behind
+
+
+def test_local_read_missing_file_names_it(tmp_path):
+    with pytest.raises(storage.StorageError, match="missing.json: no such file"):
+        storage.read_bytes(str(tmp_path / "missing.json"))
+
+
+def test_s3_round_trip_list_exists_delete(s3):
+    base = f"s3://{s3['bucket']}/roundtrip"
+    storage.write_bytes(f"{base}/x/1.bin", b"one")
+    storage.write_text(f"{base}/x/2.txt", "two")
+    assert storage.read_bytes(f"{base}/x/1.bin") == b"one"
+    assert storage.read_text(f"{base}/x/2.txt") == "two"
+    assert list(storage.list_uris(base)) == [f"{base}/x/1.bin", f"{base}/x/2.txt"]
+    assert storage.exists(f"{base}/x/1.bin") and not storage.exists(f"{base}/x/3.bin")
+    storage.delete(f"{base}/x/1.bin")
+    assert not storage.exists(f"{base}/x/1.bin")
+
+
+def test_s3_cache_is_validated_by_size_and_etag(s3):
+    uri = f"s3://{s3['bucket']}/cache/obj.bin"
+    storage.write_bytes(uri, b"first version")
+    path = storage.cached_path(uri)
+    assert open(path, "rb").read() == b"first version"
+    storage.write_bytes(uri, b"second, longer version")
+    assert storage.read_bytes(uri, cache=True) == b"second, longer version"
+
+
+def test_s3_upload_and_download_dir(s3, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.txt").write_text("b")
+    storage.upload_dir(str(src), f"s3://{s3['bucket']}/dirs/run1")
+    dest = storage.download_dir(f"s3://{s3['bucket']}/dirs/run1", str(tmp_path / "dest"))
+    assert (tmp_path / "dest" / "sub" / "b.txt").read_text() == "b" and dest
+
+
+def test_s3_missing_key_and_bucket_errors(s3):
+    with pytest.raises(storage.StorageError, match="no such object") as err:
+        storage.read_bytes(f"s3://{s3['bucket']}/nope/missing.json")
+    assert "s3://scalekd-test/nope/missing.json" in str(err.value)
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.read_bytes("s3://no-such-bucket/x.json")
+
+
+def test_wrong_credentials_are_named_without_printing_the_secret(s3, monkeypatch):
+    storage.write_text(f"s3://{s3['bucket']}/creds/ok.txt", "ok")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    storage.configure()
+    with pytest.raises(storage.StorageError, match="rejected the credentials") as err:
+        storage.read_text(f"s3://{s3['bucket']}/creds/ok.txt")
+    assert "definitely-wrong-secret" not in str(err.value) and s3["secret"] not in str(err.value)
+
+
+def test_unreachable_endpoint_is_named(monkeypatch):
+    from tests.conftest import _free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.configure()
+    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint"):
+        storage.read_bytes("s3://bucket/key.json")
+    storage.configure()
