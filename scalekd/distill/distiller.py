@@ -160,9 +160,10 @@ class Distiller(nn.Module):
         if self.method == "none":
             return None, None
         # Chen et al.'s "OD" baseline compares outputs anchor by anchor: the teacher sees the student's size.
-        images = batch.student_images if self.method == "od" else batch.teacher_images
+        same_size = self.method == "od"
+        images = batch.student_images if same_size else batch.teacher_images
         with torch.no_grad():
-            return self.teacher_parts.teacher_features(images)
+            return self.teacher_parts.teacher_features(images, keep_size=same_size)
 
     def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp):
         """CSA features -> the student's head -> the detector's loss on ground truth -> Adam on CSA only."""

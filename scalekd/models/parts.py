@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
@@ -60,9 +61,19 @@ class DetectorParts:
         return self.kind != "faster_rcnn"
 
     # -- features -------------------------------------------------------------------------------------
-    def features(self, images: list[Tensor], targets: list[dict] | None = None):
-        """Normalise and batch (the detector's own transform), then C5 and the FPN maps."""
-        image_list, targets = self.model.transform(images, targets)
+    def features(self, images: list[Tensor], targets: list[dict] | None = None, keep_size: bool = False):
+        """Normalise and batch (the detector's own transform), then C5 and the FPN maps.
+
+        ``keep_size`` skips the transform's resize: a teacher run at the student's resolution (the "OD"
+        baseline) must produce maps on the student's anchors.
+        """
+        if keep_size:
+            transform = self.model.transform
+            normalized = [transform.normalize(im) for im in images]
+            sizes = [tuple(im.shape[-2:]) for im in normalized]
+            image_list = ImageList(transform.batch_images(normalized, transform.size_divisible), sizes)
+        else:
+            image_list, targets = self.model.transform(images, targets)
         c5, fpn = last_stage_features(self.model, image_list.tensors)
         return image_list, targets, c5, fpn
 
@@ -87,9 +98,9 @@ class DetectorParts:
             losses = {**rpn_losses, **self.loss(predictions, ctx)}
         return Forward(c5, maps, names, predictions, losses, ctx)
 
-    def teacher_features(self, images: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def teacher_features(self, images: list[Tensor], keep_size: bool = False) -> tuple[Tensor, list[Tensor]]:
         """C5 and FPN maps of a frozen teacher (call under ``torch.no_grad`` in eval mode)."""
-        _, _, c5, fpn = self.features(images)
+        _, _, c5, fpn = self.features(images, keep_size=keep_size)
         return c5, list(fpn.values())
 
     # -- predictions and losses on given features ------------------------------------------------------

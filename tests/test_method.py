@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from scalekd.config import replace
+from scalekd.distill.csa import CrossScaleAttention
+from scalekd.distill.distiller import Distiller
+from scalekd.distill.sdf import ScaleDecoupledFeatures
+from scalekd.models.detectors import build_detector
+from scalekd.models.parts import DetectorParts
+from scalekd.train.loop import student_spec
+from tests.helpers import build_pair, changed, distiller_with_optimizers, snapshot, tiny_batch
+
+DETECTORS = ("retinanet", "fcos", "faster_rcnn")
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_feature_shapes_at_every_level_teacher_twice_the_student(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    student, teacher = build_pair(cfg)
+    batch = tiny_batch(cfg)
+    s = DetectorParts(student).forward_train(batch.student_images, batch.student_targets)
+    with torch.no_grad():
+        t_c5, t_maps = DetectorParts(teacher.eval()).teacher_features(batch.teacher_images)
+    assert len(s.fpn) == len(t_maps) == 5
+    for s_map, t_map in zip(s.fpn, t_maps):
+        assert s_map.shape[1] == t_map.shape[1] == cfg.model.fpn_channels
+        if s_map.shape[-1] > 1:
+            assert t_map.shape[-2:] == (2 * s_map.shape[-2], 2 * s_map.shape[-1])
+    assert t_c5.shape[-2:] == (2 * s.c5.shape[-2], 2 * s.c5.shape[-1])
+    assert {k.split("/")[0] for k in s.losses} or s.losses
+
+
+def test_shared_sdf_has_a_third_of_the_block_parameters():
+    shared = ScaleDecoupledFeatures(64, 128, 32, (1, 2, 3), weight_sharing=True)
+    separate = ScaleDecoupledFeatures(64, 128, 32, (1, 2, 3), weight_sharing=False)
+    n_shared = sum(p.numel() for p in shared.blocks.parameters())
+    n_separate = sum(p.numel() for p in separate.blocks.parameters())
+    assert 3 * n_shared == n_separate
+    s, t = shared(torch.randn(2, 64, 4, 4), torch.randn(2, 128, 8, 8))
+    assert s.shape == t.shape == (2, 3 * 32, 4, 4)
+
+
+def test_sdf_branches_differ_by_dilation_only():
+    sdf = ScaleDecoupledFeatures(8, 16, 4, (1, 2, 3)).eval()
+    x = torch.randn(1, 16, 9, 9)
+    block = sdf.blocks[0]
+    outs = [block(x, d) for d in (1, 2, 3)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_assistant_step_moves_only_the_assistant(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    distiller, opt = distiller_with_optimizers(cfg, student_lr=0.0)
+    opt.student.param_groups[0]["momentum"] = 0.0
+    before_student, before_csa = snapshot(distiller.student), snapshot(distiller.csa)
+    before_teacher, before_sdf = snapshot(distiller.teacher), snapshot(distiller.sdf)
+    distiller.train_step(tiny_batch(cfg), opt)
+    assert changed(before_csa, distiller.csa)  # the assistant learned from ground truth
+    assert not changed(before_student, distiller.student)
+    assert not changed(before_teacher, distiller.teacher)
+    assert not changed(before_sdf, distiller.sdf)
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_student_step_moves_no_teacher_or_assistant_parameter(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    distiller, opt = distiller_with_optimizers(cfg, assistant_lr=0.0)
+    before_student, before_csa, before_teacher = (snapshot(distiller.student), snapshot(distiller.csa),
+                                                  snapshot(distiller.teacher))
+    logs = distiller.train_step(tiny_batch(cfg), opt)
+    assert {"kd/feat", "kd/cls", "kd/bbox"} <= set(logs)
+    assert any(k.startswith("assistant/") for k in logs)
+    assert changed(before_student, distiller.student)
+    assert not changed(before_csa, distiller.csa)
+    assert not changed(before_teacher, distiller.teacher)
+    assert all(not p.requires_grad and p.grad is None for p in distiller.teacher.parameters())
+
+
+def test_teacher_is_not_part_of_the_distillers_state_or_parameters(tiny_cfg):
+    distiller, _ = distiller_with_optimizers(tiny_cfg)
+    teacher_ids = {id(p) for p in distiller.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in distiller.parameters()}
+    assert not any(k.startswith("_teacher") for k in distiller.state_dict())
+    distiller.train()
+    assert not distiller.teacher.training
+
+
+def test_distilled_student_has_exactly_the_plain_students_keys_and_shapes(tiny_cfg):
+    distiller, opt = distiller_with_optimizers(tiny_cfg)
+    distiller.train_step(tiny_batch(tiny_cfg), opt)
+    plain = build_detector(student_spec(tiny_cfg, 4)).state_dict()
+    distilled = distiller.student.state_dict()
+    assert list(plain) == list(distilled)
+    assert all(plain[k].shape == distilled[k].shape for k in plain)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_full_iterations_lower_the_loss_on_a_tiny_batch(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    distiller, opt = distiller_with_optimizers(cfg, student_lr=0.01)
+    batch = tiny_batch(cfg)
+    torch.manual_seed(0)
+    totals = [float(distiller.train_step(batch, opt)["loss/total"]) for _ in range(6)]
+    assert min(totals[-2:]) < totals[0], totals
+
+
+def test_sdf_projection_does_not_collapse_over_a_short_run(tiny_cfg):
+    distiller, opt = distiller_with_optimizers(tiny_cfg, student_lr=0.02)
+    batch = tiny_batch(tiny_cfg)
+
+    def teacher_side_std() -> float:
+        with torch.no_grad():
+            t_c5, _ = distiller.teacher_parts.teacher_features(batch.teacher_images)
+            s_c5 = distiller.student_parts.features(batch.student_images)[2]
+            _, t_emb = distiller.sdf(s_c5, t_c5)
+        return float(t_emb.std(dim=(0, 2, 3)).mean())
+
+    start = teacher_side_std()
+    for _ in range(15):
+        distiller.train_step(batch, opt)
+    assert teacher_side_std() > 0.2 * start
+
+
+def test_attention_memory_is_student_tokens_times_pooled_teacher_tokens(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    h = w = 16
+    student, teacher = torch.randn(1, 32, h, w), torch.randn(1, 32, 2 * h, 2 * w)
+    out = CrossScaleAttention(32, heads=4, rates=(2, 4))(student, teacher)
+    assert out.shape == student.shape
+    # rate 2 on the 2x teacher map -> h*w keys; rate 4 -> h*w/4 keys; never (2h*2w) keys.
+    assert calls == [(h * w, h * w), (h * w, h * w // 4)]
+    calls.clear()
+    CrossScaleAttention(32, heads=4, attention="plain")(student, teacher)
+    assert calls == [(h * w, 4 * h * w)]  # the plain ablation attends to every teacher token
+
+
+def test_baselines_and_ablations_run_through_the_same_step(tiny_cfg):
+    batch = tiny_batch(tiny_cfg)
+    variants = {
+        "none": {"method": "none"}, "fitnet": {"method": "fitnet"}, "od": {"method": "od"},
+        "no_sdf": {"sdf": {"enabled": False}}, "no_csa": {"csa": {"enabled": False}},
+        "plain_attention": {"csa": {"attention": "plain"}}, "separate_sdf": {"sdf": {"weight_sharing": False}},
+        "frozen_teacher_sdf": {"sdf": {"teacher_sdf": "frozen"}}, "reuse": {"csa": {"recompute": False}},
+        "l2_bbox": {"bbox_loss": "l2"},
+    }
+    for name, overrides in variants.items():
+        cfg = replace(tiny_cfg, distill=overrides)
+        distiller, opt = distiller_with_optimizers(cfg)
+        logs = distiller.train_step(batch, opt)
+        assert torch.isfinite(logs["loss/total"]), name
+        has_feat = name not in ("none", "od", "no_sdf")
+        assert ("kd/feat" in logs) == has_feat, name
+        assert ("kd/cls" in logs) == (name not in ("none", "fitnet", "no_csa")), name
+
+
+def test_method_none_needs_no_teacher_and_others_do(tiny_cfg):
+    student, _ = build_pair(tiny_cfg)
+    Distiller(student, None, replace(tiny_cfg, distill={"method": "none"}))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Distiller(student, None, tiny_cfg)
