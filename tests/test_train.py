@@ -1,0 +1,129 @@
+"""Training stages: real local Ray with 2 CPU workers, resume, a worker killed mid-run, NaN, S3."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scalekd import storage
+from scalekd.config import replace
+from scalekd.models.detectors import backbone_parameters, build_detector
+from scalekd.train import checkpoint as ckpt
+from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage, student_spec
+
+
+def _cli(*args, env=None, check=True):
+    full_env = dict(os.environ, SCALEKD_NO_PROGRESS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "scalekd.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scalekd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _summary(out) -> dict:
+    return json.loads(open(os.path.join(out, "summary.json")).read())
+
+
+def test_tiny_pipeline_on_two_ray_workers_end_to_end(synth_root, tmp_path):
+    common = ["--preset", "tiny", "--data", synth_root, "--workers", "2"]
+    _cli("train-teacher", *common, "--out", str(tmp_path / "teacher"))
+    _cli("warmup", *common, "--out", str(tmp_path / "warmup"))
+    _cli("distill", *common, "--out", str(tmp_path / "distill"), "--teacher", str(tmp_path / "teacher/model.pt"),
+         "--student", str(tmp_path / "warmup/model.pt"))
+    teacher, warm, distilled = (_summary(tmp_path / s) for s in ("teacher", "warmup", "distill"))
+    assert teacher["workers"] == warm["workers"] == distilled["workers"] == 2
+    # The teacher is built for, and trained at, twice the student's resolution.
+    assert teacher["spec"]["min_size"] == 2 * warm["spec"]["min_size"] == 128
+    lines = [json.loads(line) for line in open(tmp_path / "distill" / "metrics.jsonl")]
+    assert lines[-1]["iteration"] == 4 and "kd/feat" in lines[-1] and "assistant/classification" in lines[-1]
+    assert os.listdir(tmp_path / "distill" / "tensorboard")
+    model, blob = ckpt.load_model(str(tmp_path / "distill" / "model.pt"))
+    assert blob["spec"]["backbone"] == "mobilenet_v2" and "distiller" not in blob
+    # The student's file holds the student alone: its keys are exactly a plain student's.
+    assert set(blob["state_dict"]) == set(build_detector(ckpt.DetectorSpec(**blob["spec"])).state_dict())
+
+
+def test_worker_killed_mid_run_is_restored_from_the_last_checkpoint(synth_root, tmp_path):
+    out = tmp_path / "warmup"
+    _cli("warmup", "--preset", "tiny", "--data", synth_root, "--workers", "2", "--out", str(out),
+         "--set", "train.warmup_iterations=6", "--set", "scaling.max_failures=2",
+         env={"SCALEKD_FAULT_AT_ITERATION": "3"})
+    assert (out / ".fault-injected").exists()  # a worker really died at iteration 3
+    summary = _summary(out)
+    assert summary["iterations"] == 6 and summary["resumed_from"] == 2  # checkpoint at 2 (interval 2)
+    iterations = [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")]
+    assert iterations[:3] == [1, 2, 3] and iterations[3:] == [3, 4, 5, 6]
+
+
+def test_stopped_stage_resumes_at_the_saved_iteration(synth_root, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["train-teacher", "--preset", "tiny", "--data", synth_root, "--out", str(out), "--no-ray",
+            "--set", "train.teacher_iterations=5"]
+    first = _cli(*args, env={"SCALEKD_FAULT_AT_ITERATION": "3"}, check=False)
+    assert first.returncode != 0 and not (out / "model.pt").exists()
+    assert ckpt.latest_checkpoint(str(out)).endswith("iter_0000002.pt")
+    _cli(*args)
+    assert _summary(out)["resumed_from"] == 2 and _summary(out)["iterations"] == 5
+    again = _cli(*args)  # a finished stage is not run again
+    assert json.loads(again.stdout)["resumed_from"] == 2
+
+
+def test_backbone_frozen_during_the_window_then_trained(tiny_cfg, tmp_path):
+    torch.manual_seed(tiny_cfg.train.seed)
+    initial = build_detector(student_spec(tiny_cfg, 4))
+    start = [p.detach().clone() for p in backbone_parameters(initial)]
+    frozen_cfg = replace(tiny_cfg, train={"warmup_iterations": 2, "freeze_backbone_iterations": 2})
+    run_stage(StageRequest("warmup", frozen_cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "frozen")))
+    model, _ = ckpt.load_model(str(tmp_path / "frozen" / "model.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(start, backbone_parameters(model)))
+    assert not torch.equal(initial.head.classification_head.cls_logits.weight, model.head.classification_head.cls_logits.weight)
+    thawed_cfg = replace(tiny_cfg, train={"warmup_iterations": 4, "freeze_backbone_iterations": 2})
+    run_stage(StageRequest("warmup", thawed_cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "thawed")))
+    model, _ = ckpt.load_model(str(tmp_path / "thawed" / "model.pt"))
+    assert not all(torch.equal(a, b) for a, b in zip(start, backbone_parameters(model)))
+
+
+def test_poisoned_batch_stops_with_a_named_error_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "3")
+    out = str(tmp_path / "teacher")
+    cfg = replace(tiny_cfg, train={"teacher_iterations": 6})
+    with pytest.raises(TrainingError, match=r"iteration 3: loss term 'det/\w+' is nan") as err:
+        run_stage(StageRequest("teacher", cfg.to_dict(), tiny_cfg.data.root, out))
+    assert "iter_0000002.pt" in str(err.value)
+    state = ckpt.load(ckpt.latest_checkpoint(out))
+    assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                           if v.is_floating_point())
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+
+
+def test_checkpoints_and_models_round_trip_through_s3(s3, tiny_cfg, tmp_path):
+    out = f"s3://{s3['bucket']}/runs/warmup"
+    cfg = replace(tiny_cfg, train={"warmup_iterations": 4})
+    run_stage(StageRequest("warmup", cfg.to_dict(), tiny_cfg.data.root, out))
+    uris = list(storage.list_uris(out))
+    assert f"{out}/model.pt" in uris and f"{out}/checkpoints/iter_0000004.pt" in uris
+    assert f"{out}/metrics.jsonl" in uris
+    model, blob = ckpt.load_model(f"{out}/model.pt")
+    state = ckpt.load(f"{out}/checkpoints/iter_0000004.pt")
+    assert all(torch.equal(state["model"][k], v) for k, v in blob["state_dict"].items())
+    with pytest.raises(storage.StorageError, match="no such object"):
+        ckpt.load_model(f"{out}/nope.pt")
+
+
+def test_checkpoint_of_another_architecture_is_refused_naming_both(tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, train={"warmup_iterations": 1})
+    run_stage(StageRequest("warmup", cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "w")))
+    other = replace(tiny_cfg, model={"detector": "fcos"})
+    with pytest.raises(ckpt.CheckpointError, match="retinanet/mobilenet_v2.*fcos/mobilenet_v2"):
+        ckpt.load_model(str(tmp_path / "w" / "model.pt"), expect=student_spec(other, 4))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ckpt.CheckpointError, match="truncated or from an untrusted source"):
+        ckpt.load(str(path))
