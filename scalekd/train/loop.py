@@ -55,6 +55,7 @@ class StageRequest:
     out: str
     teacher: str = ""  # distill: the teacher's model file
     student_init: str = ""  # distill: the warm student's model file
+    stop_at: int = 0  # stop (checkpointed, resumable) at this iteration; 0 = the stage's end
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +163,8 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
              "distill": cfg.train.distill_iterations}[request.stage]
     if storage.exists(ckpt.model_uri(request.out)) and storage.exists(storage.join(request.out, "summary.json")):
         summary = json.loads(storage.read_text(storage.join(request.out, "summary.json")))
-        if summary.get("iterations") == total and summary.get("stage") == request.stage:
+        if summary.get("iterations") == (min(total, request.stop_at) if request.stop_at else total) \
+                and summary.get("stage") == request.stage:
             log.info("%s: stage %s already complete; nothing to do", request.out, request.stage)
             return summary
 
@@ -255,7 +257,8 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
     t0 = time.perf_counter()
     fault_at = int(os.environ.get(FAULT_ENV, "-1"))
     poison_at = int(os.environ.get(POISON_ENV, "-1"))
-    for iteration in range(start, total):
+    end = min(total, request.stop_at) if request.stop_at else total
+    for iteration in range(start, end):
         if request.stage == "warmup":
             want_frozen = iteration < cfg.train.freeze_backbone_iterations
             if want_frozen != frozen:
@@ -280,7 +283,7 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
                                 f"{good or 'none yet'}. Check the data of this batch and the learning rate.") from None
         scheduler.step()
         done = iteration + 1
-        if rank == 0 and (done % cfg.train.log_interval == 0 or done == total):
+        if rank == 0 and (done % cfg.train.log_interval == 0 or done == end):
             elapsed = time.perf_counter() - t0
             values = {k: round(float(v), 6) for k, v in terms.items()}
             values.update(lr=student_opt.param_groups[0]["lr"], it_per_s=round((done - start) / elapsed, 4),
@@ -291,7 +294,7 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
             progress.set_postfix(loss=f"{values.get('loss/total', 0.0):.3f}")
         if progress is not None:
             progress.update(1)
-        if done % cfg.train.checkpoint_interval == 0 and done != total:
+        if done % cfg.train.checkpoint_interval == 0 and done != end:
             save_checkpoint(done)
         if done == fault_at and rank == world - 1:
             marker = storage.join(request.out, ".fault-injected")
@@ -301,15 +304,15 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.close()
-    summary = {"stage": request.stage, "iterations": total, "resumed_from": start, "workers": world,
-               "wall_s": round(elapsed, 2), "it_per_s": round((total - start) / max(elapsed, 1e-9), 4),
+    summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
+               "wall_s": round(elapsed, 2), "it_per_s": round((end - start) / max(elapsed, 1e-9), 4),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "device": str(device), "spec": spec.to_dict()}
     if rank == 0:
-        save_checkpoint(total)
+        save_checkpoint(end)
         categories = [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]
         ckpt.save_model(model, spec, request.out, categories,
-                        {"stage": request.stage, "config": request.config, "iterations": total})
+                        {"stage": request.stage, "config": request.config, "iterations": end})
         storage.write_json(storage.join(request.out, "summary.json"), summary)
         metrics.close()
     if world > 1:

@@ -1,0 +1,145 @@
+"""Export the student alone (with its NMS) to TorchScript and ONNX, check both against eager outputs
+on real images, and write a model card. Any parity failure stops the export loudly."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import io
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from scalekd import storage
+from scalekd.data.coco import dataset_from_root
+from scalekd.data.transforms import DualResolutionCollate
+from scalekd.eval.predict import configure_for_eval
+from scalekd.train.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+ONNX_OPSET = 17
+BOX_ATOL_PX = 0.05  # stated tolerance: boxes within 0.05 px, scores within 1e-3
+SCORE_ATOL = 1e-3
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _above(out: dict, min_score: float):
+    boxes, scores, labels = (np.asarray(out[k]) for k in ("boxes", "scores", "labels"))
+    keep = scores >= min_score
+    return boxes[keep].reshape(-1, 4), scores[keep], labels[keep]
+
+
+def compare(reference: dict, candidate: dict, min_score: float = 0.1) -> dict:
+    """Match each reference detection to the closest candidate of the same label and score (NMS may
+    order ties differently); report the worst box and score differences over the matches."""
+    rb, rs, rl = _above(reference, min_score)
+    cb, cs, cl = _above(candidate, min_score)
+    result = {"count_reference": len(rs), "count_candidate": len(cs), "max_box_diff": 0.0, "max_score_diff": 0.0}
+    if len(rs) != len(cs):
+        return {**result, "ok": False, "max_box_diff": float("inf")}
+    # Detections tied with the lowest kept score may be swapped for equally scored ones by the top-k
+    # cut; those are left out of the comparison (a trained model has few such ties).
+    floor = rs.min() + SCORE_ATOL if len(rs) else 0.0
+    compared = rs > floor
+    result["count_compared"] = int(compared.sum())
+    for box, score, label in zip(rb[compared], rs[compared], rl[compared]):
+        same = (cl == label) & (np.abs(cs - score) <= SCORE_ATOL)
+        if not same.any():
+            return {**result, "ok": False, "max_score_diff": float("inf")}
+        box_diffs = np.abs(cb[same] - box).max(axis=1)
+        best = int(np.argmin(box_diffs))
+        result["max_box_diff"] = max(result["max_box_diff"], float(box_diffs[best]))
+        result["max_score_diff"] = max(result["max_score_diff"], float(np.abs(cs[same][best] - score)))
+    result["ok"] = result["max_box_diff"] <= BOX_ATOL_PX and result["max_score_diff"] <= SCORE_ATOL
+    return result
+
+
+def _dataset_hash(data_root: str, split: str) -> str:
+    raw = storage.read_bytes(storage.join(data_root, "annotations", f"instances_{split}.json"))
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("scalekd", "torch", "torchvision", "onnx", "onnxruntime", "ray", "kfp"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def export_model(model_uri: str, out: str, data_root: str, split: str = "val", images: int = 4,
+                 metrics_uri: str | None = None, score_threshold: float = 0.05) -> dict:
+    """Write ``model.torchscript.pt``, ``model.onnx`` and ``model_card.json`` under ``out``."""
+    import onnxruntime as ort
+
+    model, blob = load_model(model_uri)
+    spec = blob["spec"]
+    configure_for_eval(model, score_threshold, 100)
+    model.eval()
+    dataset = dataset_from_root(data_root, split)
+    collate = DualResolutionCollate(spec["min_size"], 1.0, spec["max_size"] / spec["min_size"], with_teacher=False)
+    samples = [collate([dataset[i]]).student_images[0] for i in range(min(images, len(dataset)))]
+    shapes = {tuple(s.shape) for s in samples}
+    if len(shapes) > 1:  # parity is checked at the exported input size
+        samples = [s for s in samples if tuple(s.shape) == tuple(samples[0].shape)]
+    with torch.no_grad():
+        eager = [{k: v.numpy() for k, v in model([im])[0].items()} for im in samples]
+
+    started = time.perf_counter()
+    scripted = torch.jit.script(model)
+    ts_buf = io.BytesIO()
+    torch.jit.save(scripted, ts_buf)
+    reloaded = torch.jit.load(io.BytesIO(ts_buf.getvalue()))
+    with torch.no_grad():
+        ts_out = [{k: v.numpy() for k, v in reloaded([im])[1][0].items()} for im in samples]
+    ts_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    onnx_buf = io.BytesIO()
+    torch.onnx.export(model, ([samples[0]],), onnx_buf, opset_version=ONNX_OPSET, dynamo=False,
+                      input_names=["image"], output_names=["boxes", "scores", "labels"])
+    session = ort.InferenceSession(onnx_buf.getvalue(), providers=["CPUExecutionProvider"])
+    onnx_out = []
+    for im in samples:
+        boxes, scores, labels = session.run(None, {"image": im.numpy()})
+        onnx_out.append({"boxes": boxes, "scores": scores, "labels": labels})
+    onnx_seconds = time.perf_counter() - started
+
+    parity = {"torchscript": [compare(e, t, score_threshold) for e, t in zip(eager, ts_out)],
+              "onnx": [compare(e, o, score_threshold) for e, o in zip(eager, onnx_out)]}
+    failed = [(fmt, i, r) for fmt, rows in parity.items() for i, r in enumerate(rows) if not r["ok"]]
+    if failed:
+        fmt, i, r = failed[0]
+        raise ExportError(f"{fmt} export of {model_uri} disagrees with eager outputs on parity image {i}: {r}; "
+                          "nothing was written")
+    storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_buf.getvalue())
+    storage.write_bytes(storage.join(out, "model.onnx"), onnx_buf.getvalue())
+    metrics = json.loads(storage.read_text(metrics_uri)) if metrics_uri else None
+    card = {
+        "model": {"source": model_uri, **spec, "parameters": sum(p.numel() for p in model.parameters())},
+        "input": {"short_side": spec["min_size"], "max_side": spec["max_size"], "format": "RGB float [0,1], CHW",
+                  "onnx_input": list(samples[0].shape)},
+        "categories": blob.get("categories", []),
+        "training": {"stage": blob.get("stage"), "iterations": blob.get("iterations"), "config": blob.get("config")},
+        "metrics": metrics,
+        "dataset": {"root": data_root, "split": split, "annotations_sha256": _dataset_hash(data_root, split)},
+        "parity": {"images": len(samples), "box_atol_px": BOX_ATOL_PX, "score_atol": SCORE_ATOL,
+                   "torchscript_max_box_diff": max(r["max_box_diff"] for r in parity["torchscript"]),
+                   "onnx_max_box_diff": max(r["max_box_diff"] for r in parity["onnx"]),
+                   "onnx_max_score_diff": max(r["max_score_diff"] for r in parity["onnx"]),
+                   "detections_compared": sum(r.get("count_compared", 0) for r in parity["onnx"])},
+        "export_seconds": {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)},
+        "onnx_opset": ONNX_OPSET,
+        "versions": _versions(),
+        "files": ["model.torchscript.pt", "model.onnx", "model_card.json"],
+    }
+    storage.write_json(storage.join(out, "model_card.json"), card)
+    return card

@@ -1,0 +1,116 @@
+"""Export parity on a tiny model, a tiny Ray Tune search, and the evaluation report with pictures."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from scalekd.config import ConfigError, replace
+from scalekd.export import ExportError, compare, export_model
+from scalekd.train import checkpoint as ckpt
+from scalekd.train.loop import StageRequest, run_stage
+from scalekd.tune import TuneSpace, run_tune
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    """Teacher and warm student after a few iterations (tiny preset)."""
+    from scalekd.config import load_config
+
+    cfg = load_config(preset="tiny", overrides=[f"data.root={synth_root}"])
+    root = tmp_path_factory.mktemp("trained")
+    for stage in ("teacher", "warmup"):
+        run_stage(StageRequest(stage, cfg.to_dict(), synth_root, str(root / stage)))
+    return cfg, root
+
+
+def _spread_scores(uri: str, out: str) -> str:
+    """The same model with a classifier whose scores are spread out, so parity compares real detections."""
+    model, blob = ckpt.load_model(uri)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for conv in model.head.classification_head.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(0, 0.1)
+                conv.bias.zero_()
+    return ckpt.save_model(model, ckpt.DetectorSpec(**blob["spec"]), out, blob["categories"], {"stage": "warmup"})
+
+
+def test_export_parity_torchscript_and_onnx(trained, tmp_path, synth_root):
+    cfg, root = trained
+    model_uri = _spread_scores(str(root / "warmup" / "model.pt"), str(tmp_path / "spread"))
+    card = export_model(model_uri, str(tmp_path / "export"), synth_root, images=3)
+    assert sorted(os.listdir(tmp_path / "export")) == ["model.onnx", "model.torchscript.pt", "model_card.json"]
+    parity = card["parity"]
+    assert parity["detections_compared"] > 20
+    assert parity["onnx_max_box_diff"] <= 0.05 and parity["torchscript_max_box_diff"] <= 0.05
+    assert len(card["dataset"]["annotations_sha256"]) == 64 and card["versions"]["torch"].startswith("2.13")
+    scripted = torch.jit.load(str(tmp_path / "export" / "model.torchscript.pt"))
+    assert scripted is not None
+
+
+def test_parity_mismatch_fails_loudly():
+    ref = {"boxes": [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]], "scores": [0.9, 0.5, 0.2], "labels": [1, 2, 1]}
+    assert compare(ref, ref)["ok"] and compare(ref, ref)["count_compared"] == 2
+    reordered = {k: v[::-1] for k, v in ref.items()}
+    assert compare(ref, reordered)["ok"]
+    assert not compare(ref, {**ref, "boxes": [[0, 0, 10, 10], [5, 5, 21, 20], [1, 1, 3, 3]]})["ok"]
+    assert not compare(ref, {**ref, "scores": [0.9, 0.4, 0.2]})["ok"]
+    assert not compare(ref, {**ref, "labels": [1, 1, 1]})["ok"]
+    assert not compare(ref, {k: v[:2] for k, v in ref.items()})["ok"]
+
+
+def test_export_refuses_a_non_model_file(tmp_path, synth_root):
+    bad = tmp_path / "bad.pt"
+    ckpt.save({"format": "something-else"}, str(bad))
+    with pytest.raises(ckpt.CheckpointError, match="not a scalekd model file"):
+        export_model(str(bad), str(tmp_path / "out"), synth_root)
+    assert not (tmp_path / "out").exists()
+    assert ExportError
+
+
+def test_tiny_tune_search_writes_a_usable_best_config(trained, tmp_path, synth_root):
+    cfg, root = trained
+    out = str(tmp_path / "tune")
+    best = run_tune(cfg, str(root / "teacher" / "model.pt"), str(root / "warmup" / "model.pt"), synth_root, out,
+                    TuneSpace.around_paper(cfg), trials=2, rungs=2)
+    assert best["trials"] == 2
+    from scalekd.config import load_config
+
+    tuned = load_config(os.path.join(out, "best.yaml"))
+    assert tuned.distill.alpha == pytest.approx(best["best"]["alpha"])
+    lo, hi = TuneSpace.around_paper(cfg).ranges["alpha"]
+    assert lo <= tuned.distill.alpha <= hi
+    assert json.load(open(os.path.join(out, "results.json")))["metric"] == "AP_S"
+
+
+@pytest.mark.parametrize("text, words", [("alpha=0.1:0.01", "0 < low < high"), ("alpha=-1:2", "0 < low < high"),
+                                         ("delta=0.1:1", "entries look like"), ("alpha=a:b", "two numbers")])
+def test_invalid_search_space_is_rejected(text, words):
+    with pytest.raises(ConfigError, match=words):
+        TuneSpace.parse(text)
+
+
+def test_report_has_table_charts_and_drawn_examples(trained, tmp_path, synth_root):
+    from scalekd.data.coco import dataset_from_root
+    from scalekd.eval.evaluate import evaluate_models
+    from scalekd.eval.report import write_report
+
+    cfg, root = trained
+    results = evaluate_models({"teacher": str(root / "teacher" / "model.pt"),
+                               "student": str(root / "warmup" / "model.pt")}, synth_root, cfg)
+    assert results[0].input_size == 2 * results[1].input_size
+    assert results[0].parameters > results[1].parameters and results[1].images_per_s > 0
+    paths = write_report(results, dataset_from_root(synth_root, "val"), str(tmp_path / "report"))
+    from PIL import Image
+
+    for name in ("ap_by_size.png", "pr_curves.png", "examples.png"):
+        with Image.open(paths[name]) as img:
+            assert img.width > 200 and img.height > 100
+    text = open(paths["report.md"]).read()
+    assert "| teacher |" in text and "| student |" in text and "AP_S" in text
+    metrics = json.load(open(paths["metrics.json"]))["models"]
+    assert [m["model"] for m in metrics] == ["teacher", "student"]
+    wrong = replace(cfg, model={"detector": "fcos"})
+    assert wrong.model.detector == "fcos"
