@@ -1,0 +1,1 @@
+"""kfp pipelines: wiring only. ``runner`` compiles, runs locally, submits and schedules them."""
