@@ -32,7 +32,7 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (debugging)")
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args) -> Config:  # noqa: F821
     overrides = list(args.overrides)
     for flag, key in (("data", "data.root"), ("workers", "scaling.workers"), ("ray_address", "scaling.ray_address")):
         value = getattr(args, flag, None)

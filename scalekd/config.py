@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -78,9 +78,9 @@ class CSAConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     method: str = "scalekd"
-    alpha: Optional[float] = None  # None: the paper's value for the detector family
-    beta: Optional[float] = None
-    gamma: Optional[float] = None
+    alpha: float | None = None  # None: the paper's value for the detector family
+    beta: float | None = None
+    gamma: float | None = None
     temperature: float = 1.0
     background_weight: float = 1.5  # Chen et al. 2017
     margin: float = 0.0  # bounded regression margin m
@@ -180,6 +180,7 @@ PRESETS: dict[str, dict] = {
         "train": {"teacher_iterations": 300, "warmup_iterations": 150, "distill_iterations": 150,
                   "freeze_backbone_iterations": 40, "batch_size": 4, "lr": 0.01,
                   "lr_warmup_iterations": 30, "checkpoint_interval": 50, "log_interval": 10},
+        "scaling": {"cpus_per_worker": 2},
     },
     "bench": {
         "data": {"student_size": 128},
@@ -188,6 +189,7 @@ PRESETS: dict[str, dict] = {
         "train": {"teacher_iterations": 600, "warmup_iterations": 300, "distill_iterations": 300,
                   "freeze_backbone_iterations": 60, "batch_size": 4, "lr_warmup_iterations": 50,
                   "checkpoint_interval": 100},
+        "scaling": {"cpus_per_worker": 2},
     },
     "paper": {  # COCO 1x-style schedule for a GPU cluster (section 4.1)
         "data": {"student_size": 800, "max_size_ratio": 1.667},
@@ -201,8 +203,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def load_config(path: Optional[str] = None, preset: Optional[str] = None,
-                overrides: Optional[list[str]] = None, text: Optional[str] = None) -> Config:
+def load_config(path: str | None = None, preset: str | None = None,
+                overrides: list[str] | None = None, text: str | None = None) -> Config:
     """Defaults <- preset <- YAML file (or text) <- `key=value` overrides; then validate."""
     merged: dict = {}
     if preset:

@@ -47,11 +47,13 @@ def read_config(path: str) -> Config:
 
 def prepare_data(config_path: str, dataset_uri: str, workdir: str, synth_images: int, stats_path: str) -> str:
     """A dataset root ready for training: the given one (validated) or synthetic scenes under workdir."""
+    from scalekd.data.coco import resolve_root
     from scalekd.data.stats import dataset_stats
     from scalekd.data.synth import ensure_synthetic
 
     cfg = read_config(config_path)
-    root = dataset_uri or storage.join(workdir, "data")
+    # "PREFIX/latest" is pinned here to one concrete dataset for every later stage of the run.
+    root = resolve_root(dataset_uri) if dataset_uri else storage.join(workdir, "data")
     if not dataset_uri:
         ensure_synthetic(root, synth_images, seed=cfg.train.seed, size=2 * cfg.data.student_size)
     stats = {split: dataset_stats(storage.join(root, "annotations", f"instances_{split}.json"))

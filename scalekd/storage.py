@@ -14,8 +14,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class S3Path:
     key: str
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Path":
+    def parse(cls, uri: str) -> S3Path:
         rest = uri[len("s3://"):]
         bucket, _, key = rest.partition("/")
         if not bucket:
@@ -59,7 +59,7 @@ class S3Path:
         return cls(bucket, key)
 
 
-def _endpoint() -> Optional[str]:
+def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL") or _settings["endpoint_url"] or None
 
 

@@ -27,7 +27,7 @@ class TuneSpace:
     ranges: dict
 
     @classmethod
-    def parse(cls, text: str) -> "TuneSpace":
+    def parse(cls, text: str) -> TuneSpace:
         ranges = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             name, _, bounds = item.partition("=")
@@ -44,7 +44,7 @@ class TuneSpace:
         return space
 
     @classmethod
-    def around_paper(cls, cfg: Config, factor: float = 4.0) -> "TuneSpace":
+    def around_paper(cls, cfg: Config, factor: float = 4.0) -> TuneSpace:
         """Each weight from its paper value / factor to x factor."""
         return cls({n: (v / factor, v * factor) for n, v in zip(WEIGHTS, cfg.loss_weights())})
 

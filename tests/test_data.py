@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def test_synthetic_data_is_deterministic_and_mostly_small(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     synth.generate(str(a), images=6, seed=3, size=128)
     synth.generate(str(b), images=6, seed=3, size=128)
-    assert (a / "annotations" / "instances_train.json").read_bytes() == (b / "annotations" / "instances_train.json").read_bytes()
+    ann = Path("annotations") / "instances_train.json"
+    assert (a / ann).read_bytes() == (b / ann).read_bytes()
     assert sorted(os.listdir(a / "images")) == sorted(os.listdir(b / "images"))
     first = sorted(os.listdir(a / "images"))[0]
     assert (a / "images" / first).read_bytes() == (b / "images" / first).read_bytes()

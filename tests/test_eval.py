@@ -39,7 +39,7 @@ def _jittered_detections(gt: dict, seed: int, per_image: int = 30) -> list:
     for ann in gt["annotations"]:
         if rng.random() < 0.8:
             x, y, w, h = ann["bbox"]
-            j = lambda v: v * (1 + rng.uniform(-0.15, 0.15))  # noqa: E731
+            j = lambda v: v * (1 + rng.uniform(-0.15, 0.15))
             dets.append({"image_id": ann["image_id"], "category_id": ann["category_id"] if rng.random() < 0.85
                          else rng.choice(cats), "bbox": [j(x + 1), j(y + 1), j(w), j(h)], "score": rng.random()})
     for img in gt["images"]:
@@ -84,7 +84,8 @@ def test_ignore_regions_do_not_count_as_false_positives():
 def test_ar_at_500_and_empty_size_classes():
     gt = {"images": [{"id": 1, "width": 640, "height": 640, "file_name": "a"}],
           "categories": [{"id": 1, "name": "p"}],
-          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [(i % 30) * 20, (i // 30) * 20, 10, 10],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1,
+                           "bbox": [(i % 30) * 20, (i // 30) * 20, 10, 10],
                            "iscrowd": 0} for i in range(300)]}
     dets = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 1.0 - i / 1000}
             for i, a in enumerate(gt["annotations"])]

@@ -38,7 +38,7 @@ def _spread_scores(uri: str, out: str) -> str:
 
 
 def test_export_parity_torchscript_and_onnx(trained, tmp_path, synth_root):
-    cfg, root = trained
+    _cfg, root = trained
     model_uri = _spread_scores(str(root / "warmup" / "model.pt"), str(tmp_path / "spread"))
     card = export_model(model_uri, str(tmp_path / "export"), synth_root, images=3)
     assert sorted(os.listdir(tmp_path / "export")) == ["model.onnx", "model.torchscript.pt", "model_card.json"]

@@ -41,7 +41,7 @@ def test_tiny_pipeline_on_two_ray_workers_end_to_end(synth_root, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "distill" / "metrics.jsonl")]
     assert lines[-1]["iteration"] == 4 and "kd/feat" in lines[-1] and "assistant/classification" in lines[-1]
     assert os.listdir(tmp_path / "distill" / "tensorboard")
-    model, blob = ckpt.load_model(str(tmp_path / "distill" / "model.pt"))
+    _model, blob = ckpt.load_model(str(tmp_path / "distill" / "model.pt"))
     assert blob["spec"]["backbone"] == "mobilenet_v2" and "distiller" not in blob
     # The student's file holds the student alone: its keys are exactly a plain student's.
     assert set(blob["state_dict"]) == set(build_detector(ckpt.DetectorSpec(**blob["spec"])).state_dict())
@@ -80,7 +80,8 @@ def test_backbone_frozen_during_the_window_then_trained(tiny_cfg, tmp_path):
     run_stage(StageRequest("warmup", frozen_cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "frozen")))
     model, _ = ckpt.load_model(str(tmp_path / "frozen" / "model.pt"))
     assert all(torch.equal(a, b) for a, b in zip(start, backbone_parameters(model)))
-    assert not torch.equal(initial.head.classification_head.cls_logits.weight, model.head.classification_head.cls_logits.weight)
+    head_before = initial.head.classification_head.cls_logits.weight
+    assert not torch.equal(head_before, model.head.classification_head.cls_logits.weight)
     thawed_cfg = replace(tiny_cfg, train={"warmup_iterations": 4, "freeze_backbone_iterations": 2})
     run_stage(StageRequest("warmup", thawed_cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "thawed")))
     model, _ = ckpt.load_model(str(tmp_path / "thawed" / "model.pt"))
@@ -107,7 +108,7 @@ def test_checkpoints_and_models_round_trip_through_s3(s3, tiny_cfg, tmp_path):
     uris = list(storage.list_uris(out))
     assert f"{out}/model.pt" in uris and f"{out}/checkpoints/iter_0000004.pt" in uris
     assert f"{out}/metrics.jsonl" in uris
-    model, blob = ckpt.load_model(f"{out}/model.pt")
+    _model, blob = ckpt.load_model(f"{out}/model.pt")
     state = ckpt.load(f"{out}/checkpoints/iter_0000004.pt")
     assert all(torch.equal(state["model"][k], v) for k, v in blob["state_dict"].items())
     with pytest.raises(storage.StorageError, match="no such object"):

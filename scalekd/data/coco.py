@@ -169,7 +169,21 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+def resolve_root(root: str) -> str:
+    """``PREFIX/latest`` means the newest (lexicographically last) dataset under PREFIX: scheduled
+    retraining points at a prefix that gains a dated folder (``2026-11-24/``...) per data drop."""
+    if not root.rstrip("/").endswith("/latest"):
+        return root
+    prefix = root.rstrip("/")[: -len("/latest")]
+    marker = "/annotations/"
+    roots = sorted({u[: u.index(marker)] for u in storage.list_uris(prefix) if marker in u})
+    if not roots:
+        raise DataError(f"{root}: no dataset (a folder with annotations/) under {prefix}")
+    return roots[-1]
+
+
 def dataset_from_root(root: str, split: str, cache: bool = True) -> CocoDetection:
     """The project's layout: ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/images/``."""
+    root = resolve_root(root)
     return CocoDetection(storage.join(root, "annotations", f"instances_{split}.json"),
                          storage.join(root, "images"), cache=cache)

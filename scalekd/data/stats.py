@@ -16,7 +16,7 @@ def dataset_stats(annotation_uri: str) -> dict:
     ignore = set()
     degenerate = 0
     for ann in data["annotations"]:
-        x, y, w, h = ann["bbox"]
+        _x, _y, w, h = ann["bbox"]
         if ann.get("iscrowd", 0) or ann.get("ignore", 0):
             ignore.add((ann["image_id"], tuple(ann["bbox"])))
             continue

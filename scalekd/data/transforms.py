@@ -52,7 +52,7 @@ class DualBatch:
     teacher_images: list[torch.Tensor]
     teacher_targets: list[dict]
 
-    def to(self, device: torch.device) -> "DualBatch":
+    def to(self, device: torch.device) -> DualBatch:
         def move(targets):
             return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 

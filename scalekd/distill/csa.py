@@ -27,7 +27,7 @@ class MultiScaleAggregation(nn.Module):
         """[N, C, H, W] -> tokens [N, L, C] with L = ceil(H/r) * ceil(W/r), and that grid's (h, w)."""
         if self.rate > 1:
             teacher_map = F.avg_pool2d(teacher_map, self.rate, self.rate, ceil_mode=True)
-        n, c, h, w = teacher_map.shape
+        _n, _c, h, w = teacher_map.shape
         return self.mlp(teacher_map.flatten(2).transpose(1, 2)), h, w
 
 

@@ -9,8 +9,8 @@ workers comes in as a callable.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ def check_finite(terms: dict[str, Tensor]) -> None:
 @dataclass
 class Optimizers:
     student: torch.optim.Optimizer
-    assistant: Optional[torch.optim.Optimizer]
+    assistant: torch.optim.Optimizer | None
     grad_clip: float = 10.0
     sync: GradSync = _no_sync
 
@@ -65,7 +65,7 @@ def c5_channels(model: nn.Module) -> int:
 class Distiller(nn.Module):
     """Holds the student, the frozen teacher and the distillation modules of one method."""
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: Config):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Config):
         super().__init__()
         k = cfg.distill
         self.cfg = cfg
@@ -93,7 +93,7 @@ class Distiller(nn.Module):
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
     @property
-    def teacher(self) -> Optional[nn.Module]:
+    def teacher(self) -> nn.Module | None:
         return self._teacher[0] if self._teacher else None
 
     def _apply(self, fn, recurse: bool = True):
@@ -120,7 +120,7 @@ class Distiller(nn.Module):
         return list(self.csa.parameters()) if self.csa is not None else []
 
     # ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: DualBatch, opt: Optimizers, autocast: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None) -> dict[str, Tensor]:
         """One iteration; returns the named, unweighted loss terms (detached) for logging."""
         amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
         logs: dict[str, Tensor] = {}

@@ -9,13 +9,13 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import matplotlib.pyplot as plt
+from PIL import Image, ImageDraw
 
-from scalekd import storage  # noqa: E402
-from scalekd.data.coco import CocoDetection  # noqa: E402
-from scalekd.eval.evaluate import ModelResult  # noqa: E402
-from scalekd.eval.metrics import pr_curve  # noqa: E402
+from scalekd import storage
+from scalekd.data.coco import CocoDetection
+from scalekd.eval.evaluate import ModelResult
+from scalekd.eval.metrics import pr_curve
 
 TABLE_COLUMNS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 

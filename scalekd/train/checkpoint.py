@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-from typing import Optional
 
 import torch
 
@@ -46,7 +45,7 @@ def checkpoint_uri(out: str, iteration: int) -> str:
     return storage.join(out, "checkpoints", f"iter_{iteration:07d}.pt")
 
 
-def latest_checkpoint(out: str) -> Optional[str]:
+def latest_checkpoint(out: str) -> str | None:
     found = [(int(m.group(1)), u) for u in storage.list_uris(storage.join(out, "checkpoints"))
              if (m := _ITER_RE.search(u))]
     return max(found)[1] if found else None
@@ -71,7 +70,7 @@ def save_model(model: torch.nn.Module, spec: DetectorSpec, out: str, categories:
     return uri
 
 
-def load_model(uri: str, expect: Optional[DetectorSpec] = None) -> tuple[torch.nn.Module, dict]:
+def load_model(uri: str, expect: DetectorSpec | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild a detector from its model file; errors name both architectures on a mismatch."""
     blob = load(uri)
     if blob.get("format") != MODEL_FORMAT:

@@ -17,8 +17,8 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -139,16 +139,15 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _infinite_batches(loader: DataLoader, sampler: Optional[DistributedSampler], epoch: int):
+def _infinite_batches(loader: DataLoader, sampler: DistributedSampler | None, epoch: int):
     while True:
         if sampler is not None:
             sampler.set_epoch(epoch)
-        for batch in loader:
-            yield batch
+        yield from loader
         epoch += 1
 
 
-def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = None) -> dict:
+def run_stage(request: StageRequest, report: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) one stage to its end; returns its summary. ``report`` gets metrics on rank 0."""
     if request.stage not in STAGES:
         raise TrainingError(f"unknown stage {request.stage!r}; one of {STAGES}")
@@ -321,7 +320,7 @@ def run_stage(request: StageRequest, report: Optional[Callable[[dict], None]] = 
 
 
 def detection_step(model: nn.Module, images: list, targets: list, opt: Optimizers,
-                   autocast: Optional[torch.dtype]) -> dict:
+                   autocast: torch.dtype | None) -> dict:
     """A plain supervised step: the detector's own loss (teacher and warm-up stages)."""
     import contextlib
 

@@ -1,0 +1,111 @@
+"""kfp: compile is reproducible and committed, the real DAG runs under kfp's local runner, and
+submit/schedule send the right API calls to a recording HTTP server (no KFP cluster runs here)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import runner
+from tests.kfp_fake import start
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_compiled_yaml_is_committed_and_fresh(tmp_path):
+    paths = runner.compile_all(str(tmp_path))
+    for path in paths:
+        committed = Path(runner.COMPILED_DIR) / Path(path).name
+        assert committed.exists(), f"run `scalekd pipeline compile` and commit {committed}"
+        assert committed.read_text() == Path(path).read_text(), \
+            f"{committed} is stale: run `scalekd pipeline compile` and commit it"
+    again = runner.compile_all(str(tmp_path / "again"))
+    assert [Path(p).read_text() for p in again] == [Path(p).read_text() for p in paths]
+
+
+def test_components_run_in_the_project_image_without_installs():
+    from components import IMAGE
+
+    spec = yaml.safe_load_all((Path(runner.COMPILED_DIR) / "training.yaml").read_text())
+    pipeline, platform = list(spec)
+    executors = pipeline["deploymentSpec"]["executors"]
+    assert len(executors) == 8  # distill runs twice: plain student (method none) and ScaleKD
+    for name, ex in executors.items():
+        container = ex["container"]
+        assert container["image"] == IMAGE, name
+        assert "pip install" not in " ".join(container["command"]), name
+    tasks = pipeline["root"]["dag"]["tasks"]
+    for name in ("train-teacher", "warmup-student", "distill", "distill-2"):
+        assert tasks[name]["cachingOptions"] == {}, name  # caching off for training tasks
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["secretAsEnv"][0]["secretName"] == "scalekd-s3" for e in secrets.values())
+    assert {"dataset_uri", "alpha", "beta", "gamma", "ray_address", "workers", "gpu", "detector",
+            "student_backbone", "teacher_backbone", "student_size"} <= set(
+        pipeline["root"]["inputDefinitions"]["parameters"])
+
+
+def test_training_pipeline_runs_locally_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scalekd.cli", "pipeline", "run", "--local", "--preset", "tiny",
+                           "--param", f"workdir={workdir}", "--param", "synth_images=12"],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, SCALEKD_NO_PROGRESS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    models = json.loads((workdir / "metrics.json").read_text())["models"]
+    assert [m["model"] for m in models] == ["teacher", "plain student", "ScaleKD student"]
+    assert models[1]["params"] == models[2]["params"] < models[0]["params"]
+    for name in ("report.md", "ap_by_size.png", "pr_curves.png", "examples.png"):
+        assert (workdir / "report" / name).stat().st_size > 100
+    assert sorted(os.listdir(workdir / "export")) == ["model.onnx", "model.torchscript.pt", "model_card.json"]
+    for stage in ("teacher", "warmup", "distill-none", "distill-scalekd"):
+        assert (workdir / stage / "model.pt").exists()
+
+
+def test_submit_and_schedule_call_the_kfp_api():
+    server, recorder, url = start()
+    try:
+        assert runner.submit(url, {"dataset_uri": "s3://data/visdrone", "alpha": "0.02"}) == "run-1"
+        method, path, body = recorder.calls[-1]
+        assert (method, path) == ("POST", "/apis/v2beta1/runs")
+        assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "scalekd-training"
+        assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]
+        params = body["runtime_config"]["parameters"]
+        assert params["dataset_uri"] == "s3://data/visdrone" and params["alpha"] == 0.02
+        assert params["preset"] == "demo"
+        recorder.calls.clear()
+        assert runner.schedule(url, "0 0 3 * * *", {"dataset_uri": "s3://data/visdrone/latest"}) == "job-1"
+        method, path, body = recorder.calls[-1]
+        assert (method, path) == ("POST", "/apis/v2beta1/recurringruns")
+        assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+        assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+        with pytest.raises(ValueError, match="six fields"):
+            runner.schedule(url, "0 3 * * *", {})
+    finally:
+        server.shutdown()
+
+
+def test_latest_prefix_resolves_to_the_newest_dataset(tmp_path, synth_root):
+    import shutil
+
+    from scalekd.data.coco import DataError, resolve_root
+
+    for day in ("2026-11-01", "2026-11-20", "2026-11-03"):
+        shutil.copytree(synth_root, tmp_path / "drops" / day)
+    assert resolve_root(str(tmp_path / "drops" / "latest")) == str(tmp_path / "drops" / "2026-11-20")
+    assert resolve_root(str(tmp_path / "x")) == str(tmp_path / "x")
+    with pytest.raises(DataError, match="no dataset"):
+        resolve_root(str(tmp_path / "empty" / "latest"))
+
+
+def test_dockerfile_installs_the_same_pins_as_the_venv():
+    docker = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install -r requirements.txt" in docker
+    torch_pin = re.search(r"TORCH_VERSION=([\d.]+)", docker).group(1)
+    assert f"torch=={torch_pin}+cpu" in makefile
+    assert "requirements-dev.txt" in makefile and "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text()
+    assert "packages_to_install" not in "".join(p.read_text() for p in (REPO / "components").glob("*.py"))
