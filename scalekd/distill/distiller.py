@@ -24,6 +24,11 @@ from scalekd.distill.sdf import ScaleDecoupledFeatures
 from scalekd.models.parts import DetectorParts, Forward
 
 GradSync = Callable[[list[nn.Parameter]], None]
+PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _no_sync(params: list[nn.Parameter]) -> None:
@@ -120,38 +125,48 @@ class Distiller(nn.Module):
         return list(self.csa.parameters()) if self.csa is not None else []
 
     # ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None) -> dict[str, Tensor]:
-        """One iteration; returns the named, unweighted loss terms (detached) for logging."""
+    def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None,
+                   phase: PhaseTimer | None = None) -> dict[str, Tensor]:
+        """One iteration; returns the named, unweighted loss terms (detached) for logging.
+
+        ``phase(name)`` (a context manager, see benchmarks/cost.py) times the parts of the iteration.
+        """
+        phase = phase or _no_phase
         amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
         logs: dict[str, Tensor] = {}
-        with amp:
-            student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
+        with phase("teacher"), amp:
             teacher_c5, teacher_maps = self._teacher_features(batch)
+        with phase("student_forward"), amp:
+            student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
         terms = {f"det/{k}": v for k, v in student_out.losses.items()}
         target_preds = None
         if self.csa is not None:
-            target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp)
+            with phase("csa"):
+                target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp)
             logs.update(assistant_logs)
         elif self.method == "od":
             with torch.no_grad(), amp:
                 target_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
         with amp:
-            if self.sdf is not None:
-                s_emb, t_emb = self.sdf(student_out.c5, teacher_c5)
-                terms["kd/feat"] = L.feature_l2_loss(s_emb.float(), t_emb.float())
-            if self.fitnet is not None:
-                terms["kd/feat"] = self.fitnet(student_out.fpn, teacher_maps)
-            if target_preds is not None:
-                terms.update(self._output_losses(student_out, target_preds))
+            with phase("sdf"):
+                if self.sdf is not None:
+                    s_emb, t_emb = self.sdf(student_out.c5, teacher_c5)
+                    terms["kd/feat"] = L.feature_l2_loss(s_emb.float(), t_emb.float())
+                if self.fitnet is not None:
+                    terms["kd/feat"] = self.fitnet(student_out.fpn, teacher_maps)
+            with phase("losses"):
+                if target_preds is not None:
+                    terms.update(self._output_losses(student_out, target_preds))
         weights = {"kd/feat": self.alpha, "kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
         check_finite(terms)
-        total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
-        opt.student.zero_grad(set_to_none=True)
-        total.backward()
-        params = [p for p in self.student_parameters() if p.requires_grad]
-        opt.sync(params)
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
-        opt.student.step()
+        with phase("student_backward_step"):
+            total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+            opt.student.zero_grad(set_to_none=True)
+            total.backward()
+            params = [p for p in self.student_parameters() if p.requires_grad]
+            opt.sync(params)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
+            opt.student.step()
         logs.update({k: v.detach() for k, v in terms.items()})
         logs["loss/total"] = total.detach()
         return logs

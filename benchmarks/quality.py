@@ -1,0 +1,150 @@
+"""The paper's claim at our scale: teacher at 2x, plain student, FitNet, Chen et al. "OD", ScaleKD and
+its ablations, on the synthetic small-object set and on the real KIT AIS cars (split by image, fixed
+seed), one student architecture and one iteration budget for all, several seeds; mean and std of AP,
+AP50, AP75, AP_S/M/L. The target it can show or refute: ScaleKD beats the plain student on AP_S by
+>= 2 points (or 15% relative) and beats FitNet and OD on AP_S, at identical inference cost.
+
+    python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit]
+                                 [--variants plain fitnet od scalekd no_sdf no_csa plain_attention no_sharing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import RESULTS, table, write_json  # noqa: E402
+from scalekd.config import load_config, replace  # noqa: E402
+from scalekd.data.convert import convert_yolo  # noqa: E402
+from scalekd.data.synth import ensure_synthetic  # noqa: E402
+from scalekd.eval.evaluate import evaluate_models  # noqa: E402
+from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
+
+VARIANTS = {
+    "plain": {"method": "none"},
+    "fitnet": {"method": "fitnet"},
+    "od": {"method": "od"},
+    "scalekd": {},
+    "no_sdf": {"sdf": {"enabled": False}},
+    "no_csa": {"csa": {"enabled": False}},
+    "plain_attention": {"csa": {"attention": "plain"}},
+    "no_sharing": {"sdf": {"weight_sharing": False}},
+}
+KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
+KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "kit_ais_cars")
+
+
+def kit_dataset(out: str, seed: int = 0, val_fraction: float = 0.25) -> str:
+    """KIT AIS cars converted from YOLO and split by image with a fixed seed."""
+    if os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
+        return out
+    if not os.path.isdir(KIT):
+        raise SystemExit(f"KIT AIS data not found at {KIT} (../shared/data beside the checkout)")
+    coco = convert_yolo(KIT, os.path.join(KIT, "aerial.names"))
+    ids = [im["id"] for im in coco["images"]]
+    random.Random(seed).shuffle(ids)
+    val_ids = set(ids[: max(1, int(len(ids) * val_fraction))])
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for im in coco["images"]:
+        shutil.copyfile(os.path.join(KIT, im["file_name"]), os.path.join(out, "images", im["file_name"]))
+    for split, keep in (("train", lambda i: i not in val_ids), ("val", lambda i: i in val_ids)):
+        part = {"images": [im for im in coco["images"] if keep(im["id"])], "categories": coco["categories"],
+                "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
+        with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(part, f)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--datasets", nargs="+", default=["synth", "kit"], choices=["synth", "kit"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--workdir", default="runs/bench/quality")
+    ap.add_argument("--synth-images", type=int, default=300)
+    args = ap.parse_args()
+    os.environ.setdefault("SCALEKD_NO_PROGRESS", "1")
+    summary: dict = {}
+    started = time.time()
+    for dataset in args.datasets:
+        base = load_config(preset=args.preset, overrides=args.overrides)
+        root = (ensure_synthetic(os.path.join(args.workdir, "synth-data"), args.synth_images, seed=0,
+                                 size=2 * base.data.student_size)
+                if dataset == "synth" else kit_dataset(os.path.join(args.workdir, "kit-data")))
+        runs: dict[str, list[dict]] = {v: [] for v in ["teacher", *args.variants]}
+        for seed in args.seeds:
+            cfg = replace(base, data={"root": root}, train={"seed": seed})
+            work = os.path.join(args.workdir, dataset, f"seed{seed}")
+            for stage in ("teacher", "warmup"):
+                run_stage(StageRequest(stage, cfg.to_dict(), root, os.path.join(work, stage)))
+            models = {"teacher": os.path.join(work, "teacher", "model.pt")}
+            for variant in args.variants:
+                vcfg = replace(cfg, distill=VARIANTS[variant])
+                out = os.path.join(work, f"distill-{variant}")
+                run_stage(StageRequest("distill", vcfg.to_dict(), root, out, teacher=models["teacher"],
+                                       student_init=os.path.join(work, "warmup", "model.pt")))
+                models[variant] = os.path.join(out, "model.pt")
+            for result in evaluate_models(models, root, replace(cfg, eval={"score_threshold": 0.001})):
+                runs[result.name].append({**result.metrics, "params": result.parameters,
+                                          "images_per_s": result.images_per_s})
+            print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
+        rows = []
+        for name, values in runs.items():
+            row = {"model": name, "seeds": len(values), "params": values[0]["params"]}
+            for k in KEYS:
+                xs = [100 * v[k] for v in values if v[k] >= 0]
+                row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}" if xs else "-"
+                row[f"{k}_mean"] = statistics.mean(xs) if xs else None
+            rows.append(row)
+        summary[dataset] = {"rows": rows, "runs": runs}
+        print(f"\n{dataset} ({args.preset} preset, seeds {args.seeds}); metrics in %, mean ± std")
+        print(table(rows, ["model", *KEYS, "params"]))
+        verdict = _verdict(rows)
+        summary[dataset]["verdict"] = verdict
+        print(verdict)
+    path = write_json("quality.json", {"args": vars(args), "wall_s": time.time() - started, **summary})
+    _chart(summary, os.path.join(RESULTS, "quality_ap_s.png"))
+    print(f"wrote {path}")
+
+
+def _verdict(rows: list[dict]) -> str:
+    by = {r["model"]: r for r in rows}
+    if "scalekd" not in by or "plain" not in by:
+        return "target not assessed (needs the scalekd and plain variants)"
+    s, p = by["scalekd"]["AP_S_mean"] or 0.0, by["plain"]["AP_S_mean"] or 0.0
+    gain_ok = s - p >= 2.0 or (p > 0 and (s - p) / p >= 0.15)
+    beats = all(s > (by[b]["AP_S_mean"] or 0.0) for b in ("fitnet", "od") if b in by)
+    same_cost = by["scalekd"]["params"] == by["plain"]["params"]
+    return (f"target {'MET' if gain_ok and beats and same_cost else 'NOT MET'}: AP_S ScaleKD {s:.2f} vs plain "
+            f"{p:.2f} (gain {s - p:+.2f}); beats FitNet/OD: {beats}; identical parameters: {same_cost}")
+
+
+def _chart(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 3.5), squeeze=False)
+    for ax, (dataset, data) in zip(axes[0], summary.items()):
+        names = [r["model"] for r in data["rows"]]
+        ax.bar(names, [r["AP_S_mean"] or 0 for r in data["rows"]])
+        ax.set_title(f"AP_S, {dataset}")
+        ax.tick_params(axis="x", rotation=45)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
