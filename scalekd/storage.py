@@ -72,7 +72,8 @@ def _client():
             from botocore.config import Config as BotoConfig
 
             # "standard" retry mode: exponential backoff with jitter on throttling and 5xx/connection errors.
-            boto_cfg = BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5,
+            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
+            boto_cfg = BotoConfig(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5,
                                   read_timeout=60, s3={"addressing_style": "path"})
             region = _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             # A fresh session each time: the default one caches credentials read from the environment.

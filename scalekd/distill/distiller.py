@@ -67,6 +67,16 @@ def c5_channels(model: nn.Module) -> int:
     return out.shape[1]
 
 
+def student_update(total: Tensor, params: list[nn.Parameter], opt: Optimizers) -> None:
+    """Backward, average gradients across workers, clip, step: the student optimizer's update."""
+    opt.student.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for p in params if p.requires_grad]
+    opt.sync(params)
+    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
+    opt.student.step()
+
+
 class Distiller(nn.Module):
     """Holds the student, the frozen teacher and the distillation modules of one method."""
 
@@ -161,12 +171,7 @@ class Distiller(nn.Module):
         check_finite(terms)
         with phase("student_backward_step"):
             total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
-            opt.student.zero_grad(set_to_none=True)
-            total.backward()
-            params = [p for p in self.student_parameters() if p.requires_grad]
-            opt.sync(params)
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
-            opt.student.step()
+            student_update(total, self.student_parameters(), opt)
         logs.update({k: v.detach() for k, v in terms.items()})
         logs["loss/total"] = total.detach()
         return logs

@@ -35,14 +35,16 @@ def soft_sigmoid_loss(student_logits: Tensor, target_logits: Tensor, temperature
                       background_weight: float = 1.5, normalizer: float = 1.0) -> Tensor:
     """L_cls for per-class sigmoid heads (RetinaNet, FCOS): [N, A, K] logits each.
 
-    Soft binary cross-entropy against sigmoid(target / T), scaled by T^2. Chen et al. weight the
-    background class by 1.5; a sigmoid head has no background class, so anchors the target calls
-    background (max probability < 0.5) get ``background_weight`` (interpretation). Summed and divided
+    Binary KL divergence to sigmoid(target / T) (soft cross-entropy minus the targets' entropy: the
+    same gradients as Chen et al.'s soft cross-entropy, but zero when the student matches), scaled by
+    T^2. Chen et al. weight the background class by 1.5; a sigmoid head has no background class, so
+    anchors the target calls background (max probability < 0.5) get ``background_weight`` (interpretation). Summed and divided
     by ``normalizer`` (the number of foreground anchors), like the focal loss it sits beside.
     """
     t = temperature
     soft = torch.sigmoid(target_logits / t)
-    per_elem = F.binary_cross_entropy_with_logits(student_logits / t, soft, reduction="none")
+    per_elem = (F.binary_cross_entropy_with_logits(student_logits / t, soft, reduction="none")
+                - F.binary_cross_entropy_with_logits(target_logits / t, soft, reduction="none"))
     background = soft.max(dim=-1, keepdim=True).values < 0.5
     weights = torch.where(background, torch.full_like(soft[..., :1], background_weight), torch.ones_like(soft[..., :1]))
     return (per_elem * weights).sum() * (t * t) / max(normalizer, 1.0)
@@ -50,13 +52,17 @@ def soft_sigmoid_loss(student_logits: Tensor, target_logits: Tensor, temperature
 
 def soft_softmax_loss(student_logits: Tensor, target_logits: Tensor, temperature: float = 1.0,
                       background_weight: float = 1.5) -> Tensor:
-    """L_cls for softmax RoI heads (Faster R-CNN): [R, K+1] logits, class 0 background (Chen et al. eq. 3)."""
+    """L_cls for softmax RoI heads (Faster R-CNN): [R, K+1] logits, class 0 background (Chen et al. eq. 3).
+
+    Class-weighted soft cross-entropy minus the targets' (weighted) entropy: Chen et al.'s gradients,
+    zero at a match."""
     t = temperature
     soft = F.softmax(target_logits / t, dim=-1)
     log_p = F.log_softmax(student_logits / t, dim=-1)
+    log_q = F.log_softmax(target_logits / t, dim=-1)
     weights = torch.ones(student_logits.shape[-1], device=student_logits.device, dtype=log_p.dtype)
     weights[0] = background_weight
-    return -(soft * log_p * weights).sum(dim=-1).mean() * (t * t)
+    return (soft * (log_q - log_p) * weights).sum(dim=-1).mean() * (t * t)
 
 
 def bounded_regression_loss(student: Tensor, target: Tensor, ground_truth: Tensor, margin: float = 0.0) -> Tensor:

@@ -10,6 +10,7 @@ is sharded with a DistributedSampler. Rank 0 writes checkpoints, logs and the mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from scalekd import storage
 from scalekd.config import Config, config_from_dict
 from scalekd.data.coco import dataset_from_root
 from scalekd.data.transforms import DualBatch, DualResolutionCollate
-from scalekd.distill.distiller import Distiller, NonFiniteLossError, Optimizers, check_finite
+from scalekd.distill.distiller import Distiller, NonFiniteLossError, Optimizers, check_finite, student_update
 from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.schedule import build_scheduler
@@ -322,18 +323,11 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
 def detection_step(model: nn.Module, images: list, targets: list, opt: Optimizers,
                    autocast: torch.dtype | None) -> dict:
     """A plain supervised step: the detector's own loss (teacher and warm-up stages)."""
-    import contextlib
-
     amp = torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with amp:
         losses = model(images, targets)
     terms = {f"det/{k}": v for k, v in losses.items()}
     check_finite(terms)
     total = sum(v.float() for v in losses.values())
-    opt.student.zero_grad(set_to_none=True)
-    total.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt.sync(params)
-    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], opt.grad_clip)
-    opt.student.step()
+    student_update(total, list(model.parameters()), opt)
     return {**{k: v.detach() for k, v in terms.items()}, "loss/total": total.detach()}
