@@ -35,10 +35,10 @@ def soft_sigmoid_loss(student_logits: Tensor, target_logits: Tensor, temperature
                       background_weight: float = 1.5, normalizer: float = 1.0) -> Tensor:
     """L_cls for per-class sigmoid heads (RetinaNet, FCOS): [N, A, K] logits each.
 
-    Binary KL divergence to sigmoid(target / T) (soft cross-entropy minus the targets' entropy: the
-    same gradients as Chen et al.'s soft cross-entropy, but zero when the student matches), scaled by
-    T^2. Chen et al. weight the background class by 1.5; a sigmoid head has no background class, so
-    anchors the target calls background (max probability < 0.5) get ``background_weight`` (interpretation). Summed and divided
+    Binary KL divergence to sigmoid(target / T), scaled by T^2: soft cross-entropy minus the targets'
+    entropy, so Chen et al.'s gradients but zero when the student matches. Chen et al. weight the
+    background class by 1.5; a sigmoid head has no background class, so anchors the target calls
+    background (max probability < 0.5) get ``background_weight`` (interpretation). Summed and divided
     by ``normalizer`` (the number of foreground anchors), like the focal loss it sits beside.
     """
     t = temperature
