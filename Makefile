@@ -1,5 +1,10 @@
 # The two commands of the README: `make demo` and `make test`. Everything else here serves them.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# pip's config here points at local folders it warns about on every call; keep the output readable
+# without hiding pip's exit status (pipefail).
+QUIET := 2>&1 | (grep -v "is ignored: it is neither" || true)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scalekd-installed
@@ -10,10 +15,10 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/torchvision_cpu_compat.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(QUIET)
+	$(PY) -m pip install -q -r requirements-dev.txt $(QUIET)
+	$(PY) -m pip install -q --no-deps -e . $(QUIET)
 	$(PY) tools/torchvision_cpu_compat.py
 	$(PY) tools/check_install.py
 	touch $(STAMP)

@@ -54,12 +54,8 @@ def _draw_object(draw: ImageDraw.ImageDraw, cls: int, box: tuple[int, int, int, 
         draw.rectangle((cx - t // 2, y0, cx + (t - t // 2), y1), fill=colour)
 
 
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
+def _intersects(a, b, margin: int = 0) -> bool:
+    return (min(a[2], b[2]) + margin > max(a[0], b[0])) and (min(a[3], b[3]) + margin > max(a[1], b[1]))
 
 
 def render_scene(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
@@ -78,7 +74,8 @@ def render_scene(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, lis
         side = max(4, min(side, size - 2))
         x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
         box = [int(x0), int(y0), int(x0 + side), int(y0 + side)]
-        if any(_iou(box, other) > 0.05 for _, other in objects):
+        # No overlap at all: a small object drawn under a later large one would be labelled but invisible.
+        if any(_intersects(box, other, margin=2) for _, other in objects):
             continue
         cls = int(rng.randint(len(CLASSES)))
         colour = PALETTE[rng.randint(len(PALETTE))]
