@@ -4,6 +4,7 @@ cluster (KubeRay) when ``scaling.ray_address`` is set, following its logs until 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +47,8 @@ def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
-    name = f"scalekd-{request.stage}-{abs(hash(request.out)) % 10**8:08d}"  # stable: resume finds it
+    # Named from the output URI, not a timestamp or Python's salted hash: a rerun finds the same run.
+    name = f"scalekd-{request.stage}-{hashlib.sha1(request.out.encode()).hexdigest()[:10]}"
     storage_path = os.environ.get("SCALEKD_RAY_STORAGE") or os.path.join(storage.cache_dir(), "ray_results")
     trainer = TorchTrainer(
         _worker_entry,
