@@ -68,6 +68,7 @@ class SDFConfig:
 class CSAConfig:
     enabled: bool = True
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
+    positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
     heads: int = 8
     rates: tuple[int, ...] = (2, 4)  # pooling rates on the (2x) teacher map, one per head group
     lr: float = 3e-4
@@ -334,6 +335,7 @@ def validate(cfg: Config) -> None:
     _check(k.sdf.bottleneck_ratio >= 1, "distill.sdf.bottleneck_ratio", k.sdf.bottleneck_ratio, ">= 1")
     c = k.csa
     _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
+    _check(c.positional in ("sine", "none"), "distill.csa.positional", c.positional, "sine or none")
     _check(len(c.rates) >= 1 and all(r >= 1 for r in c.rates), "distill.csa.rates", c.rates,
            "a non-empty list of pooling rates >= 1")
     _check(c.heads >= 1 and c.heads % len(c.rates) == 0, "distill.csa.heads", c.heads,

@@ -169,3 +169,33 @@ def test_method_none_needs_no_teacher_and_others_do(tiny_cfg):
     Distiller(student, None, replace(tiny_cfg, distill={"method": "none"}))
     with pytest.raises(ValueError, match="needs a teacher"):
         Distiller(student, None, tiny_cfg)
+
+
+def test_position_codes_match_a_student_cell_to_the_teacher_cells_over_the_same_region():
+    from scalekd.distill.csa import sine_position_encoding
+
+    h = w = 8
+    student = sine_position_encoding(h, w, 64, torch.device("cpu"), torch.float32)
+    teacher = sine_position_encoding(2 * h, 2 * w, 64, torch.device("cpu"), torch.float32)  # 2x grid
+    similarity = student @ teacher.T  # [h*w, 4*h*w]
+    best = similarity.argmax(dim=1)
+    ty, tx = best // (2 * w), best % (2 * w)
+    sy, sx = torch.arange(h * w) // w, torch.arange(h * w) % w
+    # the most similar teacher cell lies inside the student cell's 2x2 footprint on the teacher grid
+    assert ((ty // 2 == sy) & (tx // 2 == sx)).all()
+
+
+def test_position_codes_reach_queries_and_keys_but_not_values():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(1, 32, 6, 6), torch.randn(1, 32, 12, 12)
+    with_codes = CrossScaleAttention(32, heads=4, rates=(2, 4), positional="sine")
+    without = CrossScaleAttention(32, heads=4, rates=(2, 4), positional="none")
+    without.load_state_dict(with_codes.state_dict())  # same parameters: the codes add none
+    assert not torch.allclose(with_codes(student, teacher), without(student, teacher))
+    # a constant teacher map under plain attention (no depth-wise conv, whose zero padding marks the
+    # border): keys differ only by position and every value is the same, so the output cannot change
+    plain_codes = CrossScaleAttention(32, heads=4, attention="plain", positional="sine")
+    plain = CrossScaleAttention(32, heads=4, attention="plain", positional="none")
+    plain.load_state_dict(plain_codes.state_dict())
+    flat = torch.ones(1, 32, 12, 12)
+    torch.testing.assert_close(plain_codes(student, flat), plain(student, flat), rtol=1e-5, atol=1e-5)

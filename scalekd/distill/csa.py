@@ -6,6 +6,12 @@ pattern), with a depth-wise 3x3 conv added to V (eq. 5). The heads' outputs are 
 projected and added back onto F_S; the result goes through the *student's* detection head.
 Equation 6's parenthesis is a typo: h_i = softmax(Q_i K_i^T / sqrt(d_h)) V_i.
 Memory grows with student tokens x pooled teacher tokens, never with teacher tokens squared.
+
+Departs from the paper (which is silent on it): with ``positional="sine"`` (default) a 2D sine encoding
+of each token's position in image coordinates is added to Q and K, as DETR does for its cross-attention.
+Student and teacher are different networks, so without it a student query cannot find the teacher
+tokens at its own location by content alone; measured, the assistant then barely beats the student
+(README, Results). ``positional="none"`` is the paper's text.
 """
 
 from __future__ import annotations
@@ -13,6 +19,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def sine_position_encoding(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[h*w, dim] 2D sine encoding of cell centres in [0, 1] image coordinates (DETR's, normalised).
+
+    Normalised coordinates make a student cell and the teacher cells covering the same image region
+    (on a grid 2x finer, then pooled) get nearly the same code."""
+    quarter = dim // 4
+    freqs = torch.pow(torch.tensor(200.0, device=device), -torch.arange(quarter, device=device) / max(quarter, 1))
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * torch.pi
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * torch.pi
+    ang_y, ang_x = ys[:, None] * freqs * 8, xs[:, None] * freqs * 8  # [h, q], [w, q]
+    enc_y = torch.cat([ang_y.sin(), ang_y.cos()], dim=1)[:, None, :].expand(h, w, 2 * quarter)
+    enc_x = torch.cat([ang_x.sin(), ang_x.cos()], dim=1)[None, :, :].expand(h, w, 2 * quarter)
+    enc = torch.cat([enc_y, enc_x], dim=-1).reshape(h * w, 4 * quarter)
+    if enc.shape[1] < dim:
+        enc = torch.cat([enc, enc.new_zeros(h * w, dim - enc.shape[1])], dim=1)
+    return enc.to(dtype)
 
 
 class MultiScaleAggregation(nn.Module):
@@ -34,9 +58,10 @@ class MultiScaleAggregation(nn.Module):
 class CrossScaleAttention(nn.Module):
     """forward(student_map [N, C, h, w], teacher_map [N, C, H, W]) -> [N, C, h, w]."""
 
-    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale"):
+    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale",
+                 positional: str = "sine"):
         super().__init__()
-        self.dim, self.heads, self.attention = dim, heads, attention
+        self.dim, self.heads, self.attention, self.positional = dim, heads, attention, positional
         self.head_dim = dim // heads
         self.rates = tuple(rates) if attention == "multiscale" else (1,)
         self.heads_per_group = heads // len(self.rates)
@@ -57,15 +82,26 @@ class CrossScaleAttention(nn.Module):
     def forward(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
         n, c, h, w = student_map.shape
         tokens = student_map.flatten(2).transpose(1, 2)  # [N, hw, C]
-        q = self.q(self.norm_q(tokens)).view(n, h * w, self.heads, self.head_dim).transpose(1, 2)
+        queries = self.norm_q(tokens)
+        if self.positional == "sine":
+            queries = queries + sine_position_encoding(h, w, c, tokens.device, queries.dtype)
+        q = self.q(queries).view(n, h * w, self.heads, self.head_dim).transpose(1, 2)
         outputs = []
         for g in range(len(self.rates)):
             if self.dwconv is not None:
                 kv_tokens, gh, gw = self.aggregate[g](teacher_map)
             else:
+                gh, gw = teacher_map.shape[-2:]
                 kv_tokens = self.aggregate[g](teacher_map.flatten(2).transpose(1, 2))
             length = kv_tokens.shape[1]
-            k, v = self.kv[g](kv_tokens).chunk(2, dim=-1)  # [N, L, Cg] each
+            if self.positional == "sine":
+                # Position goes into K only (not V), as in DETR; one Linear holds both projections.
+                weight_k, weight_v = self.kv[g].weight.chunk(2, dim=0)
+                bias_k, bias_v = self.kv[g].bias.chunk(2, dim=0)
+                keys_in = kv_tokens + sine_position_encoding(gh, gw, c, kv_tokens.device, kv_tokens.dtype)
+                k, v = F.linear(keys_in, weight_k, bias_k), F.linear(kv_tokens, weight_v, bias_v)
+            else:
+                k, v = self.kv[g](kv_tokens).chunk(2, dim=-1)  # [N, L, Cg] each
             if self.dwconv is not None:
                 v_map = v.transpose(1, 2).reshape(n, -1, gh, gw)
                 v = v + self.dwconv[g](v_map).flatten(2).transpose(1, 2)
@@ -81,9 +117,10 @@ class CrossScaleAttention(nn.Module):
 class CrossScaleAssistant(nn.Module):
     """One cross-scale attention shared by every FPN level, like the detection head it feeds."""
 
-    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale"):
+    def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale",
+                 positional: str = "sine"):
         super().__init__()
-        self.attention = CrossScaleAttention(dim, heads, rates, attention)
+        self.attention = CrossScaleAttention(dim, heads, rates, attention, positional)
 
     def forward(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
         """Per level: student [N, C, h, w] and teacher [N, C, ~2h, ~2w] -> assistant map [N, C, h, w]."""

@@ -103,7 +103,8 @@ class Distiller(nn.Module):
                                               k.sdf.dilations, k.sdf.weight_sharing, k.sdf.bottleneck_ratio,
                                               k.sdf.teacher_sdf)
         if self.method == "scalekd" and k.csa.enabled:
-            self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention)
+            self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
+                                           k.csa.positional)
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
