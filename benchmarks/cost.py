@@ -97,7 +97,8 @@ def main() -> None:
     rows.append({"what": f"teacher forward at 2x ({cfg.teacher_size}px)", "ms/iter": f"{ms:.1f}"})
 
     for name, overrides in (("scalekd", {}), ("fitnet", {"method": "fitnet"}),
-                            ("scalekd (reuse assistant outputs)", {"csa": {"recompute": False}})):
+                            ("scalekd (reuse assistant outputs)", {"csa": {"recompute": False}}),
+                            ("scalekd (assistant's own head)", {"csa": {"head": "own"}})):
         d, opt = build(replace(cfg, distill=overrides))
         ms, phases = time_steps(lambda b, c, d=d, opt=opt: d.train_step(b, opt, phase=c))
         results[f"{name}_iteration_ms"] = ms

@@ -6,7 +6,8 @@ AP50, AP75, AP_S/M/L. The target it can show or refute: ScaleKD beats the plain 
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
                                  [--variants plain fitnet od scalekd no_sdf no_csa plain_attention no_sharing
-                                             no_positional scalekd_strong]
+                                             no_positional scalekd_strong own_head
+                                             own_head_strong]
 
 ``--shared-teacher`` trains the teacher and the warm student once (seed of the first seed) and lets the
 seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then the
@@ -46,6 +47,10 @@ VARIANTS = {
     # Not the paper's weights: loss weights scaled to our (mean-reduced, standardised) losses and a faster
     # assistant, reported beside the paper's setting, never in its place (the verdict uses "scalekd").
     "scalekd_strong": {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "csa": {"lr": 1e-3}},
+    # The assistant with its own copy of the warm student's head (distill.csa.head=own), paper's weights
+    # and with the loss weights above.
+    "own_head": {"csa": {"head": "own"}},
+    "own_head_strong": {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "csa": {"lr": 1e-3, "head": "own"}},
 }
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "kit_ais_cars")
@@ -81,6 +86,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--workdir", default="runs/bench/quality")
+    ap.add_argument("--out", default="quality.json", help="JSON name under benchmarks/results/ (chart beside it)")
     ap.add_argument("--synth-images", type=int, default=300)
     ap.add_argument("--shared-teacher", action="store_true",
                     help="one teacher and warm student per dataset; seeds vary the distillation only")
@@ -131,8 +137,8 @@ def main() -> None:
         verdict = _verdict(rows, runs)
         summary[dataset]["verdict"] = verdict
         print(verdict)
-    path = write_json("quality.json", {"args": vars(args), "wall_s": time.time() - started, **summary})
-    _chart(summary, os.path.join(RESULTS, "quality_ap_s.png"))
+    path = write_json(args.out, {"args": vars(args), "wall_s": time.time() - started, **summary})
+    _chart(summary, os.path.join(RESULTS, args.out.replace(".json", "_ap_s.png")))
     print(f"wrote {path}")
 
 

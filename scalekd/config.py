@@ -69,6 +69,7 @@ class CSAConfig:
     enabled: bool = True
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
     positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
+    head: str = "shared"  # "shared": the student's head, not stepped; "own": a copy the assistant trains
     heads: int = 8
     rates: tuple[int, ...] = (2, 4)  # pooling rates on the (2x) teacher map, one per head group
     lr: float = 3e-4
@@ -330,6 +331,7 @@ def validate(cfg: Config) -> None:
     c = k.csa
     _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
     _check(c.positional in ("sine", "none"), "distill.csa.positional", c.positional, "sine or none")
+    _check(c.head in ("shared", "own"), "distill.csa.head", c.head, "shared or own")
     _check(len(c.rates) >= 1 and all(r >= 1 for r in c.rates), "distill.csa.rates", c.rates,
            "a non-empty list of pooling rates >= 1")
     _check(c.heads >= 1 and c.heads % len(c.rates) == 0, "distill.csa.heads", c.heads,

@@ -202,3 +202,22 @@ def test_position_codes_reach_queries_and_keys_but_not_values():
     plain.load_state_dict(plain_codes.state_dict())
     flat = torch.ones(1, 32, 12, 12)
     torch.testing.assert_close(plain_codes(student, flat), plain(student, flat), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_an_assistant_with_its_own_head_trains_it_and_leaves_the_students_alone(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"head": "own"}})
+    distiller, opt = distiller_with_optimizers(cfg, student_lr=0.0)
+    opt.student.param_groups[0]["momentum"] = 0.0
+    own = distiller.assistant_head
+    student_head = distiller.student_parts.prediction_head()
+    assert set(snapshot(own)) == set(snapshot(student_head))  # a copy of the warm student's head...
+    assert all(torch.equal(a, b) for a, b in zip(own.parameters(), student_head.parameters()))
+    assert {id(p) for p in own.parameters()}.isdisjoint(id(p) for p in distiller.student_parameters())
+    before_student, before_own = snapshot(distiller.student), snapshot(own)
+    distiller.train_step(tiny_batch(cfg), opt)
+    assert changed(before_own, own)  # ...that the assistant trains
+    assert not changed(before_student, distiller.student)
+    # kept out of the student's state dict (no inference cost), saved with the distiller for resume
+    assert not any(k.startswith("assistant_head") for k in distiller.student.state_dict())
+    assert any(k.startswith("assistant_head.") for k in distiller.state_dict())

@@ -9,6 +9,7 @@ workers comes in as a callable.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,9 +103,16 @@ class Distiller(nn.Module):
             self.sdf = ScaleDecoupledFeatures(c5_channels(student), c5_channels(teacher), k.sdf.embed_channels,
                                               k.sdf.dilations, k.sdf.weight_sharing, k.sdf.bottleneck_ratio,
                                               k.sdf.teacher_sdf)
+        self.assistant_head = None
         if self.method == "scalekd" and k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
                                            k.csa.positional)
+            if k.csa.head == "own":
+                # Interpretation ("we stacked head layers ... to update the weights"): the assistant gets
+                # its own copy of the warm student's head and trains it with the CSA, so it can use the
+                # teacher's features without waiting for the shared head to learn to read them.
+                self.assistant_head = copy.deepcopy(self.student_parts.prediction_head())
+                self.assistant_head.requires_grad_(True)
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
@@ -133,7 +141,11 @@ class Distiller(nn.Module):
         return params
 
     def assistant_parameters(self) -> list[nn.Parameter]:
-        return list(self.csa.parameters()) if self.csa is not None else []
+        """What the assistant optimizer steps: the CSA, and its own head where it has one."""
+        params = list(self.csa.parameters()) if self.csa is not None else []
+        if self.assistant_head is not None:
+            params += list(self.assistant_head.parameters())
+        return params
 
     # ------------------------------------------------------------------------------------------------
     def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None,
@@ -187,24 +199,27 @@ class Distiller(nn.Module):
             return self.teacher_parts.teacher_features(images, keep_size=same_size)
 
     def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp):
-        """CSA features -> the student's head -> the detector's loss on ground truth -> Adam on CSA only."""
+        """CSA features -> the student's head (or its own copy) -> the detector's loss on ground truth -> Adam on
+        the assistant's parameters only."""
         parts, ctx = self.student_parts, student_out.context
         student_maps = [m.detach() for m in student_out.fpn]
         with amp:
-            preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx)
+            preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx,
+                                  self.assistant_head)
             assistant_losses = parts.loss(preds, ctx)
         check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
         assistant_total = sum(v.float() for v in assistant_losses.values())
         csa_params = self.assistant_parameters()
         opt.assistant.zero_grad(set_to_none=True)
-        # inputs= keeps gradients off the student's head, which the assistant shares but must not step.
+        # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
         assistant_total.backward(inputs=csa_params)
         opt.sync(csa_params)
         torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
         opt.assistant.step()
         if self.cfg.distill.csa.recompute:
             with torch.no_grad(), amp:
-                preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx)
+                preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx,
+                                      self.assistant_head)
         logs = {f"assistant/{k}": v.detach() for k, v in assistant_losses.items()}
         return {k: v.detach() for k, v in preds.items()}, logs
 

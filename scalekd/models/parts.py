@@ -104,14 +104,25 @@ class DetectorParts:
         return c5, list(fpn.values())
 
     # -- predictions and losses on given features ------------------------------------------------------
-    def predict(self, maps: list[Tensor], names: list[str], ctx: StepContext) -> dict[str, Tensor]:
-        """Head outputs for FPN maps on the context's anchors (dense) or sampled proposals (RoI)."""
+    def prediction_head(self) -> nn.Module:
+        """The weights ``predict`` runs: the dense head, or the RoI box head and predictor."""
         if self.one_stage:
-            return self.model.head(maps)
+            return self.model.head
         roi = self.model.roi_heads
+        return nn.ModuleDict({"box_head": roi.box_head, "box_predictor": roi.box_predictor})
+
+    def predict(self, maps: list[Tensor], names: list[str], ctx: StepContext,
+                head: nn.Module | None = None) -> dict[str, Tensor]:
+        """Head outputs for FPN maps on the context's anchors (dense) or sampled proposals (RoI).
+
+        ``head`` (shaped like ``prediction_head()``) runs other weights on the same anchors/proposals."""
+        if self.one_stage:
+            return (head or self.model.head)(maps)
+        roi = self.model.roi_heads
+        head = head or self.prediction_head()
         features = dict(zip(names, maps))
         pooled = roi.box_roi_pool(features, ctx.proposals, ctx.image_sizes)
-        class_logits, box_regression = roi.box_predictor(roi.box_head(pooled))
+        class_logits, box_regression = head["box_predictor"](head["box_head"](pooled))
         return {"class_logits": class_logits, "box_regression": box_regression}
 
     def loss(self, predictions: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
