@@ -20,6 +20,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports below Linux's ephemeral range (32768+), where the server's own outgoing
+    connections (and Ray's) cannot take one between our check and its bind."""
+    import random
+
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(20000, 32000)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
 def weed_binary() -> str:
     candidate = Path(sys.executable).parent / "weed"
     if candidate.exists():
@@ -39,11 +59,22 @@ class SeaweedS3:
         self.endpoint = ""
 
     def __enter__(self) -> str:
+        # A port can still be taken between the check and the server's bind: start again on new ones.
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in (self.root / "weed.log").read_text():
+                    raise
+                shutil.rmtree(self.root / "data", ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def _start(self) -> str:
         import boto3
 
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         (self.root / "data").mkdir(exist_ok=True)
-        ports = {name: free_port() for name in PORT_NAMES}
+        ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
         args = [weed_binary(), f"-logdir={self.root / 'logs'}", "mini", f"-dir={self.root / 'data'}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",

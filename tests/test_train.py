@@ -15,10 +15,10 @@ from scalekd.train import checkpoint as ckpt
 from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage, student_spec
 
 
-def _cli(*args, env=None, check=True):
+def _cli(*args, env=None, check=True, cwd=None):
     full_env = dict(os.environ, SCALEKD_NO_PROGRESS="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "scalekd.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=600)
+                          env=full_env, timeout=600, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"scalekd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -29,11 +29,12 @@ def _summary(out) -> dict:
 
 
 def test_tiny_pipeline_on_two_ray_workers_end_to_end(synth_root, tmp_path):
-    common = ["--preset", "tiny", "--data", synth_root, "--workers", "2"]
-    _cli("train-teacher", *common, "--out", str(tmp_path / "teacher"))
-    _cli("warmup", *common, "--out", str(tmp_path / "warmup"))
-    _cli("distill", *common, "--out", str(tmp_path / "distill"), "--teacher", str(tmp_path / "teacher/model.pt"),
-         "--student", str(tmp_path / "warmup/model.pt"))
+    # Relative paths, as a user types them: Ray's workers run elsewhere and must still find them.
+    common = ["--preset", "tiny", "--data", os.path.relpath(synth_root, tmp_path), "--workers", "2"]
+    _cli("train-teacher", *common, "--out", "teacher", cwd=tmp_path)
+    _cli("warmup", *common, "--out", "warmup", cwd=tmp_path)
+    _cli("distill", *common, "--out", "distill", "--teacher", "teacher/model.pt", "--student", "warmup/model.pt",
+         cwd=tmp_path)
     teacher, warm, distilled = (_summary(tmp_path / s) for s in ("teacher", "warmup", "distill"))
     assert teacher["workers"] == warm["workers"] == distilled["workers"] == 2
     # The teacher is built for, and trained at, twice the student's resolution.

@@ -4,6 +4,7 @@ cluster (KubeRay) when ``scaling.ray_address`` is set, following its logs until 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -103,8 +104,18 @@ def launch(request: StageRequest, cfg: Config, use_ray: bool = True) -> dict:
     if cfg.scaling.ray_address:
         return submit_ray_job(request, cfg.scaling.ray_address)
     if use_ray:
-        return run_with_ray_train(request, cfg)
+        # Ray Train workers run in their own working directory: relative local paths must be made
+        # absolute here, where the user meant them (a cluster job gets its paths as given).
+        return run_with_ray_train(_absolute_local_paths(request), cfg)
     return run_stage(request)
+
+
+def _absolute_local_paths(request: StageRequest) -> StageRequest:
+    def absolute(uri: str) -> str:
+        return uri if not uri or storage.is_s3(uri) else os.path.abspath(uri)
+
+    return dataclasses.replace(request, data=absolute(request.data), out=absolute(request.out),
+                               teacher=absolute(request.teacher), student_init=absolute(request.student_init))
 
 
 def main(argv: list[str]) -> int:
