@@ -38,6 +38,12 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (s3:// URIs and "" unchanged): for work handed to processes that run in
+    another working directory (Ray Train workers, Ray Tune trials)."""
+    return uri if not uri or is_s3(uri) else os.path.abspath(uri)
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:

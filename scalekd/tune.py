@@ -94,8 +94,9 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
     experiment_dir = (os.path.join(storage.cache_dir(), "tune", out.replace("://", "_").replace("/", "_"))
                       if storage.is_s3(out) else os.path.abspath(storage.join(out, "experiment")))
     name = "scalekd-tune"
-    base = {"config": cfg.to_dict(), "out": out, "data": data, "teacher": teacher, "student": student,
-            "rungs": rungs}
+    # Trials run in their own working directory: hand them absolute local paths.
+    base = {"config": cfg.to_dict(), "out": storage.absolute(out), "data": storage.absolute(data),
+            "teacher": storage.absolute(teacher), "student": storage.absolute(student), "rungs": rungs}
     trainable = tune.with_resources(_trial, {"cpu": cpus_per_trial})
     path = os.path.join(experiment_dir, name)
     if tune.Tuner.can_restore(path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,6 @@ def free_port() -> int:
 def free_ports(count: int) -> list[int]:
     """Distinct free ports below Linux's ephemeral range (32768+), where the server's own outgoing
     connections (and Ray's) cannot take one between our check and its bind."""
-    import random
-
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:

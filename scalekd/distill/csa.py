@@ -16,16 +16,20 @@ at our benchmark's scale the two measured the same (README, Results: the ``no_po
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@functools.lru_cache(maxsize=64)
 def sine_position_encoding(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """[h*w, dim] 2D sine encoding of cell centres in [0, 1] image coordinates (DETR's, normalised).
 
     Normalised coordinates make a student cell and the teacher cells covering the same image region
-    (on a grid 2x finer, then pooled) get nearly the same code."""
+    (on a grid 2x finer, then pooled) get nearly the same code. Cached: the same few grids recur every
+    iteration (one per FPN level and pooling rate), and callers only read the result."""
     quarter = dim // 4
     freqs = torch.pow(torch.tensor(200.0, device=device), -torch.arange(quarter, device=device) / max(quarter, 1))
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * torch.pi

@@ -119,10 +119,11 @@ class DetectorParts:
         if self.one_stage:
             return (head or self.model.head)(maps)
         roi = self.model.roi_heads
-        head = head or self.prediction_head()
+        box_head, box_predictor = ((head["box_head"], head["box_predictor"]) if head is not None
+                                   else (roi.box_head, roi.box_predictor))
         features = dict(zip(names, maps))
         pooled = roi.box_roi_pool(features, ctx.proposals, ctx.image_sizes)
-        class_logits, box_regression = head["box_predictor"](head["box_head"](pooled))
+        class_logits, box_regression = box_predictor(box_head(pooled))
         return {"class_logits": class_logits, "box_regression": box_regression}
 
     def loss(self, predictions: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:

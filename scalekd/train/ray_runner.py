@@ -111,11 +111,9 @@ def launch(request: StageRequest, cfg: Config, use_ray: bool = True) -> dict:
 
 
 def _absolute_local_paths(request: StageRequest) -> StageRequest:
-    def absolute(uri: str) -> str:
-        return uri if not uri or storage.is_s3(uri) else os.path.abspath(uri)
-
-    return dataclasses.replace(request, data=absolute(request.data), out=absolute(request.out),
-                               teacher=absolute(request.teacher), student_init=absolute(request.student_init))
+    return dataclasses.replace(request, data=storage.absolute(request.data), out=storage.absolute(request.out),
+                               teacher=storage.absolute(request.teacher),
+                               student_init=storage.absolute(request.student_init))
 
 
 def main(argv: list[str]) -> int:
