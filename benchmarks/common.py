@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
+import threading
 import time
+import contextlib
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +35,56 @@ class PhaseClock:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block, in MB above what was in use when it began.
+
+    CUDA: the allocator's own peak. CPU: the process's resident set, sampled every millisecond from
+    /proc after glibc's malloc_trim, so memory freed before the block does not hide what it allocates."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_freed_memory()
+            self._base = self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = self._peak
+        self.peak_mb = (peak - self._base) / 2**20
+        return False
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, _rss_bytes())
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier rows back to the OS, so this row's RSS starts from what is live."""
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: the baseline then includes memory the allocator kept
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def machine() -> dict:

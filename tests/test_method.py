@@ -221,3 +221,14 @@ def test_an_assistant_with_its_own_head_trains_it_and_leaves_the_students_alone(
     # kept out of the student's state dict (no inference cost), saved with the distiller for resume
     assert not any(k.startswith("assistant_head") for k in distiller.student.state_dict())
     assert any(k.startswith("assistant_head.") for k in distiller.state_dict())
+
+
+def test_the_assistants_warmup_step_moves_the_assistant_and_nothing_of_the_student(tiny_cfg):
+    cfg = replace(tiny_cfg, distill={"csa": {"head": "own"}})
+    distiller, opt = distiller_with_optimizers(cfg)  # the student's optimizer could move it: it must not be used
+    before_student, before_csa = snapshot(distiller.student), snapshot(distiller.csa)
+    before_own = snapshot(distiller.assistant_head)
+    logs = distiller.assistant_warmup_step(tiny_batch(cfg), opt)
+    assert changed(before_csa, distiller.csa) and changed(before_own, distiller.assistant_head)
+    assert not changed(before_student, distiller.student)
+    assert logs and all(k.startswith("assistant/") for k in logs if k != "loss/total")

@@ -12,6 +12,7 @@ from scalekd import storage
 from scalekd.config import replace
 from scalekd.models.detectors import backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
+from scalekd.train.schedule import lr_factor
 from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage, student_spec
 
 
@@ -71,6 +72,28 @@ def test_stopped_stage_resumes_at_the_saved_iteration(synth_root, tmp_path):
     assert _summary(out)["resumed_from"] == 2 and _summary(out)["iterations"] == 5
     again = _cli(*args)  # a finished stage is not run again
     assert json.loads(again.stdout)["resumed_from"] == 2
+
+
+def test_assistant_warmup_runs_before_the_students_full_budget(tiny_cfg, tmp_path):
+    root = tiny_cfg.data.root
+    cfg = replace(tiny_cfg, train={"log_interval": 1, "checkpoint_interval": 100},
+                  distill={"csa": {"head": "own", "warmup_iterations": 2}})
+    run_stage(StageRequest("teacher", cfg.to_dict(), root, str(tmp_path / "teacher")))
+    run_stage(StageRequest("warmup", cfg.to_dict(), root, str(tmp_path / "warm")))
+    out = tmp_path / "distill"
+    summary = run_stage(StageRequest("distill", cfg.to_dict(), root, str(out),
+                                     teacher=str(tmp_path / "teacher" / "model.pt"),
+                                     student_init=str(tmp_path / "warm" / "model.pt")))
+    assert summary["iterations"] == 2 + cfg.train.distill_iterations
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assistant_only = [line for line in lines if "kd/cls" not in line]
+    assert [line["iteration"] for line in assistant_only] == [1, 2]
+    assert all("assistant/classification" in line and "det/classification" not in line for line in assistant_only)
+    # The student's learning-rate schedule counts the student's iterations only.
+    t = cfg.train
+    expected = [t.lr * lr_factor(max(0, line["iteration"] - 2), t.distill_iterations, t.lr_warmup_iterations,
+                                 t.lr_steps, t.lr_gamma) for line in lines]
+    assert [line["lr"] for line in lines] == pytest.approx(expected)
 
 
 def test_backbone_frozen_during_the_window_then_trained(tiny_cfg, tmp_path):

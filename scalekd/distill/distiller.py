@@ -164,8 +164,7 @@ class Distiller(nn.Module):
         terms = {f"det/{k}": v for k, v in student_out.losses.items()}
         target_preds = None
         if self.csa is not None:
-            with phase("csa"):
-                target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp)
+            target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp, phase)
             logs.update(assistant_logs)
         elif self.method == "od":
             with torch.no_grad(), amp:
@@ -189,6 +188,17 @@ class Distiller(nn.Module):
         logs["loss/total"] = total.detach()
         return logs
 
+    def assistant_warmup_step(self, batch: DualBatch, opt: Optimizers,
+                              autocast: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The assistant's step alone; the student's weights do not move (``distill.csa.warmup_iterations``)."""
+        amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
+        with torch.no_grad(), amp:
+            _, teacher_maps = self._teacher_features(batch)
+            student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
+        _, logs = self._assistant_step(student_out, teacher_maps, opt, amp, _no_phase)
+        logs["loss/total"] = sum(logs.values())
+        return logs
+
     def _teacher_features(self, batch: DualBatch):
         if self.method == "none":
             return None, None
@@ -198,26 +208,30 @@ class Distiller(nn.Module):
         with torch.no_grad():
             return self.teacher_parts.teacher_features(images, keep_size=same_size)
 
-    def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp):
+    def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp,
+                        phase: PhaseTimer):
         """CSA features -> the student's head (or its own copy) -> the detector's loss on ground truth -> Adam on
         the assistant's parameters only."""
         parts, ctx = self.student_parts, student_out.context
         student_maps = [m.detach() for m in student_out.fpn]
         with amp:
-            preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx,
-                                  self.assistant_head)
-            assistant_losses = parts.loss(preds, ctx)
+            with phase("csa_attention"):
+                assistant_maps = self.csa(student_maps, teacher_maps)
+            with phase("assistant_head"):
+                preds = parts.predict(assistant_maps, student_out.fpn_names, ctx, self.assistant_head)
+                assistant_losses = parts.loss(preds, ctx)
         check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
-        assistant_total = sum(v.float() for v in assistant_losses.values())
-        csa_params = self.assistant_parameters()
-        opt.assistant.zero_grad(set_to_none=True)
-        # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
-        assistant_total.backward(inputs=csa_params)
-        opt.sync(csa_params)
-        torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
-        opt.assistant.step()
+        with phase("assistant_backward_step"):
+            assistant_total = sum(v.float() for v in assistant_losses.values())
+            csa_params = self.assistant_parameters()
+            opt.assistant.zero_grad(set_to_none=True)
+            # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
+            assistant_total.backward(inputs=csa_params)
+            opt.sync(csa_params)
+            torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
+            opt.assistant.step()
         if self.cfg.distill.csa.recompute:
-            with torch.no_grad(), amp:
+            with phase("assistant_recompute"), torch.no_grad(), amp:
                 preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx,
                                       self.assistant_head)
         logs = {f"assistant/{k}": v.detach() for k, v in assistant_losses.items()}

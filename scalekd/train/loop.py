@@ -159,8 +159,12 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     torch.manual_seed(cfg.train.seed + rank)
     dataset = dataset_from_root(request.data, cfg.data.train_split)
     num_classes = cfg.model.num_classes or dataset.num_classes
-    total = {"teacher": cfg.train.teacher_iterations, "warmup": cfg.train.warmup_iterations,
-             "distill": cfg.train.distill_iterations}[request.stage]
+    student_iterations = {"teacher": cfg.train.teacher_iterations, "warmup": cfg.train.warmup_iterations,
+                          "distill": cfg.train.distill_iterations}[request.stage]
+    # Iterations in which only the assistant steps come first and do not count against the student's budget.
+    assistant_warmup = (cfg.distill.csa.warmup_iterations if request.stage == "distill" and
+                        cfg.distill.method == "scalekd" and cfg.distill.csa.enabled else 0)
+    total = student_iterations + assistant_warmup
     if storage.exists(ckpt.model_uri(request.out)) and storage.exists(storage.join(request.out, "summary.json")):
         summary = json.loads(storage.read_text(storage.join(request.out, "summary.json")))
         if summary.get("iterations") == (min(total, request.stop_at) if request.stop_at else total) \
@@ -184,9 +188,11 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     else:
         params = list(model.parameters())
     model.to(device)
+    if cfg.train.channels_last:
+        (distiller or model).to(memory_format=torch.channels_last)  # the distiller carries the teacher along
     student_opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                   weight_decay=cfg.train.weight_decay)
-    scheduler = build_scheduler(student_opt, total, cfg.train.lr_warmup_iterations, cfg.train.lr_steps,
+    scheduler = build_scheduler(student_opt, student_iterations, cfg.train.lr_warmup_iterations, cfg.train.lr_steps,
                                 cfg.train.lr_gamma)
     assistant_opt = None
     if distiller is not None and distiller.csa is not None:
@@ -271,7 +277,9 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
             if batch.teacher_images:
                 batch.teacher_images[0] = batch.teacher_images[0] * float("nan")
         try:
-            if distiller is not None:
+            if iteration < assistant_warmup:
+                terms = distiller.assistant_warmup_step(batch, opt, autocast)
+            elif distiller is not None:
                 terms = distiller.train_step(batch, opt, autocast)
             else:
                 images = batch.student_images
@@ -281,7 +289,8 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
             raise TrainingError(f"stage {request.stage}, iteration {iteration}: loss term '{exc.term}' is "
                                 f"{exc.value}; stopped before the update. Last good checkpoint: "
                                 f"{good or 'none yet'}. Check the data of this batch and the learning rate.") from None
-        scheduler.step()
+        if iteration >= assistant_warmup:
+            scheduler.step()
         done = iteration + 1
         if rank == 0 and (done % cfg.train.log_interval == 0 or done == end):
             elapsed = time.perf_counter() - t0
