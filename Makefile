@@ -35,7 +35,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py && $(PY) benchmarks/quality.py
+	$(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py && $(PY) benchmarks/quality.py \
+		&& $(PY) benchmarks/assistant.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

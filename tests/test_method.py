@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from scalekd.config import replace
+from scalekd.distill.assisted import AssistedDetector
 from scalekd.distill.csa import CrossScaleAttention
 from scalekd.distill.distiller import Distiller
 from scalekd.distill.sdf import ScaleDecoupledFeatures
@@ -232,3 +233,35 @@ def test_the_assistants_warmup_step_moves_the_assistant_and_nothing_of_the_stude
     assert changed(before_csa, distiller.csa) and changed(before_own, distiller.assistant_head)
     assert not changed(before_student, distiller.student)
     assert logs and all(k.startswith("assistant/") for k in logs if k != "loss/total")
+
+
+@pytest.mark.parametrize("detector", ("retinanet", "fcos"))
+def test_an_assistant_that_adds_nothing_detects_exactly_what_the_student_does(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    distiller, _ = distiller_with_optimizers(cfg)
+    torch.nn.init.zeros_(distiller.csa.attention.proj.weight)  # attention output projected to zero:
+    torch.nn.init.zeros_(distiller.csa.attention.proj.bias)  # the assistant's maps are the student's
+    assisted = AssistedDetector(distiller).eval()
+    assisted.score_thresh, assisted.detections_per_img = 0.0, 20
+    images = tiny_batch(cfg).teacher_images  # the assistant's input: the teacher's resolution
+    with torch.no_grad():
+        expected = distiller.student(images)
+        got = assisted(images)
+    assert len(got) == len(expected) == len(images)
+    for g, e, image in zip(got, expected, images):
+        assert len(e["boxes"]) == 20
+        torch.testing.assert_close(g["boxes"], e["boxes"])
+        torch.testing.assert_close(g["scores"], e["scores"])
+        assert torch.equal(g["labels"], e["labels"])
+        assert g["boxes"][:, 2].max() <= image.shape[-1] and g["boxes"][:, 3].max() <= image.shape[-2]
+    # Anything the attention adds changes the detections: the comparison above is not vacuous.
+    torch.nn.init.normal_(distiller.csa.attention.proj.weight, std=1.0)
+    with torch.no_grad():
+        moved = assisted(images)
+    assert not torch.allclose(moved[0]["scores"], expected[0]["scores"])
+
+
+def test_a_two_stage_assistant_is_not_run_as_a_detector(tiny_cfg):
+    distiller, _ = distiller_with_optimizers(replace(tiny_cfg, model={"detector": "faster_rcnn"}))
+    with pytest.raises(ValueError, match="one-stage"):
+        AssistedDetector(distiller)
