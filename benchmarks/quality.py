@@ -171,16 +171,21 @@ def _verdict(rows: list[dict], runs: dict[str, list[dict]], variant: str = "scal
 
 
 def _chart(summary: dict, path: str) -> None:
+    """AP_S per model, mean over seeds with the seeds' standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 3.5), squeeze=False)
-    for ax, (dataset, data) in zip(axes[0], summary.items()):
+    datasets = {k: v for k, v in summary.items() if isinstance(v, dict) and "rows" in v}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 3.5), squeeze=False)
+    for ax, (dataset, data) in zip(axes[0], datasets.items()):
         names = [r["model"] for r in data["rows"]]
-        ax.bar(names, [r["AP_S_mean"] or 0 for r in data["rows"]])
-        ax.set_title(f"AP_S, {dataset}")
+        spread = [statistics.pstdev([100 * v["AP_S"] for v in data["runs"][n] if v["AP_S"] >= 0] or [0.0])
+                  for n in names]
+        ax.bar(names, [r["AP_S_mean"] or 0 for r in data["rows"]], yerr=spread, capsize=3)
+        ax.set_title(f"AP_S, {dataset} ({len(data['runs'][names[-1]])} seeds)")
+        ax.set_ylabel("AP_S (%)")
         ax.tick_params(axis="x", rotation=45)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
