@@ -7,7 +7,8 @@ AP50, AP75, AP_S/M/L. The target it can show or refute: ScaleKD beats the plain 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
                                  [--variants plain fitnet od scalekd no_sdf no_csa plain_attention no_sharing
                                              no_positional scalekd_strong own_head
-                                             own_head_strong own_head_warm own_head_fine]
+                                             own_head_strong own_head_warm own_head_fine
+                                             own_head_warm_no_teacher]
 
 ``--shared-teacher`` trains the teacher and the warm student once (seed of the first seed) and lets the
 seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then the
@@ -56,6 +57,8 @@ VARIANTS = {
     # ... and keys/values from the teacher's finest grid too: rates 1 and 2 on the 2x map (1/2 and 1 on the
     # student's grid) instead of 2 and 4, so the small-object detail the teacher's 2x view adds is not pooled away.
     "own_head_fine": {"csa": {"head": "own", "rates": [1, 2]}},
+    # Control: own_head_warm with keys and values from the student's own map instead of the teacher's.
+    "own_head_warm_no_teacher": {"csa": {"head": "own", "warmup_iterations": 200, "keys_from": "student"}},
 }
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "kit_ais_cars")

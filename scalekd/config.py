@@ -80,6 +80,10 @@ class CSAConfig:
     # Not in the paper: the assistant trains alone this many iterations (the student's weights still) before
     # distillation starts, so its first targets are better than the student's own predictions.
     warmup_iterations: int = 0
+    # "teacher" (the method) or "student": a control in which keys and values come from the student's own
+    # map (upsampled 2x, so the pooling rates mean what they mean on the teacher's), to measure how much of
+    # the assistant's lead is the teacher's knowledge and how much is the assistant's own capacity.
+    keys_from: str = "teacher"
 
 
 @dataclass(frozen=True)
@@ -346,6 +350,8 @@ def validate(cfg: Config) -> None:
            f"must divide model.fpn_channels ({m.fpn_channels})")
     _check(c.lr > 0, "distill.csa.lr", c.lr, "> 0")
     _check(c.weight_decay >= 0, "distill.csa.weight_decay", c.weight_decay, ">= 0")
+    _check(c.keys_from in ("teacher", "student"), "distill.csa.keys_from", c.keys_from,
+           "teacher (the method) or student (a control without the teacher)")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):

@@ -265,3 +265,17 @@ def test_a_two_stage_assistant_is_not_run_as_a_detector(tiny_cfg):
     distiller, _ = distiller_with_optimizers(replace(tiny_cfg, model={"detector": "faster_rcnn"}))
     with pytest.raises(ValueError, match="one-stage"):
         AssistedDetector(distiller)
+
+
+def test_the_no_teacher_control_reads_keys_and_values_from_the_student_alone(tiny_cfg):
+    student_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
+    teacher_a = [torch.randn(1, 32, 16, 16), torch.randn(1, 32, 8, 8)]
+    teacher_b = [torch.randn(1, 32, 16, 16), torch.randn(1, 32, 8, 8)]
+    with torch.no_grad():
+        control, _ = distiller_with_optimizers(replace(tiny_cfg, distill={"csa": {"keys_from": "student"}}))
+        same = [torch.equal(a, b) for a, b in zip(control.assistant_maps(student_maps, teacher_a),
+                                                  control.assistant_maps(student_maps, teacher_b))]
+        method, _ = distiller_with_optimizers(tiny_cfg)
+        moved = [torch.equal(a, b) for a, b in zip(method.assistant_maps(student_maps, teacher_a),
+                                                   method.assistant_maps(student_maps, teacher_b))]
+    assert all(same) and not any(moved)

@@ -51,7 +51,7 @@ class AssistedDetector(nn.Module):
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         image_list, _, _, fpn = d.student_parts.features(images)
         _, teacher_maps = d.teacher_parts.teacher_features(images)
-        maps = d.csa(list(fpn.values()), teacher_maps)
+        maps = d.assistant_maps(list(fpn.values()), teacher_maps)
         head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.

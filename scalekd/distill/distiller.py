@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalekd.config import Config
@@ -199,6 +200,13 @@ class Distiller(nn.Module):
         logs["loss/total"] = sum(logs.values())
         return logs
 
+    def assistant_maps(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
+        """The CSA's output per FPN level; keys and values from the teacher, or from the student itself in the
+        ``csa.keys_from=student`` control."""
+        if self.cfg.distill.csa.keys_from == "student":
+            teacher_maps = [F.interpolate(m, scale_factor=2.0, mode="nearest") for m in student_maps]
+        return self.csa(student_maps, teacher_maps)
+
     def _teacher_features(self, batch: DualBatch):
         if self.method == "none":
             return None, None
@@ -216,7 +224,7 @@ class Distiller(nn.Module):
         student_maps = [m.detach() for m in student_out.fpn]
         with amp:
             with phase("csa_attention"):
-                assistant_maps = self.csa(student_maps, teacher_maps)
+                assistant_maps = self.assistant_maps(student_maps, teacher_maps)
             with phase("assistant_head"):
                 preds = parts.predict(assistant_maps, student_out.fpn_names, ctx, self.assistant_head)
                 assistant_losses = parts.loss(preds, ctx)
@@ -232,7 +240,7 @@ class Distiller(nn.Module):
             opt.assistant.step()
         if self.cfg.distill.csa.recompute:
             with phase("assistant_recompute"), torch.no_grad(), amp:
-                preds = parts.predict(self.csa(student_maps, teacher_maps), student_out.fpn_names, ctx,
+                preds = parts.predict(self.assistant_maps(student_maps, teacher_maps), student_out.fpn_names, ctx,
                                       self.assistant_head)
         logs = {f"assistant/{k}": v.detach() for k, v in assistant_losses.items()}
         return {k: v.detach() for k, v in preds.items()}, logs
