@@ -185,7 +185,7 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_interval": 2, "log_interval": 1},
         "eval": {"batch_size": 2},
     },
-    "demo": {  # the README's main command: about 11 minutes on 2 CPU cores
+    "demo": {  # the README's main command: about 10 minutes on 2 CPU cores
         "data": {"student_size": 128},
         "model": {"fpn_channels": 64, "anchor_scale": 2.0},
         "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
