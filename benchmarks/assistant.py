@@ -36,9 +36,10 @@ def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[st
     student.load_state_dict(state["model"])
     teacher, _ = ckpt.load_model(teacher_uri)
     distiller = Distiller(student, teacher, cfg)
-    missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
-    if unexpected or any(not k.startswith("student.") for k in missing):
-        raise SystemExit(f"{distill_dir}: checkpoint does not match its config ({missing[:3]}, {unexpected[:3]})")
+    try:
+        distiller.load_distillation_state(state["distiller"])
+    except ValueError as exc:
+        raise SystemExit(f"{distill_dir}: {exc}") from None
     dataset = dataset_from_root(data_root, cfg.data.val_split)
     out = {}
     for name, model, size in (("student", student, cfg.data.student_size),

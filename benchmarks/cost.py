@@ -96,9 +96,9 @@ def main() -> None:
         rows.append(row)
 
     plain, plain_opt = build(replace(cfg, distill={"method": "none"}))
-    record("plain_student_step", "plain student step",
-           *time_steps(lambda b, c: detection_step(plain.student, b.student_images, b.student_targets, plain_opt,
-                                                   None))[::2])
+    ms, _, peak = time_steps(lambda b, c: detection_step(plain.student, b.student_images, b.student_targets,
+                                                         plain_opt, None))
+    record("plain_student_step", "plain student step", ms, peak)
     teacher = build_detector(teacher_spec(cfg, ds.num_classes)).to(device).eval()
     if cfg.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -108,7 +108,8 @@ def main() -> None:
         with torch.no_grad():
             parts.teacher_features(batch.teacher_images)
 
-    record("teacher_forward_2x", f"teacher forward at 2x ({cfg.teacher_size}px)", *time_steps(teacher_forward)[::2])
+    ms, _, peak = time_steps(teacher_forward)
+    record("teacher_forward_2x", f"teacher forward at 2x ({cfg.teacher_size}px)", ms, peak)
     base = results["teacher_forward_2x_ms"] + results["plain_student_step_ms"]
 
     for key, what, overrides in (("scalekd", "ScaleKD", {}),

@@ -14,6 +14,12 @@ from torch import Tensor, nn
 from scalekd.distill.distiller import Distiller
 
 
+def _student_setting(name: str) -> property:
+    """An attribute read from and written to the distilled student."""
+    return property(lambda self: getattr(self.distiller.student, name),
+                    lambda self, value: setattr(self.distiller.student, name, value))
+
+
 class AssistedDetector(nn.Module):
     """forward(images at the teacher's resolution) -> torchvision-style detections in those images' pixels.
 
@@ -28,21 +34,8 @@ class AssistedDetector(nn.Module):
         self.distiller = distiller
 
     # The student's post-processing runs the detections, so eval settings go to it (see configure_for_eval).
-    @property
-    def score_thresh(self) -> float:
-        return self.distiller.student.score_thresh
-
-    @score_thresh.setter
-    def score_thresh(self, value: float) -> None:
-        self.distiller.student.score_thresh = value
-
-    @property
-    def detections_per_img(self) -> int:
-        return self.distiller.student.detections_per_img
-
-    @detections_per_img.setter
-    def detections_per_img(self, value: int) -> None:
-        self.distiller.student.detections_per_img = value
+    score_thresh = _student_setting("score_thresh")
+    detections_per_img = _student_setting("detections_per_img")
 
     @torch.no_grad()
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

@@ -59,6 +59,11 @@ class Optimizers:
     sync: GradSync = _no_sync
 
 
+def autocast_context(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """CUDA autocast at ``dtype``, or nothing (full precision) when it is None."""
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def c5_channels(model: nn.Module) -> int:
     with torch.no_grad():
         body = model.backbone.body
@@ -117,6 +122,14 @@ class Distiller(nn.Module):
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
+    def load_distillation_state(self, state: dict[str, Tensor]) -> None:
+        """Load what a checkpoint holds besides the student (SDF, CSA, the assistant's head); raises
+        ValueError when it was saved under another distillation config."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("student.") for k in missing):
+            raise ValueError(f"distillation modules do not match this config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+
     @property
     def teacher(self) -> nn.Module | None:
         return self._teacher[0] if self._teacher else None
@@ -156,7 +169,7 @@ class Distiller(nn.Module):
         ``phase(name)`` (a context manager, see benchmarks/cost.py) times the parts of the iteration.
         """
         phase = phase or _no_phase
-        amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
+        amp = autocast_context(autocast)
         logs: dict[str, Tensor] = {}
         with phase("teacher"), amp:
             teacher_c5, teacher_maps = self._teacher_features(batch)
@@ -192,7 +205,7 @@ class Distiller(nn.Module):
     def assistant_warmup_step(self, batch: DualBatch, opt: Optimizers,
                               autocast: torch.dtype | None = None) -> dict[str, Tensor]:
         """The assistant's step alone; the student's weights do not move (``distill.csa.warmup_iterations``)."""
-        amp = (torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext())
+        amp = autocast_context(autocast)
         with torch.no_grad(), amp:
             _, teacher_maps = self._teacher_features(batch)
             student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)

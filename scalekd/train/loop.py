@@ -10,7 +10,6 @@ is sharded with a DistributedSampler. Rank 0 writes checkpoints, logs and the mo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,8 @@ from scalekd import storage
 from scalekd.config import Config, config_from_dict
 from scalekd.data.coco import dataset_from_root
 from scalekd.data.transforms import DualBatch, DualResolutionCollate
-from scalekd.distill.distiller import Distiller, NonFiniteLossError, Optimizers, check_finite, student_update
+from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
+                                      student_update)
 from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.schedule import build_scheduler
@@ -211,10 +211,10 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
         student_opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if distiller is not None:
-            missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
-            if unexpected or any(not k.startswith("student.") for k in missing):
-                raise TrainingError(f"{latest}: distillation modules do not match this config "
-                                    f"(missing {missing[:3]}, unexpected {unexpected[:3]}); use a fresh output URI")
+            try:
+                distiller.load_distillation_state(state["distiller"])
+            except ValueError as exc:
+                raise TrainingError(f"{latest}: {exc}; use a fresh output URI") from None
             if assistant_opt is not None:
                 assistant_opt.load_state_dict(state["assistant_optimizer"])
         start = int(state["iteration"])
@@ -332,7 +332,7 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
 def detection_step(model: nn.Module, images: list, targets: list, opt: Optimizers,
                    autocast: torch.dtype | None) -> dict:
     """A plain supervised step: the detector's own loss (teacher and warm-up stages)."""
-    amp = torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    amp = autocast_context(autocast)
     with amp:
         losses = model(images, targets)
     terms = {f"det/{k}": v for k, v in losses.items()}
