@@ -1,9 +1,12 @@
-"""Is the Cross-Scale Assistant a better detector than the student it teaches? Evaluates, per seed, the
-distilled student and its assistant run as a detector (student features + teacher at 2x -> CSA -> head),
-from the final checkpoints of a quality run (``benchmarks/quality.py``). The method's premise is that the
-assistant's predictions, which the student is distilled towards, are better on small objects.
+"""Is the Cross-Scale Assistant a better detector than the student it teaches, and does it read the teacher?
+Evaluates, per seed, the distilled student and its assistant run as a detector (student features + the 2x
+teacher's paired maps -> CSA -> head), from the final checkpoints of a quality run (``benchmarks/quality.py``).
+Both get the views the training collate makes. Diagnostics: the assistant with the teacher's maps intact, their
+cells shuffled within the image, taken from another image, or zeroed (an assistant that reads the teacher loses
+AP when they are not its own image's, in place), and the attention each query puts on its own cell relative to
+uniform (1.0: none in particular).
 
-    python benchmarks/assistant.py --workdir runs/bench/quality --dataset synth --variants scalekd own_head
+    python benchmarks/assistant.py --workdir runs/bench/quality --dataset synth --variants scalekd scalekd_no_teacher
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import table, write_json  # noqa: E402
 from scalekd.config import config_from_dict  # noqa: E402
 from scalekd.data.coco import dataset_from_root  # noqa: E402
-from scalekd.distill.assisted import AssistedDetector  # noqa: E402
+from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
+from scalekd.distill.assisted import TEACHER_ABLATIONS, AssistedDetector, footprint_attention  # noqa: E402
 from scalekd.distill.distiller import Distiller  # noqa: E402
 from scalekd.eval.metrics import metrics_from_eval, run_cocoeval  # noqa: E402
 from scalekd.eval.predict import predict  # noqa: E402
@@ -42,19 +46,34 @@ def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[st
         raise SystemExit(f"{distill_dir}: {exc}") from None
     dataset = dataset_from_root(data_root, cfg.data.val_split)
     out = {}
-    for name, model, size in (("student", student, cfg.data.student_size),
-                              ("assistant", AssistedDetector(distiller), cfg.teacher_size)):
-        detections = predict(model, dataset, size, cfg.data.max_size_ratio, cfg.eval.batch_size, 0.001,
-                             max(cfg.eval.max_detections))
+    assisted = AssistedDetector(distiller)
+    models = [("student", student, "intact")] + [
+        ("assistant" if how == "intact" else f"assistant_{how}", assisted, how) for how in TEACHER_ABLATIONS]
+    for name, model, how in models:
+        assisted.teacher_ablation = how
+        # Both at the student's size: the assistant also gets the teacher's view, made as in training.
+        detections = predict(model, dataset, cfg.data.student_size, cfg.data.max_size_ratio, cfg.eval.batch_size,
+                             0.001, max(cfg.eval.max_detections))
         out[name] = metrics_from_eval(run_cocoeval(dataset.data, detections, cfg.eval.max_detections))
+    out["footprint_attention_vs_uniform"] = _footprint(distiller, dataset, cfg)
     return out
+
+
+def _footprint(distiller: Distiller, dataset, cfg, images: int = 32) -> list[float]:
+    """Per head group at the finest level, mean over ``images`` validation images in batches of 4."""
+    distiller.eval()
+    collate = DualResolutionCollate(cfg.data.student_size, cfg.data.teacher_scale, cfg.data.max_size_ratio)
+    per_batch = [footprint_attention(distiller, b.student_images, b.teacher_images)
+                 for b in (collate([dataset[j] for j in range(i, min(i + 4, len(dataset)))])
+                           for i in range(0, min(images, len(dataset)), 4))]
+    return [round(statistics.mean(group), 3) for group in zip(*per_batch)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default="runs/bench/quality")
     ap.add_argument("--dataset", default="synth", choices=["synth", "kit"])
-    ap.add_argument("--variants", nargs="+", default=["scalekd", "own_head"])
+    ap.add_argument("--variants", nargs="+", default=["scalekd", "scalekd_no_teacher"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="assistant.json")
     args = ap.parse_args()
@@ -65,12 +84,15 @@ def main() -> None:
         runs = [evaluate_pair(os.path.join(args.workdir, args.dataset, f"seed{seed}", f"distill-{variant}"),
                               teacher, data_root) for seed in args.seeds]
         results[variant] = runs
-        for name in ("student", "assistant"):
+        for name in ("student", "assistant", *(f"assistant_{how}" for how in TEACHER_ABLATIONS[1:])):
             row = {"variant": variant, "model": name}
             for k in KEYS:
                 xs = [100 * r[name][k] for r in runs]
                 row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}"
             rows.append(row)
+        footprint = [statistics.mean(g) for g in zip(*(r["footprint_attention_vs_uniform"] for r in runs))]
+        rows.append({"variant": variant, "model": "own-cell attention / uniform, per head group",
+                     **{"AP": ", ".join(f"{x:.2f}" for x in footprint)}})
     print(f"{args.dataset}, seeds {args.seeds}; metrics in %, mean ± std")
     print(table(rows, ["variant", "model", *KEYS]))
     print(f"wrote {write_json(args.out, {'args': vars(args), 'rows': rows, 'runs': results})}")

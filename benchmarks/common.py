@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import platform
 import threading
@@ -13,6 +12,8 @@ import contextlib
 from contextlib import contextmanager
 
 import torch
+
+from scalekd import storage
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -107,5 +108,5 @@ def write_json(name: str, payload: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
     with open(path, "w") as f:
-        json.dump({"machine": machine(), **payload}, f, indent=2)
+        f.write(storage.json_text({"machine": machine(), **payload}, indent=2))
     return path

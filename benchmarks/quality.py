@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, table, write_json  # noqa: E402
-from scalekd.config import load_config, replace  # noqa: E402
+from scalekd.config import PAPER_RECIPE, Config, apply_recipe, config_from_dict, load_config, replace  # noqa: E402
 from scalekd.data.convert import convert_yolo  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
@@ -38,28 +38,36 @@ from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
 VARIANTS = {
     "plain": {"method": "none"},
     "fitnet": {"method": "fitnet"},
+    # Chen et al.'s output distillation from the same 2x teacher: with scale-aligned pairing its P_{l+1} outputs are
+    # predictions on the student's own anchors (the teacher is never run outside the resolution it was trained at).
     "od": {"method": "od"},
-    "scalekd": {},
+    "pkd": {"method": "pkd"},  # Cao et al. 2022, mmrazor's modern feature baseline, scale-aligned maps
+    "scalekd": {},  # the default recipe ("aligned")
+    # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
+    "scalekd_no_teacher": {"csa": {"keys_from": "student"}},
+    "scalekd_paper": "paper",  # the paper's literal reading (config.PAPER_RECIPE), on the same warm student
     "no_sdf": {"sdf": {"enabled": False}},
     "no_csa": {"csa": {"enabled": False}},
     "plain_attention": {"csa": {"attention": "plain"}},
-    "no_sharing": {"sdf": {"weight_sharing": False}},
-    "no_positional": {"csa": {"positional": "none"}},
-    # Not the paper's weights: loss weights scaled to our (mean-reduced, standardised) losses and a faster
-    # assistant, reported beside the paper's setting, never in its place (the verdict uses "scalekd").
-    "scalekd_strong": {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "csa": {"lr": 1e-3}},
-    # The assistant with its own copy of the warm student's head (distill.csa.head=own), paper's weights
-    # and with the loss weights above.
-    "own_head": {"csa": {"head": "own"}},
-    "own_head_strong": {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "csa": {"lr": 1e-3, "head": "own"}},
-    # ... and trained alone for 200 iterations first (distill.csa.warmup_iterations), the student's weights still.
-    "own_head_warm": {"csa": {"head": "own", "warmup_iterations": 200}},
-    # ... and keys/values from the teacher's finest grid too: rates 1 and 2 on the 2x map (1/2 and 1 on the
-    # student's grid) instead of 2 and 4, so the small-object detail the teacher's 2x view adds is not pooled away.
-    "own_head_fine": {"csa": {"head": "own", "rates": [1, 2]}},
-    # Control: own_head_warm with keys and values from the student's own map instead of the teacher's.
-    "own_head_warm_no_teacher": {"csa": {"head": "own", "warmup_iterations": 200, "keys_from": "student"}},
+    "no_locality": {"csa": {"locality": "none", "zero_init_output": False}},
+    "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
 }
+PAIRED = ("plain", "scalekd_no_teacher", "fitnet", "od", "pkd", "scalekd_paper")
+
+
+def variant_config(base, name: str):
+    """The variant's config: its overrides on the base (the paper's recipe through config.apply_recipe)."""
+    overrides = VARIANTS[name]
+    if overrides == "paper":
+        raw = base.to_dict()
+        defaults = Config().to_dict()["distill"]  # recipe fields back to their defaults, then the paper's beneath
+        raw["distill"] = {**{k: v for k, v in raw["distill"].items() if k not in PAPER_RECIPE}, "recipe": "paper",
+                          "csa": {k: v for k, v in raw["distill"]["csa"].items()
+                                  if k not in PAPER_RECIPE["csa"] or v != defaults["csa"][k]}}
+        return config_from_dict(apply_recipe(raw))
+    return replace(base, distill=overrides)
+
+
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "kit_ais_cars")
 
@@ -98,6 +106,8 @@ def main() -> None:
     ap.add_argument("--synth-images", type=int, default=300)
     ap.add_argument("--shared-teacher", action="store_true",
                     help="one teacher and warm student per dataset; seeds vary the distillation only")
+    ap.add_argument("--merge-headline", action="store_true",
+                    help="keep the variants an earlier run wrote to the headline file (same protocol and size)")
     args = ap.parse_args()
     os.environ.setdefault("SCALEKD_NO_PROGRESS", "1")
     summary: dict = {}
@@ -119,7 +129,7 @@ def main() -> None:
             models = {"teacher": os.path.join(stages_dir, "teacher", "model.pt"),
                       "warm": os.path.join(stages_dir, "warmup", "model.pt")}
             for variant in args.variants:
-                vcfg = replace(cfg, distill=VARIANTS[variant])
+                vcfg = variant_config(cfg, variant)
                 out = os.path.join(work, f"distill-{variant}")
                 run_stage(StageRequest("distill", vcfg.to_dict(), root, out, teacher=models["teacher"],
                                        student_init=models["warm"]))
@@ -128,6 +138,8 @@ def main() -> None:
                 runs[result.name].append({**result.metrics, "params": result.parameters,
                                           "images_per_s": result.images_per_s})
             print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
+            if dataset == "synth":  # after every seed: a run cut short still leaves its finished seeds
+                write_headline(args, runs, time.time() - started)
         rows = []
         for name, values in runs.items():
             row = {"model": name, "seeds": len(values), "params": values[0]["params"]}
@@ -153,6 +165,37 @@ def main() -> None:
     path = write_json(args.out, {"args": vars(args), "wall_s": time.time() - started, **summary})
     _chart(summary, os.path.join(RESULTS, args.out.replace(".json", "_ap_s.png")))
     print(f"wrote {path}")
+
+
+def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
+    """benchmarks/results/<out>_headline.json: per variant, its per-seed metrics (%) and paired AP_S gains."""
+    variants = {}
+    for name, values in runs.items():
+        per_seed = [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0}, "params": v["params"]}
+                    for seed, v in zip(args.seeds, values)]
+        variants[name] = {"per_seed": per_seed}
+    protocol = ("teacher and warm student shared, seeds vary distillation" if args.shared_teacher
+                else "every stage per seed")
+    name = args.out.replace(".json", "_headline.json")
+    previous = os.path.join(RESULTS, name)
+    if args.merge_headline and os.path.exists(previous):  # variants run by an earlier call on the same protocol
+        with open(previous) as f:
+            old = json.load(f)
+        if (old.get("protocol"), old.get("preset"), old.get("synth_images")) == (protocol, args.preset,
+                                                                                  args.synth_images):
+            for name, entry in old["variants"].items():  # per seed: a later run of other seeds adds to them
+                fresh = {r["seed"] for r in variants.get(name, {}).get("per_seed", [])}
+                kept = [r for r in entry["per_seed"] if r["seed"] not in fresh]
+                merged = sorted(kept + variants.get(name, {}).get("per_seed", []), key=lambda r: r["seed"])
+                variants[name] = {"per_seed": merged}
+    ours = {r["seed"]: r for r in variants.get("scalekd", {}).get("per_seed", [])}
+    for name, entry in variants.items():  # paired by seed: the same data order and starting student
+        gains = [round(ours[r["seed"]]["AP_S"] - r["AP_S"], 3) for r in entry["per_seed"] if r["seed"] in ours]
+        if name != "scalekd" and gains:
+            entry["scalekd_minus_this_AP_S_per_seed"] = gains
+    doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
+           "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
+    return write_json(name, doc)
 
 
 def _verdict(rows: list[dict], runs: dict[str, list[dict]], variant: str = "scalekd") -> str:

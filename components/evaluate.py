@@ -9,9 +9,8 @@ def evaluate(config: Input[Artifact], dataset: Input[Dataset], teacher: Input[Mo
              distilled: Input[Model], workdir: str, metrics: Output[Metrics], report: Output[Markdown],
              figures: Output[HTML], results: Output[Artifact]):
     """COCO metrics of teacher, plain student and ScaleKD student on one val set, with a report."""
-    import json
-
     from scalekd.stages import evaluate as run
+    from scalekd.storage import json_text
 
     out = run(config.path, dataset.metadata["root"], {"teacher": teacher.metadata["uri"],
               "plain student": plain.metadata["uri"], "ScaleKD student": distilled.metadata["uri"]},
@@ -25,5 +24,5 @@ def evaluate(config: Input[Artifact], dataset: Input[Dataset], teacher: Input[Mo
         f.write("<html><body>" + "".join(f'<img src="{n}">' for n in ("ap_by_size.png", "pr_curves.png",
                                                                         "examples.png")) + "</body></html>")
     with open(results.path, "w") as f:
-        json.dump(out, f, indent=2)
+        f.write(json_text(out, indent=2))
     results.metadata["report"] = out["report"]

@@ -94,6 +94,8 @@ def cmd_data(args) -> int:
             if missing:
                 print(f"warning: {len(missing)} images missing under {args.images}, e.g. {missing[0]}",
                       file=sys.stderr)
+        if args.config or args.preset or args.overrides:
+            result["anchor_coverage"] = stats.coverage_for_config(args.annotations, _load(args))
         print(stats.format_stats(result, args.annotations))
         if args.json:
             storage.write_json(args.json, result)
@@ -224,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--names", help="YOLO class names file")
     q.add_argument("--patches", type=int, default=1, help="VisDrone: 4 = split each image into 2x2 patches")
     q.add_argument("--images-out", help="where --patches writes patch images (default: OUT's folder/images)")
-    q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts")
+    q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts; with a config "
+                                      "(--preset/--config/--set), the student's and teacher's anchor coverage")
     q.add_argument("annotations")
+    _config_args(q)
     q.add_argument("--images", help="check that every image exists under this folder")
     q.add_argument("--json")
     p.set_defaults(func=cmd_data)

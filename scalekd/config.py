@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +19,35 @@ import yaml
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
-METHODS = ("scalekd", "fitnet", "od", "none")
+METHODS = ("scalekd", "fitnet", "od", "pkd", "none")
+PAIRINGS = ("scale_aligned", "same_level")
 ONE_STAGE = ("retinanet", "fcos")
 # Paper, section 4.1: loss weights (alpha, beta, gamma) per detector family.
 PAPER_WEIGHTS = {"one_stage": (0.01, 0.2, 0.05), "two_stage": (0.07, 0.5, 0.2)}
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as people write configs: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``), and a key given twice in
+    one mapping is an error instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    """YAML through the config loader (numbers in exponent form, duplicate keys refused)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -52,6 +79,10 @@ class ModelConfig:
     fpn_channels: int = 256
     num_classes: int = 0  # 0: take it from the dataset's categories
     anchor_scale: float = 4.0  # anchor side / stride (torchvision: 4); small objects want 2
+    # One-stage students: 3 = P3-P7 (torchvision), 2 = P2-P6, stride 4: at half resolution the student needs it
+    # to cover objects of 4-12 px (`scalekd data stats --config` reports the coverage). The teacher stays on
+    # P3-P7: at 2x its P3 anchors are the student's P2 anchors.
+    student_min_level: int = 3
 
 
 @dataclass(frozen=True)
@@ -69,9 +100,11 @@ class CSAConfig:
     enabled: bool = True
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
     positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
-    head: str = "shared"  # "shared": the student's head, not stepped; "own": a copy the assistant trains
+    head: str = "own"  # "shared" (the paper): the student's head, not stepped; "own": a copy the assistant trains
     heads: int = 8
-    rates: tuple[int, ...] = (2, 4)  # pooling rates on the (2x) teacher map, one per head group
+    # Pooling rates on the teacher's paired map, one per head group. With distill.pairing=scale_aligned that map
+    # is on the student's grid (rate 1 = the student's cells); with same_level it is 2x finer (the paper: 2, 4).
+    rates: tuple[int, ...] = (1, 2)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     # Recompute the assistant's predictions after its step for the student's targets (a third pass through
@@ -79,7 +112,11 @@ class CSAConfig:
     recompute: bool = False
     # Not in the paper: the assistant trains alone this many iterations (the student's weights still) before
     # distillation starts, so its first targets are better than the student's own predictions.
-    warmup_iterations: int = 0
+    warmup_iterations: int = 200
+    # Not in the paper (see csa.py): a learned distance bias that starts the attention on the query's own
+    # footprint ("distance_bias") or none (the paper), and a zero-initialised output projection.
+    locality: str = "distance_bias"
+    zero_init_output: bool = True
     # "teacher" (the method) or "student": a control in which keys and values come from the student's own
     # map (upsampled 2x, so the pooling rates mean what they mean on the teacher's), to measure how much of
     # the assistant's lead is the teacher's knowledge and how much is the assistant's own capacity.
@@ -88,7 +125,14 @@ class CSAConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    # "aligned" (our defaults, below) or "paper": the paper's literal reading, applied by load_config beneath the
+    # fields a user sets (PAPER_RECIPE). Recorded in the config so a run says which one it started from.
+    recipe: str = "aligned"
     method: str = "scalekd"
+    # Which teacher level a student level learns from. "scale_aligned" (MSAD, CVPR 2021): student P_l with the
+    # 2x teacher's P_{l+1}, the same grid and the same objects in image terms, whose anchors are the student's
+    # (P7's successor by max-pooling). "same_level" (the paper): P_l with P_l, the teacher's map 2x finer.
+    pairing: str = "scale_aligned"
     alpha: float | None = None  # None: the paper's value for the detector family
     beta: float | None = None
     gamma: float | None = None
@@ -161,9 +205,17 @@ class Config:
     def teacher_size(self) -> int:
         return int(round(self.data.student_size * self.data.teacher_scale))
 
+    @property
+    def teacher_size_divisible(self) -> int:
+        """The teacher pads to teacher_scale x the student's 32, so its canvas is exactly teacher_scale x the
+        student's and its grids line up with the student's (validated to be an integer)."""
+        return int(round(32 * self.data.teacher_scale))
+
     def loss_weights(self) -> tuple[float, float, float]:
-        """(alpha, beta, gamma), the paper's defaults filled in for the detector family."""
+        """(alpha, beta, gamma), the paper's defaults filled in for the detector family (PKD: its own alpha)."""
         defaults = PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"]
+        if self.distill.method == "pkd":
+            defaults = (PKD_WEIGHT, *defaults[1:])
         given = (self.distill.alpha, self.distill.beta, self.distill.gamma)
         return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
@@ -174,12 +226,22 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The paper's literal reading, one switch away (distill.recipe=paper): what the "aligned" defaults change.
+PAPER_RECIPE: dict = {
+    "pairing": "same_level",
+    "csa": {"head": "shared", "rates": [2, 4], "warmup_iterations": 0, "locality": "none",
+            "zero_init_output": False},
+}
+# PKD's loss weight per FPN level when distill.alpha is not given (mmrazor's RetinaNet/FCOS configs use ~10).
+PKD_WEIGHT = 10.0
+
+
 # Presets: overrides on the defaults, sized from the CPU costs in ../shared/notes/ENVIRONMENT.md.
 PRESETS: dict[str, dict] = {
     "tiny": {  # tests: seconds
         "data": {"student_size": 64},
         "model": {"fpn_channels": 32, "anchor_scale": 2.0},
-        "distill": {"sdf": {"embed_channels": 16}, "csa": {"heads": 4}},
+        "distill": {"sdf": {"embed_channels": 16}, "csa": {"heads": 4, "warmup_iterations": 2}},
         "train": {"teacher_iterations": 4, "warmup_iterations": 4, "distill_iterations": 4,
                   "freeze_backbone_iterations": 2, "batch_size": 2, "lr_warmup_iterations": 1,
                   "checkpoint_interval": 2, "log_interval": 1},
@@ -187,7 +249,9 @@ PRESETS: dict[str, dict] = {
     },
     "demo": {  # the README's main command: about 10 minutes on 2 CPU cores
         "data": {"student_size": 128},
-        "model": {"fpn_channels": 64, "anchor_scale": 2.0},
+        # P2-P6 with anchors 1.5 x stride: objects are 4-12 px at the student's 128 px. Measured coverage of the
+        # synthetic set's COCO-small objects (`scalekd data stats --config`): 83% (P3, scale 2: 7%; P2, scale 2: 68%).
+        "model": {"fpn_channels": 64, "anchor_scale": 1.5, "student_min_level": 2},
         "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
         # The paper warms the student up before distilling (CSA reads the student's features and a
         # random student makes its targets noise); 300 iterations here left AP at 0.1, 900 reach ~10.
@@ -225,13 +289,35 @@ def load_config(path: str | None = None, preset: str | None = None,
 
             text = storage.read_text(path)
         try:
-            loaded = yaml.safe_load(text) or {}
+            loaded = parse_yaml(text) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"config {path or '<text>'} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError("<root>", loaded, "a mapping of sections (data, model, distill, ...)")
         _deep_update(merged, loaded)
-    for item in overrides or []:
+    _apply_overrides(merged, overrides or [])
+    return config_from_dict(apply_recipe(merged))
+
+
+def apply_recipe(raw: dict) -> dict:
+    """``distill.recipe=paper``: the paper's settings beneath whatever the raw config sets itself.
+
+    A P2-P6 student keeps scale-aligned pairing and its rates: the teacher has no P2, pairing the lists by
+    position (the paper's P3-P7 with P3-P7) is then scale alignment anyway, and the paper's rates 2 and 4 on a 2x
+    map are rates 1 and 2 on the scale-aligned map, the student's grid."""
+    distill = raw.get("distill")
+    if isinstance(distill, dict) and distill.get("recipe") == "paper":
+        base = copy.deepcopy(PAPER_RECIPE)
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        if model.get("student_min_level") == 2:
+            del base["pairing"], base["csa"]["rates"]
+        _deep_update(base, distill)
+        raw = {**raw, "distill": base}
+    return raw
+
+
+def _apply_overrides(merged: dict, overrides: list[str]) -> None:
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(item, item, "overrides look like section.field=value")
@@ -241,8 +327,10 @@ def load_config(path: str | None = None, preset: str | None = None,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, raw, f"'{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return config_from_dict(merged)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(key, raw, f"a YAML value ({exc.problem or exc})") from None
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -290,8 +378,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, value, "an integer")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(path, value, "a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -307,11 +395,13 @@ def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config) -> None:
     d, m, k, t, s = cfg.data, cfg.model, cfg.distill, cfg.train, cfg.scaling
-    _check(d.student_size >= 32 and d.student_size % 32 == 0, "data.student_size", d.student_size,
-           "a positive multiple of 32 (the FPN's coarsest stride)")
-    _check(d.teacher_scale >= 1.0 and (d.student_size * d.teacher_scale) % 32 == 0,
+    _check(32 <= d.student_size <= 8192 and d.student_size % 32 == 0, "data.student_size", d.student_size,
+           "a multiple of 32 (the FPN's coarsest stride) from 32 to 8192")
+    _check(1.0 <= d.teacher_scale <= 8.0 and (d.student_size * d.teacher_scale) % 32 == 0,
            "data.teacher_scale", d.teacher_scale,
            ">= 1 and such that student_size x teacher_scale is a multiple of 32 (the paper uses 2)")
+    _check(float(32 * d.teacher_scale).is_integer(), "data.teacher_scale", d.teacher_scale,
+           "such that 32 x teacher_scale is an integer (the teacher pads to it, for exact cross-resolution grids)")
     _check(d.max_size_ratio >= 1.0, "data.max_size_ratio", d.max_size_ratio, ">= 1")
     _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
@@ -322,11 +412,17 @@ def validate(cfg: Config) -> None:
     _check(m.fpn_channels >= 8 and m.fpn_channels % 8 == 0, "model.fpn_channels", m.fpn_channels,
            "a multiple of 8, at least 8")
     _check(m.anchor_scale > 0, "model.anchor_scale", m.anchor_scale, "> 0 (anchor side / stride)")
+    _check(m.student_min_level in (2, 3), "model.student_min_level", m.student_min_level,
+           "2 (P2-P6, for tiny objects) or 3 (P3-P7); one-stage detectors only (Faster R-CNN runs P2-P6)")
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
     _check(k.method in METHODS, "distill.method", k.method, f"one of {METHODS}")
     for name in ("alpha", "beta", "gamma"):
         v = getattr(k, name)
         _check(v is None or v >= 0, f"distill.{name}", v, "a non-negative number (or null for the paper's)")
+    _check(k.recipe in ("aligned", "paper"), "distill.recipe", k.recipe, "aligned (our defaults) or paper")
+    _check(k.pairing in PAIRINGS, "distill.pairing", k.pairing, f"one of {PAIRINGS}")
+    _check(not (k.pairing == "same_level" and cfg.one_stage and m.student_min_level == 2), "distill.pairing",
+           k.pairing, "scale_aligned when model.student_min_level=2 (the teacher has no P2 to pair P2 with)")
     _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
     _check(k.background_weight > 0, "distill.background_weight", k.background_weight, "> 0")
     _check(k.margin >= 0, "distill.margin", k.margin, ">= 0")
@@ -352,6 +448,7 @@ def validate(cfg: Config) -> None:
     _check(c.weight_decay >= 0, "distill.csa.weight_decay", c.weight_decay, ">= 0")
     _check(c.keys_from in ("teacher", "student"), "distill.csa.keys_from", c.keys_from,
            "teacher (the method) or student (a control without the teacher)")
+    _check(c.locality in ("distance_bias", "none"), "distill.csa.locality", c.locality, "distance_bias or none")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):

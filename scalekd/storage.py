@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -34,8 +36,42 @@ def configure(endpoint_url: str = "", region: str = "") -> None:
     _clients.clear()
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    """True for ``s3://``, False for a local path; any other scheme (``S3://``, ``s4://``, ``http://``...) is
+    refused, never written as a local folder named after it."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        return False
+    if match.group(1) == "s3":
+        return True
+    hint = " (the scheme is lower-case: s3://)" if match.group(1).lower() == "s3" else ""
+    raise StorageError(f"{redact(uri)}: unsupported URI scheme '{match.group(1)}://'{hint}; use s3://bucket/key "
+                       "or a local path")
+
+
+def finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN; we never write one)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = None) -> str:
+    """Strict JSON of ``obj``: non-finite numbers become null (``finite``), never NaN/Infinity."""
+    return json.dumps(finite(obj), indent=indent, allow_nan=False) + "\n"
+
+
+def redact(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@``: for every URL we print or log."""
+    return _CREDENTIALS.sub("***@", url)
 
 
 def absolute(uri: str) -> str:
@@ -93,7 +129,7 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {_endpoint() or '(AWS default)'}; "
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {redact(_endpoint() or '(AWS default)')}; "
                             "check AWS_ENDPOINT_URL / storage.endpoint_url and that the server is up")
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
@@ -108,7 +144,7 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
             return StorageError(f"{uri}: the S3 server rejected the credentials ({code}); check "
                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
         return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
-    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {redact(str(exc))}")
 
 
 def _s3_call(uri: str, fn, **kwargs):
@@ -165,7 +201,7 @@ def write_text(uri: str, text: str) -> None:
 
 
 def write_json(uri: str, obj) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(uri, json_text(obj, indent=2))
 
 
 def upload_file(local_path: str, uri: str) -> None:

@@ -51,3 +51,28 @@ def test_yaml_is_safe_loaded(tmp_path):
     path.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("written", ["1e-3", "1E-3", "+1e-3", "1.0e-3"])
+def test_numbers_in_exponent_form_are_numbers_in_overrides_and_files(written):
+    assert load_config(overrides=[f"distill.alpha={written}"]).distill.alpha == pytest.approx(1e-3)
+    assert load_config(text=f"distill:\n  alpha: {written}\n").distill.alpha == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("distill.alpha=.inf", "distill.alpha"), ("train.lr=.nan", "train.lr"), ("train.lr=-.inf", "train.lr"),
+    ("data.student_size=1000000000000", "data.student_size"), ("data.teacher_scale=1e9", "data.teacher_scale"),
+])
+def test_non_finite_and_absurd_numbers_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_a_key_given_twice_is_an_error_not_last_wins():
+    with pytest.raises(ValueError, match="duplicate key 'alpha'"):
+        load_config(text="distill:\n  alpha: 0.1\n  alpha: 0.2\n")
+
+
+def test_a_malformed_override_value_names_the_flag():
+    with pytest.raises(ConfigError, match="distill.alpha"):
+        load_config(overrides=["distill.alpha=[1, 2"])

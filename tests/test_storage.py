@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -84,3 +85,35 @@ def test_unreachable_endpoint_is_named(monkeypatch):
     with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint"):
         storage.read_bytes("s3://bucket/key.json")
     storage.configure()
+
+
+@pytest.mark.parametrize("uri", ["s4://probe/ann.json", "S3://bucket/key", "http://host/x.json", "gs://b/k"])
+def test_unknown_uri_schemes_are_refused_not_written_as_local_folders(uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+        storage.write_text(uri, "{}")
+    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+        storage.read_text(uri)
+    assert not any(tmp_path.iterdir())  # nothing written under a folder named like the scheme
+
+
+def test_credentials_in_an_endpoint_url_are_never_printed(monkeypatch):
+    from tests.s3server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:hunter2secret@127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage.configure()
+    with pytest.raises(storage.StorageError) as err:
+        storage.read_bytes("s3://bucket/key.json")
+    storage.configure()
+    assert "hunter2secret" not in str(err.value) and "***@127.0.0.1" in str(err.value)
+
+
+def test_json_we_write_never_holds_nan(tmp_path):
+    path = tmp_path / "m.json"
+    storage.write_json(str(path), {"AP": float("nan"), "rows": [float("inf"), 1.5], "ok": 2})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"AP": None, "rows": [None, 1.5], "ok": 2}

@@ -38,6 +38,17 @@ def dataset_stats(annotation_uri: str) -> dict:
             "objects_per_image": round(objects / max(1, len(data["images"])), 2)}
 
 
+def coverage_for_config(annotation_uri: str, cfg) -> dict:
+    """Anchor coverage per size band for the config's student and its teacher (at teacher_scale, own pixels)."""
+    from scalekd.data.coverage import anchor_coverage
+    from scalekd.train.loop import student_spec, teacher_spec
+
+    data = load_coco_json(annotation_uri)
+    classes = max(1, len(data["categories"]))
+    return {"detector": cfg.model.detector, "student": anchor_coverage(data, student_spec(cfg, classes)),
+            "teacher": anchor_coverage(data, teacher_spec(cfg, classes))}
+
+
 def format_stats(stats: dict, title: str) -> str:
     lines = [title, f"  images            {stats['images']}", f"  objects           {stats['annotations']}",
              f"  ignore regions    {stats['ignore_regions']}",
@@ -47,4 +58,11 @@ def format_stats(stats: dict, title: str) -> str:
         lines.append(f"  {key:<17} {stats[key]} ({100.0 * stats[key] / total:.1f}%)")
     lines.append("  per category:")
     lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
+    if "anchor_coverage" in stats:
+        cov = stats["anchor_coverage"]
+        lines.append(f"  anchor coverage ({cov['detector']}; side in each model's input pixels; % of objects some "
+                     "anchor reaches the positive threshold for):")
+        for role in ("student", "teacher"):
+            cells = [f"{band} {v['covered_pct']}% of {v['objects']}" for band, v in cov[role].items() if v["objects"]]
+            lines.append(f"    {role:<8} " + "; ".join(cells))
     return "\n".join(lines)

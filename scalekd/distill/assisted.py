@@ -11,7 +11,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from scalekd.distill.csa import squared_cell_distance
 from scalekd.distill.distiller import Distiller
+
+TEACHER_ABLATIONS = ("intact", "permuted", "other_image", "zeroed")
+
+
+def ablate_teacher_maps(maps: list[Tensor], how: str, seed: int = 0) -> list[Tensor]:
+    """Diagnostics of what the assistant reads: the teacher's maps as they are, their cells shuffled within each
+    image (the same permutation for every channel), the next image's maps in the batch, or zeros."""
+    if how == "intact":
+        return maps
+    if how == "zeroed":
+        return [torch.zeros_like(m) for m in maps]
+    if how == "other_image":
+        return [m.roll(1, dims=0) for m in maps]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for m in maps:
+        order = torch.randperm(m.shape[-2] * m.shape[-1], generator=generator).to(m.device)
+        out.append(m.flatten(2)[..., order].view_as(m))
+    return out
+
+
+@torch.no_grad()
+def footprint_attention(distiller: Distiller, student_images: list[Tensor], teacher_images: list[Tensor],
+                        level: int = 0) -> list[float]:
+    """Per head group at one FPN level: the mean attention a query puts on the key cell nearest its own
+    centre, divided by the uniform share 1/L (1: no localisation; L: all on its own cell)."""
+    parts = distiller.student_parts
+    _, _, _, fpn = parts.features(student_images)
+    _, teacher_maps = distiller.teacher_maps(teacher_images)
+    student_map = list(fpn.values())[level]
+    teacher_map = distiller.assistant_maps_inputs(list(fpn.values()), teacher_maps)[level]
+    h, w = student_map.shape[-2:]
+    ratios = []
+    for weights, (gh, gw) in distiller.csa.attention.attention_weights(student_map, teacher_map):
+        nearest = squared_cell_distance(h, w, gh, gw, weights.device).argmin(dim=1)  # [hw]
+        own = weights.gather(-1, nearest.view(1, 1, -1, 1).expand(*weights.shape[:2], -1, 1))
+        ratios.append(float(own.mean()) * weights.shape[-1])
+    return ratios
 
 
 def _student_setting(name: str) -> property:
@@ -21,10 +60,11 @@ def _student_setting(name: str) -> property:
 
 
 class AssistedDetector(nn.Module):
-    """forward(images at the teacher's resolution) -> torchvision-style detections in those images' pixels.
+    """forward(student views, teacher views) -> torchvision-style detections in the student views' pixels.
 
-    The student's transform resizes the same images down to the student's size, as in training, where
-    both views come from one source image."""
+    Both views are made as in training (``DualResolutionCollate``: each resized from the source image with
+    antialiasing, the teacher's exactly ``teacher_scale`` x the student's), so the assistant is compared with
+    its student on the very inputs the student is evaluated on."""
 
     def __init__(self, distiller: Distiller):
         super().__init__()
@@ -32,19 +72,21 @@ class AssistedDetector(nn.Module):
             raise ValueError("only a one-stage detector distilled with the Cross-Scale Assistant can be run as "
                              "an assisted detector")
         self.distiller = distiller
+        self.teacher_scale = distiller.cfg.data.teacher_scale
+        self.teacher_ablation = "intact"  # a diagnostic (TEACHER_ABLATIONS); the detector itself is "intact"
 
     # The student's post-processing runs the detections, so eval settings go to it (see configure_for_eval).
     score_thresh = _student_setting("score_thresh")
     detections_per_img = _student_setting("detections_per_img")
 
     @torch.no_grad()
-    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    def forward(self, student_images: list[Tensor], teacher_images: list[Tensor]) -> list[dict[str, Tensor]]:
         d = self.distiller
         student: nn.Module = d.student
-        original_sizes = [tuple(im.shape[-2:]) for im in images]
-        image_list, _, _, fpn = d.student_parts.features(images)
-        _, teacher_maps = d.teacher_parts.teacher_features(images)
-        maps = d.assistant_maps(list(fpn.values()), teacher_maps)
+        original_sizes = [tuple(im.shape[-2:]) for im in student_images]
+        image_list, _, _, fpn = d.student_parts.features(student_images)
+        _, teacher_maps = d.teacher_maps(teacher_images)
+        maps = d.assistant_maps(list(fpn.values()), ablate_teacher_maps(teacher_maps, self.teacher_ablation))
         head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.

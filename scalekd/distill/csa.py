@@ -12,6 +12,15 @@ of each token's position in image coordinates is added to Q and K, as DETR does 
 Student and teacher are different networks, so without it a student query can find the teacher tokens
 at its own location only through learned content similarity. ``positional="none"`` is the paper's text;
 at our benchmark's scale the two measured the same (README, Results: the ``no_positional`` ablation).
+
+Also departs from the paper (our recipe; ``distill.recipe=paper`` turns both off): with
+``locality="distance_bias"`` each head adds ``-exp(s_h) * d^2`` to its attention logits, d the distance
+between the query's cell and the key's cell in query cells (s_h learned, starting at 0: the attention
+starts on the query's own footprint and its neighbours instead of near-uniform over the image). Position
+codes alone reach the logits only through random projections and take DETR's long schedules to localise;
+a near-uniform attention returns a per-image summary, for which the teacher's tokens are no better than
+the student's. With ``zero_init_output`` the output projection starts at zero, so the assistant starts as
+exactly the student and the attention's contribution grows from there.
 """
 
 from __future__ import annotations
@@ -43,6 +52,19 @@ def sine_position_encoding(h: int, w: int, dim: int, device: torch.device, dtype
     return enc.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def squared_cell_distance(h: int, w: int, gh: int, gw: int, device: torch.device) -> Tensor:
+    """[h*w, gh*gw] squared distance between the centres of a query grid's cells and a key grid's cells
+    covering the same image, in query cells. Cached: callers only read it."""
+    qy = (torch.arange(h, device=device) + 0.5) / h
+    qx = (torch.arange(w, device=device) + 0.5) / w
+    ky = (torch.arange(gh, device=device) + 0.5) / gh
+    kx = (torch.arange(gw, device=device) + 0.5) / gw
+    dy = ((qy[:, None] - ky[None, :]) * h) ** 2  # [h, gh]
+    dx = ((qx[:, None] - kx[None, :]) * w) ** 2  # [w, gw]
+    return (dy[:, None, :, None] + dx[None, :, None, :]).reshape(h * w, gh * gw)
+
+
 class MultiScaleAggregation(nn.Module):
     """MSC(F, r): area-pool by r, then a per-token MLP (Linear, LayerNorm, GELU)."""
 
@@ -63,7 +85,7 @@ class CrossScaleAttention(nn.Module):
     """forward(student_map [N, C, h, w], teacher_map [N, C, H, W]) -> [N, C, h, w]."""
 
     def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale",
-                 positional: str = "sine"):
+                 positional: str = "sine", locality: str = "none", zero_init_output: bool = False):
         super().__init__()
         self.dim, self.heads, self.attention, self.positional = dim, heads, attention, positional
         self.head_dim = dim // heads
@@ -82,15 +104,47 @@ class CrossScaleAttention(nn.Module):
             self.dwconv = None
         self.kv = nn.ModuleList(nn.Linear(dim, 2 * group_dim) for _ in self.rates)
         self.proj = nn.Linear(dim, dim)
+        if zero_init_output:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        # log of each head's distance penalty (see the module docstring); None: no bias (the paper).
+        self.log_locality = nn.Parameter(torch.zeros(heads)) if locality == "distance_bias" else None
+
+    def distance_bias(self, group: int, h: int, w: int, gh: int, gw: int, dtype: torch.dtype) -> Tensor | None:
+        """[Hg, h*w, gh*gw] additive attention logits of one head group, or None without locality."""
+        if self.log_locality is None:
+            return None
+        heads = slice(group * self.heads_per_group, (group + 1) * self.heads_per_group)
+        distance = squared_cell_distance(h, w, gh, gw, self.log_locality.device)
+        return (-self.log_locality[heads].exp()[:, None, None] * distance).to(dtype)
 
     def forward(self, student_map: Tensor, teacher_map: Tensor) -> Tensor:
         n, c, h, w = student_map.shape
         tokens = student_map.flatten(2).transpose(1, 2)  # [N, hw, C]
+        outputs = [F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [N, Hg, hw, d]
+                   for q, k, v, bias, _ in self.head_groups(tokens, h, w, teacher_map)]
+        out = torch.cat(outputs, dim=1).transpose(1, 2).reshape(n, h * w, c)
+        out = tokens + self.proj(out)
+        return out.transpose(1, 2).reshape(n, c, h, w)
+
+    @torch.no_grad()
+    def attention_weights(self, student_map: Tensor, teacher_map: Tensor) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Per head group: its attention [N, Hg, hw, L] and its key grid (gh, gw); a diagnostic, not a forward."""
+        h, w = student_map.shape[-2:]
+        tokens = student_map.flatten(2).transpose(1, 2)
+        weights = []
+        for q, k, _, bias, grid in self.head_groups(tokens, h, w, teacher_map):
+            logits = q @ k.transpose(-2, -1) / self.head_dim**0.5
+            weights.append(((logits if bias is None else logits + bias).softmax(dim=-1), grid))
+        return weights
+
+    def head_groups(self, tokens: Tensor, h: int, w: int, teacher_map: Tensor):
+        """Yields (q [N, Hg, hw, d], k and v [N, Hg, L, d], additive bias or None, key grid) per head group."""
+        n, _, c = tokens.shape
         queries = self.norm_q(tokens)
         if self.positional == "sine":
             queries = queries + sine_position_encoding(h, w, c, tokens.device, queries.dtype)
         q = self.q(queries).view(n, h * w, self.heads, self.head_dim).transpose(1, 2)
-        outputs = []
         for g in range(len(self.rates)):
             if self.dwconv is not None:
                 kv_tokens, gh, gw = self.aggregate[g](teacher_map)
@@ -112,20 +166,18 @@ class CrossScaleAttention(nn.Module):
             k = k.view(n, length, self.heads_per_group, self.head_dim).transpose(1, 2)
             v = v.view(n, length, self.heads_per_group, self.head_dim).transpose(1, 2)
             q_g = q[:, g * self.heads_per_group:(g + 1) * self.heads_per_group]
-            outputs.append(F.scaled_dot_product_attention(q_g, k, v))  # [N, Hg, hw, d]
-        out = torch.cat(outputs, dim=1).transpose(1, 2).reshape(n, h * w, c)
-        out = tokens + self.proj(out)
-        return out.transpose(1, 2).reshape(n, c, h, w)
+            yield q_g, k, v, self.distance_bias(g, h, w, gh, gw, q_g.dtype), (gh, gw)
 
 
 class CrossScaleAssistant(nn.Module):
     """One cross-scale attention shared by every FPN level, like the detection head it feeds."""
 
     def __init__(self, dim: int, heads: int = 8, rates: tuple[int, ...] = (2, 4), attention: str = "multiscale",
-                 positional: str = "sine"):
+                 positional: str = "sine", locality: str = "none", zero_init_output: bool = False):
         super().__init__()
-        self.attention = CrossScaleAttention(dim, heads, rates, attention, positional)
+        self.attention = CrossScaleAttention(dim, heads, rates, attention, positional, locality, zero_init_output)
 
     def forward(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
-        """Per level: student [N, C, h, w] and teacher [N, C, ~2h, ~2w] -> assistant map [N, C, h, w]."""
+        """Per level: student [N, C, h, w] and the teacher's paired map [N, C, 2h, 2w] (same level) or
+        [N, C, h, w] (scale-aligned pairing) -> assistant map [N, C, h, w]."""
         return [self.attention(s, t) for s, t in zip(student_maps, teacher_maps)]

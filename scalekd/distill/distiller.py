@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalekd.config import Config
@@ -22,6 +21,7 @@ from scalekd.data.transforms import DualBatch
 from scalekd.distill import losses as L
 from scalekd.distill.baselines import FitNetHint
 from scalekd.distill.csa import CrossScaleAssistant
+from scalekd.distill.pairing import pair_teacher_maps, resize_like
 from scalekd.distill.sdf import ScaleDecoupledFeatures
 from scalekd.models.parts import DetectorParts, Forward
 
@@ -46,6 +46,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_finite(terms: dict[str, Tensor]) -> None:
+    """One host sync for all terms; the culprit is looked up only when something is not finite."""
+    if not terms or bool(torch.isfinite(torch.stack([v.detach().float().sum() for v in terms.values()])).all()):
+        return
     for name, value in terms.items():
         if not torch.isfinite(value).all():
             raise NonFiniteLossError(name, float(value.detach().float().sum()))
@@ -57,6 +60,19 @@ class Optimizers:
     assistant: torch.optim.Optimizer | None
     grad_clip: float = 10.0
     sync: GradSync = _no_sync
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(module: nn.Module):
+    """BatchNorm layers of ``module`` in eval mode (running statistics used, not updated) for the block."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def autocast_context(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -112,7 +128,7 @@ class Distiller(nn.Module):
         self.assistant_head = None
         if self.method == "scalekd" and k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
-                                           k.csa.positional)
+                                           k.csa.positional, k.csa.locality, k.csa.zero_init_output)
             if k.csa.head == "own":
                 # Interpretation ("we stacked head layers ... to update the weights"): the assistant gets
                 # its own copy of the warm student's head and trains it with the CSA, so it can use the
@@ -181,6 +197,8 @@ class Distiller(nn.Module):
             target_preds, assistant_logs = self._assistant_step(student_out, teacher_maps, opt, amp, phase)
             logs.update(assistant_logs)
         elif self.method == "od":
+            # Same-level OD runs the teacher at the student's size (Chen et al.); scale-aligned OD reads the 2x
+            # teacher's P_{l+1} outputs, which are predictions on the student's own anchors.
             with torch.no_grad(), amp:
                 target_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
         with amp:
@@ -190,6 +208,9 @@ class Distiller(nn.Module):
                     terms["kd/feat"] = L.feature_l2_loss(s_emb.float(), t_emb.float())
                 if self.fitnet is not None:
                     terms["kd/feat"] = self.fitnet(student_out.fpn, teacher_maps)
+                if self.method == "pkd":
+                    paired = [resize_like(t, s) for s, t in zip(student_out.fpn, teacher_maps)]
+                    terms["kd/feat"] = L.pkd_loss([s.float() for s in student_out.fpn], [t.float() for t in paired])
             with phase("losses"):
                 if target_preds is not None:
                     terms.update(self._output_losses(student_out, target_preds))
@@ -206,7 +227,7 @@ class Distiller(nn.Module):
                               autocast: torch.dtype | None = None) -> dict[str, Tensor]:
         """The assistant's step alone; the student's weights do not move (``distill.csa.warmup_iterations``)."""
         amp = autocast_context(autocast)
-        with torch.no_grad(), amp:
+        with torch.no_grad(), amp, frozen_batchnorm_statistics(self.student):
             _, teacher_maps = self._teacher_features(batch)
             student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
         _, logs = self._assistant_step(student_out, teacher_maps, opt, amp, _no_phase)
@@ -214,20 +235,35 @@ class Distiller(nn.Module):
         return logs
 
     def assistant_maps(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
-        """The CSA's output per FPN level; keys and values from the teacher, or from the student itself in the
-        ``csa.keys_from=student`` control."""
+        """The CSA's output per FPN level; keys and values from the teacher's paired maps, or from the student
+        itself on the same grids in the ``csa.keys_from=student`` control."""
+        return self.csa(student_maps, self.assistant_maps_inputs(student_maps, teacher_maps))
+
+    def assistant_maps_inputs(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
+        """The maps the assistant's keys and values come from (``distill.csa.keys_from``)."""
         if self.cfg.distill.csa.keys_from == "student":
-            teacher_maps = [F.interpolate(m, scale_factor=2.0, mode="nearest") for m in student_maps]
-        return self.csa(student_maps, teacher_maps)
+            return [resize_like(s, t) for s, t in zip(student_maps, teacher_maps)]
+        return teacher_maps
+
+    def teacher_maps(self, images_2x: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The frozen teacher's C5 and its FPN maps paired with the student's levels (``distill.pairing``)."""
+        with torch.no_grad():
+            c5, maps = self.teacher_parts.teacher_features(images_2x)
+        return c5, self._pair(maps)
+
+    def _pair(self, maps: list[Tensor]) -> list[Tensor]:
+        # Every detector we build has five FPN levels (P3-P7, P2-P6, or P2-P5 and the pooled P6).
+        return pair_teacher_maps(maps, 5, self.student_parts.min_level, self.teacher_parts.min_level,
+                                 self.cfg.distill.pairing)
 
     def _teacher_features(self, batch: DualBatch):
         if self.method == "none":
             return None, None
-        # Chen et al.'s "OD" baseline compares outputs anchor by anchor: the teacher sees the student's size.
-        same_size = self.method == "od"
-        images = batch.student_images if same_size else batch.teacher_images
-        with torch.no_grad():
-            return self.teacher_parts.teacher_features(images, keep_size=same_size)
+        if self.method == "od" and self.cfg.distill.pairing == "same_level":
+            # Chen et al.'s "OD" compares outputs anchor by anchor: the teacher sees the student's size.
+            with torch.no_grad():
+                return self.teacher_parts.teacher_features(batch.student_images, keep_size=True)
+        return self.teacher_maps(batch.teacher_images)
 
     def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp,
                         phase: PhaseTimer):
@@ -264,7 +300,7 @@ class Distiller(nn.Module):
         if parts.one_stage:
             fg, gt_reg = parts.dense_regression_targets(ctx)
             cls = L.soft_sigmoid_loss(pred["cls_logits"].float(), target["cls_logits"].float(), k.temperature,
-                                      k.background_weight, normalizer=float(fg.sum()))
+                                      k.background_weight, normalizer=fg.sum())
             s_reg, t_reg, y = pred["bbox_regression"][fg].float(), target["bbox_regression"][fg].float(), gt_reg[fg]
             out = {"kd/cls": cls}
             if parts.kind == "fcos":

@@ -31,8 +31,19 @@ def feature_l2_loss(student: Tensor, teacher: Tensor, standardize: bool = True) 
     return F.mse_loss(student, teacher)
 
 
+def pkd_loss(student_maps: list[Tensor], teacher_maps: list[Tensor], eps: float = 1e-6) -> Tensor:
+    """PKD (Cao et al., NeurIPS 2022): per level, each channel standardised over N*H*W in both maps, then MSE/2;
+    summed over levels (mmrazor's PKDLoss, one weight for every level). 1 - Pearson correlation per channel,
+    so zero when the student's map is the teacher's up to a positive affine map per channel. Maps of a level
+    must share a grid (the distiller pairs or pools them first)."""
+    total = student_maps[0].new_zeros(())
+    for s, t in zip(student_maps, teacher_maps):
+        total = total + F.mse_loss(standardize_channels(s, eps), standardize_channels(t, eps)) / 2
+    return total
+
+
 def soft_sigmoid_loss(student_logits: Tensor, target_logits: Tensor, temperature: float = 1.0,
-                      background_weight: float = 1.5, normalizer: float = 1.0) -> Tensor:
+                      background_weight: float = 1.5, normalizer: float | Tensor = 1.0) -> Tensor:
     """L_cls for per-class sigmoid heads (RetinaNet, FCOS): [N, A, K] logits each.
 
     Binary KL divergence to sigmoid(target / T), scaled by T^2: soft cross-entropy minus the targets'
@@ -47,7 +58,9 @@ def soft_sigmoid_loss(student_logits: Tensor, target_logits: Tensor, temperature
                 - F.binary_cross_entropy_with_logits(target_logits / t, soft, reduction="none"))
     background = soft.max(dim=-1, keepdim=True).values < 0.5
     weights = torch.where(background, torch.full_like(soft[..., :1], background_weight), torch.ones_like(soft[..., :1]))
-    return (per_elem * weights).sum() * (t * t) / max(normalizer, 1.0)
+    # A tensor normalizer stays on the device (no host sync per iteration).
+    floor = normalizer.clamp(min=1.0) if torch.is_tensor(normalizer) else max(normalizer, 1.0)
+    return (per_elem * weights).sum() * (t * t) / floor
 
 
 def soft_softmax_loss(student_logits: Tensor, target_logits: Tensor, temperature: float = 1.0,

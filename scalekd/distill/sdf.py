@@ -26,9 +26,10 @@ class DilatedBottleneck(nn.Module):
         self.bn3x3 = nn.BatchNorm2d(mid)
         self.expand = nn.Sequential(nn.Conv2d(mid, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
-    def forward(self, x: Tensor, dilation: int) -> Tensor:
-        """[N, C, H, W] -> [N, C, H, W]."""
-        y = self.reduce(x)
+    def forward(self, x: Tensor, dilation: int, reduced: Tensor | None = None) -> Tensor:
+        """[N, C, H, W] -> [N, C, H, W]. ``reduced``: ``self.reduce(x)`` when the caller already has it (the
+        shared block runs the same 1x1 on the same input for every dilation)."""
+        y = self.reduce(x) if reduced is None else reduced
         y = F.conv2d(y, self.conv3x3.weight, padding=dilation, dilation=dilation)
         y = F.relu(self.bn3x3(y), inplace=True)
         return F.relu(x + self.expand(y), inplace=True)
@@ -62,9 +63,10 @@ class ScaleDecoupledFeatures(nn.Module):
 
     def embed(self, x: Tensor, blocks: nn.ModuleList, mlps: nn.ModuleList) -> Tensor:
         branches = []
+        reduced = blocks[0].reduce(x) if self.weight_sharing else None  # one 1x1 reduce for every dilation
         for i, dilation in enumerate(self.dilations):
             block = blocks[0] if self.weight_sharing else blocks[i]
-            branches.append(mlps[i](block(x, dilation)))
+            branches.append(mlps[i](block(x, dilation, reduced)))
         return torch.cat(branches, dim=1)
 
     def forward(self, student_c5: Tensor, teacher_c5: Tensor) -> tuple[Tensor, Tensor]:

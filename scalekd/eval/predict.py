@@ -25,14 +25,22 @@ def configure_for_eval(model: nn.Module, score_threshold: float, max_detections:
 def predict(model: nn.Module, dataset: CocoDetection, input_size: int, max_size_ratio: float,
             batch_size: int = 4, score_threshold: float = 0.05, max_detections: int = 100,
             device: torch.device | str = "cpu") -> list[dict]:
-    """Detections as COCO results: ``{image_id, category_id, bbox [x, y, w, h], score}``."""
+    """Detections as COCO results: ``{image_id, category_id, bbox [x, y, w, h], score}``.
+
+    A model with a ``teacher_scale`` attribute (``AssistedDetector``) is called with both views the training
+    collate makes, ``model(student_images, teacher_images)``, and answers in the student view's pixels."""
     configure_for_eval(model, score_threshold, max_detections)
     model.eval().to(device)
-    collate = DualResolutionCollate(input_size, 1.0, max_size_ratio, hflip_prob=0.0, with_teacher=False)
+    teacher_scale = getattr(model, "teacher_scale", None)
+    collate = DualResolutionCollate(input_size, teacher_scale or 1.0, max_size_ratio, hflip_prob=0.0,
+                                    with_teacher=teacher_scale is not None)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     results = []
     for batch in loader:
-        outputs = model([im.to(device) for im in batch.student_images])
+        views = [[im.to(device) for im in batch.student_images]]
+        if teacher_scale is not None:
+            views.append([im.to(device) for im in batch.teacher_images])
+        outputs = model(*views)
         for out, target in zip(outputs, batch.student_targets):
             sy, sx = target["scale"]
             boxes = out["boxes"].cpu() / torch.tensor([sx, sy, sx, sy])

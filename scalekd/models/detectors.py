@@ -13,7 +13,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 # End of each stride stage in mobilenet_v2().features: stride 4, 8, 16, 32 (with the 1280-ch conv).
 _MOBILENET_V2_STAGES = {"4": (3, 24), "8": (6, 32), "16": (13, 96), "32": (18, 1280)}
@@ -30,23 +30,54 @@ class DetectorSpec:
     min_size: int
     max_size: int
     anchor_scale: float = 4.0  # anchor side / feature stride on each level (torchvision uses 4)
+    # One-stage only: the finest FPN level. 3 is torchvision's P3-P7; 2 runs P2-P6 (stride 4 to 64), which a
+    # low-resolution student needs to place anchors on objects of 4-12 px (MSAD runs its student on P2-P6).
+    min_level: int = 3
+    # The images are padded to a multiple of this. The teacher at 2x pads to 2 x 32, so that its padded
+    # canvas is exactly twice the student's and every teacher grid is exactly a student grid (or twice one).
+    size_divisible: int = 32
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """The FPN levels' strides in this detector's own input pixels, finest first."""
+        first = self.min_level if self.detector in ("retinanet", "fcos") else 2
+        return tuple(2**level for level in range(first, first + 5))
 
-def _backbone(name: str, detector: str, fpn_channels: int) -> BackboneWithFPN:
+
+class LastLevelP6(ExtraFPNBlock):
+    """P6 from P5 by a stride-2 3x3 conv: the one extra level a P2-P6 one-stage pyramid needs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
+        nn.init.kaiming_uniform_(self.p6.weight, a=1)
+        nn.init.constant_(self.p6.bias, 0)
+
+    def forward(self, results: list, x: list, names: list[str]) -> tuple[list, list[str]]:
+        return [*results, self.p6(results[-1])], [*names, "p6"]
+
+
+def _backbone(name: str, detector: str, fpn_channels: int, min_level: int = 3) -> BackboneWithFPN:
     one_stage = detector in ("retinanet", "fcos")
-    extra = LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
+    from_p2 = not one_stage or min_level == 2
+    if not one_stage:
+        extra: ExtraFPNBlock = LastLevelMaxPool()
+    elif min_level == 2:
+        extra = LastLevelP6(fpn_channels)
+    else:
+        extra = LastLevelP6P7(fpn_channels, fpn_channels)
     if name.startswith("resnet"):
         body = getattr(resnet, name)(weights=None, norm_layer=nn.BatchNorm2d)
-        layers = [2, 3, 4] if one_stage else [1, 2, 3, 4]
+        layers = [1, 2, 3, 4] if from_p2 else [2, 3, 4]
         width = body.inplanes // 8  # channels of layer1's output (64 basic, 256 bottleneck)
         in_channels = [width * 2 ** (i - 1) for i in layers]
         return_layers = {f"layer{k}": str(i) for i, k in enumerate(layers)}
         return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra)
     if name == "mobilenet_v2":
-        strides = ["8", "16", "32"] if one_stage else ["4", "8", "16", "32"]
+        strides = ["4", "8", "16", "32"] if from_p2 else ["8", "16", "32"]
         features = mobilenet_v2(weights=None).features
         return_layers = {str(_MOBILENET_V2_STAGES[s][0]): str(i) for i, s in enumerate(strides)}
         in_channels = [_MOBILENET_V2_STAGES[s][1] for s in strides]
@@ -56,21 +87,35 @@ def _backbone(name: str, detector: str, fpn_channels: int) -> BackboneWithFPN:
 
 def build_detector(spec: DetectorSpec) -> nn.Module:
     """A torchvision detector; its ``forward(images, targets=None)`` contract is unchanged."""
-    backbone = _backbone(spec.backbone, spec.detector, spec.fpn_channels)
-    common = dict(min_size=spec.min_size, max_size=spec.max_size)
-    one_stage_strides = (8, 16, 32, 64, 128)
+    model = _build(spec)
+    model.transform.size_divisible = spec.size_divisible
+    return model
+
+
+def anchor_generator(spec: DetectorSpec) -> AnchorGenerator:
+    """The detector's anchors (RetinaNet boxes, FCOS points, the RPN's boxes), also what ``data stats``
+    measures coverage with."""
     if spec.detector == "retinanet":
-        sizes = tuple(tuple(spec.anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in one_stage_strides)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        return RetinaNet(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
+        sizes = tuple(tuple(spec.anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in spec.strides)
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     if spec.detector == "fcos":
         # FCOS's anchors are points; its size ranges per level are multiples of the stride.
-        anchors = AnchorGenerator(tuple((float(s),) for s in one_stage_strides), ((1.0,),) * 5)
+        return AnchorGenerator(tuple((float(s),) for s in spec.strides), ((1.0,),) * len(spec.strides))
+    if spec.detector == "faster_rcnn":
+        sizes = tuple((spec.anchor_scale * 2 * s,) for s in spec.strides)
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    raise ValueError(f"unknown detector {spec.detector!r}")
+
+
+def _build(spec: DetectorSpec) -> nn.Module:
+    backbone = _backbone(spec.backbone, spec.detector, spec.fpn_channels, spec.min_level)
+    common = dict(min_size=spec.min_size, max_size=spec.max_size)
+    anchors = anchor_generator(spec)
+    if spec.detector == "retinanet":
+        return RetinaNet(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
+    if spec.detector == "fcos":
         return FCOS(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
     if spec.detector == "faster_rcnn":
-        strides = (4, 8, 16, 32, 64)
-        sizes = tuple((spec.anchor_scale * 2 * s,) for s in strides)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         representation = min(1024, spec.fpn_channels * 4)
         box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, representation)
         predictor = FastRCNNPredictor(representation, spec.num_classes + 1)

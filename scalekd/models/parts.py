@@ -60,6 +60,11 @@ class DetectorParts:
     def one_stage(self) -> bool:
         return self.kind != "faster_rcnn"
 
+    @property
+    def min_level(self) -> int:
+        """The finest FPN level: 2 when the backbone returns its stride-4 stage (Faster R-CNN, P2-P6 one-stage)."""
+        return 2 if len(self.model.backbone.body.return_layers) == 4 else 3
+
     # -- features -------------------------------------------------------------------------------------
     def features(self, images: list[Tensor], targets: list[dict] | None = None, keep_size: bool = False):
         """Normalise and batch (the detector's own transform), then C5 and the FPN maps.
@@ -67,7 +72,7 @@ class DetectorParts:
         ``keep_size`` skips the transform's resize: a teacher run at the student's resolution (the "OD"
         baseline) must produce maps on the student's anchors.
         """
-        if keep_size:
+        if keep_size or self._already_sized(images):
             transform = self.model.transform
             normalized = [transform.normalize(im) for im in images]
             sizes = [tuple(im.shape[-2:]) for im in normalized]
@@ -76,6 +81,18 @@ class DetectorParts:
             image_list, targets = self.model.transform(images, targets)
         c5, fpn = last_stage_features(self.model, image_list.tensors)
         return image_list, targets, c5, fpn
+
+    def _already_sized(self, images: list[Tensor]) -> bool:
+        """True when the transform's resize would be the identity (scale exactly 1: our collate made the views
+        at the detector's size), so the per-iteration no-op interpolation can be skipped."""
+        transform = self.model.transform
+        if len(transform.min_size) != 1:
+            return False
+        for image in images:
+            h, w = image.shape[-2:]
+            if min(transform.min_size[0] / min(h, w), transform.max_size / max(h, w)) != 1.0:
+                return False
+        return True
 
     # -- training forward -----------------------------------------------------------------------------
     def forward_train(self, images: list[Tensor], targets: list[dict]) -> Forward:

@@ -64,14 +64,17 @@ class StageRequest:
 
 def student_spec(cfg: Config, num_classes: int) -> DetectorSpec:
     size = cfg.data.student_size
+    min_level = cfg.model.student_min_level if cfg.one_stage else 3
     return DetectorSpec(cfg.model.detector, cfg.model.student_backbone, num_classes, cfg.model.fpn_channels,
-                        size, int(round(size * cfg.data.max_size_ratio)), cfg.model.anchor_scale)
+                        size, int(round(size * cfg.data.max_size_ratio)), cfg.model.anchor_scale, min_level)
 
 
 def teacher_spec(cfg: Config, num_classes: int) -> DetectorSpec:
-    size = cfg.teacher_size
+    """At teacher_scale x the student's size, max size and padding, so both views' grids line up exactly."""
+    scale = cfg.data.teacher_scale
+    max_size = int(round(int(round(cfg.data.student_size * cfg.data.max_size_ratio)) * scale))
     return DetectorSpec(cfg.model.detector, cfg.model.teacher_backbone, num_classes, cfg.model.fpn_channels,
-                        size, int(round(size * cfg.data.max_size_ratio)), cfg.model.anchor_scale)
+                        cfg.teacher_size, max_size, cfg.model.anchor_scale, 3, cfg.teacher_size_divisible)
 
 
 def _dist() -> tuple[int, int]:
@@ -115,7 +118,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **values}) + "\n")
+            f.write(storage.json_text({"iteration": iteration, **values}))
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, iteration)

@@ -1,0 +1,82 @@
+"""Anchor coverage: can the detector represent the dataset's objects at all?
+
+For each object, resized as the student (or the teacher, at teacher_scale) sees it, the best IoU of any of
+the detector's anchors on the padded canvas; an object is covered when that reaches the detector's
+positive threshold (RetinaNet 0.5, the RPN 0.7). FCOS has point anchors: an object is covered when at least
+one location is positive under its own assignment (centre sampling and per-level size ranges). An object no
+anchor covers gets at most one low-quality positive, and its neighbours are trained as background: no
+distillation can buy what this geometry forbids. Size bands are by the object's side (sqrt of its area) in
+the pixels that detector sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import box_iou
+
+from scalekd.data.transforms import resized_shape
+from scalekd.models.detectors import DetectorSpec, anchor_generator
+from scalekd.models.parts import _fcos_match
+
+BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
+POSITIVE_IOU = {"retinanet": 0.5, "faster_rcnn": 0.7}
+
+
+def _band_name(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}px" if math.isfinite(hi) else f">={lo:g}px"
+
+
+def _anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
+    """Anchors of one padded image, as the detector generates them, and their count per level."""
+    div = spec.size_divisible
+    ph, pw = math.ceil(height / div) * div, math.ceil(width / div) * div
+    generator = anchor_generator(spec)
+    grids, per_level = [], []
+    for stride in spec.strides:
+        gh, gw = ph, pw
+        for _ in range(int(math.log2(stride))):  # conv/pool stride 2 with padding: ceil at every halving
+            gh, gw = math.ceil(gh / 2), math.ceil(gw / 2)
+        grids.append([gh, gw])
+        per_level.append(gh * gw * len(generator.cell_anchors[len(grids) - 1]))
+    strides = [[torch.tensor(ph // g[0]), torch.tensor(pw // g[1])] for g in grids]
+    return torch.cat(generator.grid_anchors(grids, strides)), [g[0] * g[1] for g in grids]
+
+
+def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[K] bool: which of these boxes (xyxy, in the detector's input pixels) some anchor covers."""
+    anchors, cells_per_level = _anchors(spec, height, width)
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    if spec.detector == "fcos":
+        matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)
+        return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
+    return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
+
+
+def anchor_coverage(data: dict, spec: DetectorSpec) -> dict[str, dict]:
+    """Per size band: objects and the percentage covered, for images resized as ``spec`` resizes them."""
+    counts = {_band_name(*b): [0, 0] for b in BANDS}
+    boxes_by_image: dict = {}
+    for ann in data["annotations"]:
+        if ann.get("iscrowd", 0) or ann.get("ignore", 0):
+            continue
+        x, y, w, h = ann["bbox"]
+        if w > 0 and h > 0:
+            boxes_by_image.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
+    for image in data["images"]:
+        if image["id"] not in boxes_by_image:
+            continue
+        rh, rw = resized_shape(image["height"], image["width"], spec.min_size, spec.max_size)
+        scale = torch.tensor([rw / image["width"], rh / image["height"]] * 2)
+        boxes = torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale
+        hits = covered(spec, boxes, rh, rw)
+        sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+        for side, hit in zip(sides.tolist(), hits.tolist()):
+            for lo, hi in BANDS:
+                if lo <= side < hi:
+                    counts[_band_name(lo, hi)][0] += 1
+                    counts[_band_name(lo, hi)][1] += int(hit)
+    return {band: {"objects": n, "covered_pct": round(100.0 * c / n, 1) if n else None}
+            for band, (n, c) in counts.items()}

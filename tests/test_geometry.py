@@ -1,0 +1,174 @@
+"""Cross-resolution geometry (issue 12): anchor coverage, exact 2x grids, scale-aligned pairing, PKD, the
+assistant's evaluation views and the still student's BatchNorm statistics."""
+
+import pytest
+import torch
+from torchvision.models.detection.image_list import ImageList
+
+from scalekd.config import ConfigError, load_config, replace
+from scalekd.data.coverage import covered
+from scalekd.data.transforms import DualResolutionCollate
+from scalekd.distill.losses import pkd_loss
+from scalekd.distill.pairing import pair_teacher_maps
+from scalekd.eval.predict import predict
+from scalekd.models.detectors import DetectorSpec, build_detector
+from scalekd.models.parts import DetectorParts
+from scalekd.train.loop import student_spec, teacher_spec
+from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch
+
+P2_RETINANET = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2)
+
+
+def test_coverage_counts_a_box_an_anchor_fits_and_refuses_one_no_anchor_can_reach():
+    # Anchors 1.5 x 4 = 6 px (x 2^(k/3), 3 aspect ratios) centred on multiples of 4 (torchvision's layout).
+    on_grid = torch.tensor([[61.0, 61.0, 67.0, 67.0]])  # a 6 px box centred on an anchor centre: IoU 1
+    off_grid_tiny = torch.tensor([[62.0, 62.0, 65.0, 65.0]])  # 3 px, 1.5 px off: best IoU 0.25
+    assert covered(P2_RETINANET, on_grid, 128, 128).tolist() == [True]
+    assert covered(P2_RETINANET, off_grid_tiny, 128, 128).tolist() == [False]
+    p3 = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=2.0, min_level=3)
+    eight_px = torch.tensor([[60.0, 60.0, 68.0, 68.0]])  # P3's smallest anchor is 16 px: IoU 0.25
+    assert covered(p3, eight_px, 128, 128).tolist() == [False]
+    assert covered(P2_RETINANET, eight_px, 128, 128).tolist() == [True]
+
+
+def test_data_stats_reports_coverage_for_the_student_and_the_teacher_at_2x(synth_root, capsys):
+    from scalekd.cli import main
+
+    code = main(["data", "stats", f"{synth_root}/annotations/instances_val.json", "--preset", "tiny",
+                 "--set", "model.student_min_level=2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "anchor coverage" in out
+    assert "student" in out and "teacher" in out and "% of" in out
+
+
+@pytest.mark.parametrize("height,width", [(97, 171), (128, 211), (101, 101)])
+def test_both_views_pad_to_exactly_2x_and_scale_aligned_grids_match(tiny_cfg, height, width):
+    cfg = replace(tiny_cfg, model={"student_min_level": 2})
+    student, teacher = build_pair(cfg)
+    image = torch.rand(3, height, width)
+    batch = DualResolutionCollate(64, 2.0, cfg.data.max_size_ratio)([(image, {"boxes": torch.zeros(0, 4)})])
+    s_list, _ = student.transform(batch.student_images)
+    t_list, _ = teacher.transform(batch.teacher_images)
+    assert t_list.tensors.shape[-2:] == tuple(2 * x for x in s_list.tensors.shape[-2:])
+    with torch.no_grad():
+        s_maps = list(DetectorParts(student.eval()).features(batch.student_images)[3].values())
+        t_maps = list(DetectorParts(teacher.eval()).features(batch.teacher_images)[3].values())
+    paired = pair_teacher_maps(t_maps, 5, 2, 3, "scale_aligned")
+    assert [m.shape[-2:] for m in paired] == [m.shape[-2:] for m in s_maps]
+
+
+def test_scale_aligned_teacher_anchors_are_the_students_anchors_in_student_pixels(tiny_cfg):
+    """A box lands on the same cells: the 2x teacher's P_{l+1} anchors, halved, are the student's P_l anchors."""
+    cfg = replace(tiny_cfg, model={"student_min_level": 2, "anchor_scale": 1.5})
+    student = build_detector(student_spec(cfg, 4))
+    teacher = build_detector(teacher_spec(cfg, 4))
+    s_grid = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # P2-P6 of a 64 x 96 canvas
+    t_grid = s_grid  # the teacher's P3-P7 of its 128 x 192 canvas
+    s_anchors = student.anchor_generator(ImageList(torch.zeros(1, 3, 64, 96), [(64, 96)]),
+                                         [torch.zeros(1, 1, *g) for g in s_grid])[0]
+    t_anchors = teacher.anchor_generator(ImageList(torch.zeros(1, 3, 128, 192), [(128, 192)]),
+                                         [torch.zeros(1, 1, *g) for g in t_grid])[0]
+    # Up to torchvision's rounding of each base anchor to whole pixels (in each model's own pixels).
+    torch.testing.assert_close(t_anchors / 2, s_anchors, atol=0.5, rtol=0)
+    s_centres, t_centres = (s_anchors[:, :2] + s_anchors[:, 2:]) / 2, (t_anchors[:, :2] + t_anchors[:, 2:]) / 4
+    torch.testing.assert_close(t_centres, s_centres, atol=0.25, rtol=0)
+
+
+def test_pairing_extends_the_teachers_pyramid_by_max_pooling_and_same_level_keeps_levels():
+    maps = [torch.randn(1, 4, 2 ** (6 - i), 2 ** (6 - i)) for i in range(5)]  # P3-P7 of a P3 teacher
+    aligned = pair_teacher_maps(maps, 5, 3, 3, "scale_aligned")  # student P3-P7 <- teacher P4-P7, pooled P7
+    assert all(a is m for a, m in zip(aligned[:4], maps[1:]))
+    torch.testing.assert_close(aligned[4], maps[4][..., ::2, ::2])
+    assert pair_teacher_maps(maps, 5, 3, 3, "same_level") == maps
+    with pytest.raises(ValueError, match="no teacher level"):
+        pair_teacher_maps(maps, 5, 2, 3, "same_level")
+
+
+def test_same_level_pairing_with_a_p2_student_is_refused_and_the_paper_recipe_keeps_alignment():
+    with pytest.raises(ConfigError, match="distill.pairing"):
+        load_config(preset="bench", overrides=["distill.pairing=same_level"])
+    paper = load_config(preset="bench", overrides=["distill.recipe=paper"])
+    assert paper.distill.pairing == "scale_aligned" and paper.distill.csa.head == "shared"
+    assert paper.distill.csa.locality == "none" and paper.distill.csa.warmup_iterations == 0
+    literal = load_config(overrides=["distill.recipe=paper"])  # a P3-P7 student: the paper's every setting
+    assert literal.distill.pairing == "same_level" and literal.distill.csa.rates == (2, 4)
+    assert load_config(overrides=["distill.recipe=paper", "distill.csa.head=own"]).distill.csa.head == "own"
+
+
+def test_pkd_by_hand_zero_up_to_a_positive_affine_map_per_channel():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 5, 5)
+    scale, shift = torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1), torch.tensor([1.0, -4.0, 0.0]).view(1, 3, 1, 1)
+    assert pkd_loss([s], [s * scale + shift]).item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.randn(2, 3, 5, 5)
+    norm = [(x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), unbiased=False, keepdim=True) for x in (s, t)]
+    by_hand = ((norm[0] - norm[1]) ** 2).mean() / 2
+    assert pkd_loss([s, s], [t, t]).item() == pytest.approx(2 * by_hand.item(), rel=1e-4)
+    # Anti-correlated maps are as far apart as it gets: 1 - (-1) = 2 per channel, / 2.
+    assert pkd_loss([s], [-s]).item() == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pkd", "od"])
+def test_baselines_train_on_scale_aligned_maps(tiny_cfg, method):
+    cfg = replace(tiny_cfg, model={"student_min_level": 2}, distill={"method": method})
+    distiller, opt = distiller_with_optimizers(cfg)
+    logs = distiller.train_step(tiny_batch(cfg), opt)
+    assert ("kd/feat" in logs) == (method == "pkd") and ("kd/cls" in logs) == (method == "od")
+    assert all(torch.isfinite(v) for v in logs.values())
+
+
+def test_the_assistants_evaluation_gets_the_training_collates_two_views(synth_root):
+    from scalekd.data.coco import dataset_from_root
+
+    dataset = dataset_from_root(synth_root, "val")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        teacher_scale = 2.0
+
+        def forward(self, student_images, teacher_images):
+            seen.append((student_images, teacher_images))
+            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+                    for _ in student_images]
+
+    predict(Recorder(), dataset, 64, 1.667, batch_size=2)
+    expected = DualResolutionCollate(64, 2.0, 1.667)([dataset[0], dataset[1]])
+    for got, want in zip(seen[0][0] + seen[0][1], expected.student_images + expected.teacher_images):
+        assert torch.equal(got, want)
+
+
+def test_batchnorm_statistics_stay_still_during_the_assistants_warmup(tiny_cfg):
+    distiller, opt = distiller_with_optimizers(tiny_cfg)
+    before = {k: v.clone() for k, v in distiller.student.named_buffers() if "running" in k}
+    distiller.assistant_warmup_step(tiny_batch(tiny_cfg), opt)
+    after = dict(distiller.student.named_buffers())
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert distiller.student.training  # back in train mode for the student's own steps
+    distiller.train_step(tiny_batch(tiny_cfg), opt)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())  # ... where they do move: not vacuous
+
+
+def test_the_distance_bias_starts_the_attention_on_the_querys_own_cell():
+    from scalekd.distill.csa import CrossScaleAttention
+
+    attention = CrossScaleAttention(16, heads=2, rates=(1, 2), locality="distance_bias", zero_init_output=True)
+    bias = attention.distance_bias(0, 4, 4, 4, 4, torch.float32)[0]  # rate 1: same grid
+    assert bias.diagonal().abs().max() == 0 and (bias.argmax(dim=1) == torch.arange(16)).all()
+    student = torch.randn(1, 16, 4, 4)
+    assert torch.equal(attention(student, torch.randn(1, 16, 4, 4)), student)  # zero output projection
+
+
+def test_teacher_ablations_keep_shapes_and_change_what_they_say(tiny_cfg):
+    from scalekd.distill.assisted import ablate_teacher_maps, footprint_attention
+
+    maps = [torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)]
+    permuted = ablate_teacher_maps(maps, "permuted")[0]
+    assert permuted.shape == maps[0].shape and not torch.equal(permuted, maps[0])
+    assert torch.equal(permuted.flatten(2).sort(-1).values, maps[0].flatten(2).sort(-1).values)  # same cells
+    assert torch.equal(ablate_teacher_maps(maps, "other_image")[0][0], maps[0][1])
+    assert ablate_teacher_maps(maps, "zeroed")[0].abs().sum() == 0
+    assert ablate_teacher_maps(maps, "intact") is maps
+    distiller, _ = distiller_with_optimizers(replace(tiny_cfg, model={"student_min_level": 2}))
+    batch = tiny_batch(tiny_cfg)
+    ratios = footprint_attention(distiller.eval(), batch.student_images, batch.teacher_images)
+    assert len(ratios) == len(tiny_cfg.distill.csa.rates) and all(r > 1.0 for r in ratios)  # the bias localises
