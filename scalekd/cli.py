@@ -63,10 +63,24 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def _refuse_to_overwrite(out: str, force: bool, folder: bool) -> None:
+    """Commands that write a dataset never replace one without --force: a dataset folder must be new or empty,
+    an annotation file must not exist; a dataset folder given as a file path is refused either way."""
+    if not storage.is_s3(out) and os.path.exists(out) and os.path.isdir(out) != folder:
+        kind = "a file" if folder else "a folder"
+        raise ConfigError("--out" if not folder else "OUT", out, f"is {kind}; give a {'folder' if folder else 'file'}")
+    taken = next(iter(storage.list_uris(out)), None) if folder else (storage.exists(out) and out)
+    if taken and not force:
+        what = f"holds {taken}" if folder else "exists"
+        raise ConfigError("OUT" if folder else "--out", out, f"{what}; choose a new or empty location, or pass "
+                          "--force to overwrite")
+
+
 def cmd_data(args) -> int:
     from scalekd.data import convert, stats, synth
 
     if args.data_command == "synth":
+        _refuse_to_overwrite(args.out, args.force, folder=True)
         counts = synth.generate(args.out, args.images, args.seed, args.size)
         print(json.dumps(counts))
         for split in ("train", "val"):
@@ -81,6 +95,7 @@ def cmd_data(args) -> int:
             if not args.names:
                 raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
             coco = convert.convert_yolo(args.src, args.names)
+        _refuse_to_overwrite(args.out, args.force, folder=False)
         storage.write_text(args.out, json.dumps(coco))
         print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
         return 0
@@ -104,15 +119,22 @@ def cmd_data(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from scalekd.eval.metrics import evaluate_detections
+    from scalekd.eval.metrics import check_detections, evaluate_detections
 
     if args.detections:
-        from scalekd.data.coco import load_coco_json
+        from scalekd.data.coco import DataError, load_coco_json
 
+        if not args.gt:
+            raise ConfigError("--gt", None, "--detections needs --gt ANNOTATIONS.json (the ground truth)")
         gt = load_coco_json(args.gt)
-        dets = json.loads(storage.read_text(args.detections))
+        try:
+            dets = json.loads(storage.read_text(args.detections))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{args.detections}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                            "is the file truncated?") from None
         if isinstance(dets, dict) and "annotations" in dets:
             dets = dets["annotations"]
+        check_detections(gt, dets, args.detections)
         metrics = evaluate_detections(gt, dets, tuple(args.max_dets))
     else:
         if not (args.model and args.data):
@@ -219,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--images", type=int, default=200)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--size", type=int, default=256, help="image side in px (the teacher's view)")
+    q.add_argument("--force", action="store_true", help="write into a folder that already holds files")
     q = dsub.add_parser("convert", help="VisDrone or YOLO annotations to COCO JSON")
     q.add_argument("format", choices=("visdrone", "yolo"))
     q.add_argument("src")
@@ -226,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--names", help="YOLO class names file")
     q.add_argument("--patches", type=int, default=1, help="VisDrone: 4 = split each image into 2x2 patches")
     q.add_argument("--images-out", help="where --patches writes patch images (default: OUT's folder/images)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts; with a config "
                                       "(--preset/--config/--set), the student's and teacher's anchor coverage")
     q.add_argument("annotations")

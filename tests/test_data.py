@@ -201,3 +201,83 @@ def test_cli_data_commands(tmp_path, capsys):
     assert data["missing_images"] == 0
     assert main(["data", "stats", str(tmp_path / "none.json")]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
+
+
+_IMAGE = {"id": 1, "file_name": "a.png", "width": 40, "height": 30}
+
+
+@pytest.mark.parametrize("images, anns, words", [
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, 10, float("nan"), 8]}], "finite numbers"),
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, float("inf"), 4, 8]}], "finite numbers"),
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, "10", 4, 8]}], "finite numbers"),
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, None, 4, 8]}], "finite numbers"),
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [True, 1, 4, 8]}], "finite numbers"),
+    ([{**_IMAGE, "width": float("nan")}], [], "width nan"),
+    ([_IMAGE, {**_IMAGE, "file_name": "b.png"}], [], "duplicate images ids 1"),
+    ([_IMAGE], [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]},
+                {"id": 3, "image_id": 1, "category_id": 2, "bbox": [9, 9, 4, 4]}], "duplicate annotations ids 3"),
+])
+def test_non_finite_numbers_and_duplicate_ids_are_refused_naming_the_file(tmp_path, images, anns, words):
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}]}))
+    with pytest.raises(DataError, match=words) as err:
+        load_coco_json(str(path))
+    assert "ann.json" in str(err.value)
+
+
+def test_duplicate_category_ids_are_refused(tmp_path):
+    path = _write_coco(tmp_path, [_IMAGE], [], [{"id": 1, "name": "car"}, {"id": 1, "name": "bus"}])
+    with pytest.raises(DataError, match="duplicate categories ids 1"):
+        load_coco_json(path)
+
+
+def test_ignore_without_iscrowd_is_an_ignore_region_in_loading_and_in_evaluation(tmp_path):
+    from scalekd.eval.metrics import evaluate_detections
+
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 5, 10, 10], "ignore": 1}]
+    gt = load_coco_json(_write_coco(tmp_path, [_IMAGE], anns))
+    assert gt["annotations"][1]["iscrowd"] == 1
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9}]
+    assert evaluate_detections(gt, perfect)["AP"] == pytest.approx(1.0)  # the ignored one is no missed object
+    raw = json.loads((tmp_path / "ann.json").read_text())
+    assert evaluate_detections(raw, perfect)["AP"] == pytest.approx(1.0)  # the same without our loader
+
+
+@pytest.mark.parametrize("line", ["0 nan 0.5 0.1 0.1", "0 0.5 inf 0.1 0.1", "0 0.5 0.5 -inf 0.1"])
+def test_yolo_non_finite_coordinates_are_refused_naming_file_and_line(tmp_path, line):
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n" + line + "\n")
+    (tmp_path / "names").write_text("car\n")
+    with pytest.raises(DataError, match=r"a.txt:2: non-finite"):
+        convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+
+
+@pytest.mark.parametrize("fields", ["10,10,nan,5,1,4,0,0", "inf,10,5,5,1,4,0,0"])
+def test_visdrone_non_finite_boxes_are_refused_naming_file_and_line(fields):
+    with pytest.raises(DataError, match=r"v.txt:7: non-finite"):
+        convert.parse_visdrone_line(fields, "v.txt", 7)
+
+
+def test_dataset_writers_never_replace_a_dataset_without_force(tmp_path, capsys):
+    from scalekd.cli import main
+
+    out = tmp_path / "syn"
+    assert main(["data", "synth", str(out), "--images", "3", "--size", "96"]) == 0
+    ann = out / "annotations" / "instances_train.json"
+    before = ann.read_bytes()
+    assert main(["data", "synth", str(out), "--images", "5", "--seed", "3", "--size", "96"]) == 2
+    assert "--force" in capsys.readouterr().err and ann.read_bytes() == before  # nothing lost
+    assert main(["data", "synth", str(out), "--images", "5", "--seed", "3", "--size", "96", "--force"]) == 0
+    assert ann.read_bytes() != before
+    (tmp_path / "afile").write_text("x")
+    assert main(["data", "synth", str(tmp_path / "afile"), "--images", "3"]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "names").write_text("car\n")
+    (tmp_path / "old.json").write_text("keep me")
+    assert main(["data", "convert", "yolo", str(tmp_path), "--names", str(tmp_path / "names"),
+                 "--out", str(tmp_path / "old.json")]) == 2
+    assert (tmp_path / "old.json").read_text() == "keep me"

@@ -126,3 +126,33 @@ def test_cli_evaluate_detections_file(synth_root, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(SUMMARIZE_KEYS) <= set(metrics) and all(-1 <= v <= 1 for v in metrics.values())
     assert run_cocoeval(gt, dets).params.maxDets == [1, 10, 100]
+
+
+@pytest.mark.parametrize("bad", [
+    {"bbox": [float("nan")] * 4}, {"bbox": [0, 0, float("inf"), 1]}, {"score": float("nan")},
+    {"bbox": [0, 0, None, 1]}, {"bbox": "0,0,1,1"}, {"score": "high"},
+])
+def test_non_finite_or_malformed_detections_are_refused_never_scored(synth_root, bad):
+    gt = load_coco_json(f"{synth_root}/annotations/instances_val.json")
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9, **bad}
+            for a in gt["annotations"]]  # all-NaN boxes on every object scored AP 1.0 before
+    with pytest.raises(DataError, match=r"detections\[0\]"):
+        evaluate_detections(gt, dets)
+
+
+@pytest.mark.parametrize("content", ["3", '{"a": 1}', "[1, 2]", '[{"image_id": 1'])
+def test_cli_evaluate_refuses_scalar_truncated_or_non_object_detections(synth_root, tmp_path, capsys, content):
+    from scalekd.cli import main
+
+    (tmp_path / "dt.json").write_text(content)
+    gt = f"{synth_root}/annotations/instances_val.json"
+    assert main(["evaluate", "--gt", gt, "--detections", str(tmp_path / "dt.json")]) == 2
+    assert "dt.json" in capsys.readouterr().err
+
+
+def test_cli_evaluate_detections_without_gt_names_the_flag(tmp_path, capsys):
+    from scalekd.cli import main
+
+    (tmp_path / "dt.json").write_text("[]")
+    assert main(["evaluate", "--detections", str(tmp_path / "dt.json")]) == 2
+    assert "--gt" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 
 from PIL import Image
@@ -47,6 +48,8 @@ def parse_visdrone_line(line: str, path: str, lineno: int) -> tuple[list[float],
         category = int(fields[5])
     except ValueError:
         raise DataError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from None
+    if not all(math.isfinite(v) for v in (left, top, width, height)):
+        raise DataError(f"{path}:{lineno}: non-finite box {line.strip()!r}; fix or remove the line")
     if not 0 <= category <= 11:
         raise DataError(f"{path}:{lineno}: category {category} is outside VisDrone's 0..11")
     return [left, top, width, height], category
@@ -161,6 +164,9 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
                     cx, cy, w, h = (float(v) for v in fields[1:])
                 except ValueError:
                     raise DataError(f"{label_path}:{lineno}: non-numeric field in {line.strip()!r}") from None
+                if not all(math.isfinite(v) for v in (cx, cy, w, h)):
+                    raise DataError(f"{label_path}:{lineno}: non-finite coordinates {line.strip()!r}; fix or "
+                                    "remove the line")
                 if not 0 <= cls < len(names):
                     raise DataError(f"{label_path}:{lineno}: class {cls} not in {names_file} "
                                     f"({len(names)} names)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -19,13 +20,28 @@ log = logging.getLogger(__name__)
 AREAS = ("all", "small", "medium", "large")
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_detections(gt: dict, detections: list, source: str = "detections") -> None:
+    """Every detection is a COCO result of finite numbers on the ground truth's images and categories (a NaN box
+    would count as a match in pycocotools: ``iou < threshold`` is False for NaN)."""
+    if not isinstance(detections, list):
+        raise DataError(f"{source}: expected a JSON list of COCO results, got {type(detections).__name__}")
     image_ids = {im["id"] for im in gt["images"]}
     category_ids = {c["id"] for c in gt["categories"]}
     for i, det in enumerate(detections):
+        if not isinstance(det, dict):
+            raise DataError(f"{source}[{i}] is {det!r}; expected an object with image_id, category_id, bbox, score")
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in det:
                 raise DataError(f"{source}[{i}] lacks '{key}' (COCO results: image_id, category_id, bbox, score)")
+        bbox = det["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)) or not _finite(
+                det["score"]):
+            raise DataError(f"{source}[{i}] has bbox {bbox!r} and score {det['score']!r}; expected [x, y, w, h] "
+                            "and a score, all finite numbers")
         if det["image_id"] not in image_ids:
             raise DataError(f"{source}[{i}] names image_id {det['image_id']!r}, which the ground truth does "
                             "not have; are these detections for another dataset?")
@@ -39,7 +55,9 @@ def run_cocoeval(gt: dict, detections: list, max_detections: tuple[int, ...] = (
     from pycocotools.cocoeval import COCOeval
 
     gt = {**gt, "annotations": [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
-                                 "iscrowd": a.get("iscrowd", 0)} for a in gt["annotations"]]}
+                                 # "ignore": 1 is an ignore region, as in training (see load_coco_json)
+                                 "iscrowd": int(bool(a.get("iscrowd", 0) or a.get("ignore", 0)))}
+                                for a in gt["annotations"]]}
     check_detections(gt, detections)
     coco_gt = coco_api(gt)
     if detections:
