@@ -114,3 +114,19 @@ def test_report_has_table_charts_and_drawn_examples(trained, tmp_path, synth_roo
     assert [m["model"] for m in metrics] == ["teacher", "student"]
     wrong = replace(cfg, model={"detector": "fcos"})
     assert wrong.model.detector == "fcos"
+
+
+def test_a_model_is_not_evaluated_on_a_dataset_with_other_categories(trained, tmp_path, synth_root):
+    from scalekd.data.coco import DataError, dataset_from_root
+    from scalekd.eval.evaluate import evaluate_model
+
+    cfg, root = trained
+    ann = json.loads(open(f"{synth_root}/annotations/instances_val.json").read())
+    ann["categories"] = [{**c, "name": c["name"] + "_other"} for c in ann["categories"]]  # same ids, other classes
+    other = tmp_path / "other"
+    (other / "annotations").mkdir(parents=True)
+    (other / "annotations" / "instances_val.json").write_text(json.dumps(ann))
+    os.symlink(f"{synth_root}/images", other / "images")
+    with pytest.raises(DataError, match="trained on categories") as err:
+        evaluate_model("m", str(root / "warmup" / "model.pt"), dataset_from_root(str(other), "val"), cfg)
+    assert "disc_other" in str(err.value) and "'disc'" in str(err.value)

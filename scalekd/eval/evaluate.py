@@ -9,7 +9,7 @@ import torch
 
 from scalekd import storage
 from scalekd.config import Config
-from scalekd.data.coco import CocoDetection, dataset_from_root
+from scalekd.data.coco import CocoDetection, DataError, dataset_from_root
 from scalekd.eval.metrics import metrics_from_eval, run_cocoeval
 from scalekd.eval.predict import images_per_second, predict
 from scalekd.models.detectors import count_parameters
@@ -35,9 +35,22 @@ class ModelResult:
                 "model_uri": self.model_uri}
 
 
+def check_categories(model_uri: str, stored: list | None, dataset: CocoDetection) -> None:
+    """A model's classes are the dataset's, in the same order: labels map to categories by position, so a
+    10-class model on a 4-class set would otherwise report metrics for the wrong classes."""
+    if stored is None:
+        return  # written before categories were stored: nothing to compare
+    ours = [(c["id"], c.get("name")) for c in stored]
+    theirs = [(c, dataset.category_names[c]) for c in dataset.category_ids]
+    if ours != theirs:
+        raise DataError(f"{model_uri} was trained on categories {ours}, but {dataset.annotation_uri} has "
+                        f"{theirs}; evaluate it on a dataset with the same categories")
+
+
 def evaluate_model(name: str, model_uri: str, dataset: CocoDetection, cfg: Config,
                    device: str | None = None, speed_images: int = 10) -> ModelResult:
     model, blob = load_model(model_uri)
+    check_categories(model_uri, blob.get("categories"), dataset)
     spec = blob["spec"]
     device = device or ("cuda" if cfg.scaling.gpu and torch.cuda.is_available() else "cpu")
     size = int(spec["min_size"])
