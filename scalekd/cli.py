@@ -328,12 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from scalekd.data.coco import DataError
+    from scalekd.export import ExportError
     from scalekd.train.checkpoint import CheckpointError
     from scalekd.train.loop import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, storage.StorageError, TrainingError, CheckpointError, ValueError) as exc:
+    except (ConfigError, DataError, storage.StorageError, TrainingError, CheckpointError, ExportError,
+            ValueError) as exc:
         print(f"scalekd: error: {exc}", file=sys.stderr)
         return 2
 

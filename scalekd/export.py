@@ -75,11 +75,27 @@ def _versions() -> dict:
     return out
 
 
+def _read_metrics(metrics_uri: str | None) -> dict | None:
+    if not metrics_uri:
+        return None
+    try:
+        metrics = json.loads(storage.read_text(metrics_uri))
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"--metrics {metrics_uri}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"--metrics {metrics_uri}: expected a JSON object of metrics")
+    return metrics
+
+
 def export_model(model_uri: str, out: str, data_root: str, split: str = "val", images: int = 4,
                  metrics_uri: str | None = None, score_threshold: float = 0.05) -> dict:
     """Write ``model.torchscript.pt``, ``model.onnx`` and ``model_card.json`` under ``out``."""
     import onnxruntime as ort
 
+    # Every argument is checked before the first write: a typo must not leave an export without its card.
+    if not isinstance(images, int) or images < 1:
+        raise ExportError(f"--images {images}: the parity check needs at least 1 image")
+    metrics = _read_metrics(metrics_uri)
     model, blob = load_model(model_uri)
     spec = blob["spec"]
     configure_for_eval(model, score_threshold, 100)
@@ -122,7 +138,6 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
                           "nothing was written")
     storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_buf.getvalue())
     storage.write_bytes(storage.join(out, "model.onnx"), onnx_buf.getvalue())
-    metrics = json.loads(storage.read_text(metrics_uri)) if metrics_uri else None
     card = {
         "model": {"source": model_uri, **spec, "parameters": sum(p.numel() for p in model.parameters())},
         "input": {"short_side": spec["min_size"], "max_side": spec["max_size"], "format": "RGB float [0,1], CHW",

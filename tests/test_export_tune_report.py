@@ -130,3 +130,20 @@ def test_a_model_is_not_evaluated_on_a_dataset_with_other_categories(trained, tm
     with pytest.raises(DataError, match="trained on categories") as err:
         evaluate_model("m", str(root / "warmup" / "model.pt"), dataset_from_root(str(other), "val"), cfg)
     assert "disc_other" in str(err.value) and "'disc'" in str(err.value)
+
+
+@pytest.mark.parametrize("metrics, images, words", [
+    ("missing.json", 4, "missing.json"), ("bad.json", 4, "not valid JSON"), (None, 0, "--images 0"),
+])
+def test_export_checks_every_argument_before_writing_anything(trained, tmp_path, synth_root, capsys, metrics,
+                                                              images, words):
+    from scalekd.cli import main
+
+    _cfg, root = trained
+    (tmp_path / "bad.json").write_text("{not json")
+    args = ["export", "--model", str(root / "warmup" / "model.pt"), "--data", synth_root,
+            "--out", str(tmp_path / "out"), "--images", str(images)]
+    if metrics:
+        args += ["--metrics", str(tmp_path / metrics)]
+    assert main(args) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
