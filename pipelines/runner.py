@@ -29,14 +29,18 @@ def compile_all(out: str = COMPILED_DIR) -> list[str]:
 
 
 def _arguments(params: dict, preset: str) -> dict:
+    from scalekd.config import ConfigError
+
     args = {"preset": preset, **params}
-    for key in ("synth_images", "student_size", "teacher_iterations", "warmup_iterations", "distill_iterations",
-                "workers", "trials", "rungs"):
+    for key, kind in [(k, int) for k in ("synth_images", "student_size", "teacher_iterations", "warmup_iterations",
+                                         "distill_iterations", "workers", "trials", "rungs")] + [
+            (k, float) for k in ("alpha", "beta", "gamma")]:
         if key in args:
-            args[key] = int(args[key])
-    for key in ("alpha", "beta", "gamma"):
-        if key in args:
-            args[key] = float(args[key])
+            try:
+                args[key] = kind(args[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"--param {key}", args[key], f"an {kind.__name__}" if kind is int
+                                  else "a number") from None
     if "gpu" in args:
         args["gpu"] = str(args["gpu"]).lower() in ("1", "true", "yes")
     if "overrides" in args and isinstance(args["overrides"], str):

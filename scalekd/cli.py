@@ -193,7 +193,12 @@ def cmd_pipeline(args) -> int:
         for path in runner.compile_all(args.out):
             print(path)
         return 0
-    params = dict(item.split("=", 1) for item in args.param)
+    params = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError("--param", item, "NAME=VALUE, e.g. --param workdir=s3://bucket/run")
+        params[name.strip()] = value
     if args.pipeline_command == "run":
         result = runner.run_local(params, preset=args.preset)
         print(json.dumps(result, indent=2))

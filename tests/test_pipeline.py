@@ -109,3 +109,14 @@ def test_dockerfile_installs_the_same_pins_as_the_venv():
     assert f"torch=={torch_pin}+cpu" in makefile
     assert "requirements-dev.txt" in makefile and "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text()
     assert "packages_to_install" not in "".join(p.read_text() for p in (REPO / "components").glob("*.py"))
+
+
+@pytest.mark.parametrize("param, words", [
+    ("workdir", "NAME=VALUE"), ("=x", "NAME=VALUE"), ("distill_iterations=ten", "--param distill_iterations"),
+    ("alpha=high", "--param alpha"),
+])
+def test_malformed_pipeline_params_name_the_flag(param, words, capsys):
+    from scalekd.cli import main
+
+    assert main(["pipeline", "run", "--local", "--param", param]) == 2
+    assert words in capsys.readouterr().err
