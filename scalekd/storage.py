@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -113,10 +114,11 @@ def _client():
             import boto3
             from botocore.config import Config as BotoConfig
 
-            # "standard" retry mode: exponential backoff with jitter on throttling and 5xx/connection errors.
-            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))
-            boto_cfg = BotoConfig(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5,
-                                  read_timeout=60, s3={"addressing_style": "path"})
+            # One attempt per call here: _s3_call retries, logs each retry and keeps to a total time budget.
+            boto_cfg = BotoConfig(retries={"max_attempts": 1, "mode": "standard"},
+                                  connect_timeout=_env_seconds("SCALEKD_S3_CONNECT_TIMEOUT", 5.0),
+                                  read_timeout=_env_seconds("SCALEKD_S3_READ_TIMEOUT", 20.0),
+                                  s3={"addressing_style": "path"})
             region = _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             # A fresh session each time: the default one caches credentials read from the environment.
             session = boto3.session.Session()
@@ -124,10 +126,14 @@ def _client():
         return _clients[key]
 
 
-def _s3_error(uri: str, exc: Exception) -> StorageError:
+def _s3_error(uri: str, exc: Exception, attempts: int = 1, elapsed: float = 0.0) -> StorageError:
     """Turn a boto error into one sentence naming the URI and the fix (never the credentials)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
+    if isinstance(exc, ReadTimeoutError):
+        return StorageError(f"{uri}: the S3 endpoint {redact(_endpoint() or '(AWS default)')} accepted the "
+                            f"connection but did not answer ({attempts} attempts, {elapsed:.0f} s); check the "
+                            "server, or raise SCALEKD_S3_READ_TIMEOUT / SCALEKD_S3_BUDGET_S")
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{uri}: cannot reach the S3 endpoint {redact(_endpoint() or '(AWS default)')}; "
                             "check AWS_ENDPOINT_URL / storage.endpoint_url and that the server is up")
@@ -147,13 +153,49 @@ def _s3_error(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: {type(exc).__name__}: {redact(str(exc))}")
 
 
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise StorageError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise StorageError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth another attempt: the network or an overloaded server, not a wrong key, bucket or credential."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+    return isinstance(exc, (ConnectionError, HTTPClientError))
+
+
 def _s3_call(uri: str, fn, **kwargs):
+    """``fn(**kwargs)`` with bounded retries: up to AWS_MAX_ATTEMPTS (5) attempts with exponential backoff, all
+    within SCALEKD_S3_BUDGET_S (60 s) of the first; each retry logged at INFO with the URI (connect and read
+    timeouts: SCALEKD_S3_CONNECT_TIMEOUT 5 s, SCALEKD_S3_READ_TIMEOUT 20 s). Then a StorageError naming both."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    try:
-        return fn(**kwargs)
-    except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(uri, exc) from None
+    attempts = max(1, int(_env_seconds("AWS_MAX_ATTEMPTS", 5)))
+    budget = _env_seconds("SCALEKD_S3_BUDGET_S", 60.0)
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            elapsed = time.monotonic() - started
+            delay = min(0.5 * 2 ** (attempt - 1), 8.0)
+            if not _transient(exc) or attempt == attempts or elapsed + delay >= budget:
+                raise _s3_error(uri, exc, attempt, elapsed) from None
+            log.info("S3 %s: %s on attempt %d/%d; retrying in %.1f s (%.0f s of the %.0f s budget used)", uri,
+                     type(exc).__name__, attempt, attempts, delay, elapsed, budget)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def read_bytes(uri: str, cache: bool = False) -> bytes:
@@ -162,8 +204,8 @@ def read_bytes(uri: str, cache: bool = False) -> bytes:
             with open(cached_path(uri), "rb") as f:
                 return f.read()
         p = S3Path.parse(uri)
-        body = _s3_call(uri, _client().get_object, Bucket=p.bucket, Key=p.key)["Body"]
-        return body.read()
+        client = _client()  # the body is read inside the retried call: a stalled read is retried too
+        return _s3_call(uri, lambda: client.get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
     try:
         with open(uri, "rb") as f:
             return f.read()

@@ -117,3 +117,40 @@ def test_json_we_write_never_holds_nan(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"AP": None, "rows": [None, 1.5], "ok": 2}
+
+
+def test_an_endpoint_that_never_answers_fails_within_the_budget_logging_each_retry(monkeypatch, caplog):
+    import logging
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never answers
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        monkeypatch.setenv("SCALEKD_S3_READ_TIMEOUT", "0.5")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+        monkeypatch.setenv("SCALEKD_S3_BUDGET_S", "10")
+        storage.configure()
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="scalekd.storage"), \
+                pytest.raises(storage.StorageError, match="did not answer \\(3 attempts"):
+            storage.read_bytes("s3://bucket/key.json")
+        assert time.monotonic() - started < 8  # 3 x 0.5 s reads + 0.5 + 1 s backoff, not 390 s
+        retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+        assert len(retries) == 2 and all("s3://bucket/key.json" in r.getMessage() for r in retries)
+    finally:
+        silent.close()
+        storage.configure()
+
+
+def test_bad_timeout_settings_are_named(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SCALEKD_S3_READ_TIMEOUT", "soon")
+    storage.configure()
+    with pytest.raises(storage.StorageError, match="SCALEKD_S3_READ_TIMEOUT"):
+        storage.read_bytes("s3://bucket/key.json")
+    storage.configure()
