@@ -281,3 +281,41 @@ def test_dataset_writers_never_replace_a_dataset_without_force(tmp_path, capsys)
     assert main(["data", "convert", "yolo", str(tmp_path), "--names", str(tmp_path / "names"),
                  "--out", str(tmp_path / "old.json")]) == 2
     assert (tmp_path / "old.json").read_text() == "keep me"
+
+
+def test_a_16_bit_png_decodes_at_its_bit_depth(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from scalekd.data.coco import decode_image
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 12), 32768, dtype=np.uint16)).save(path)
+    image = decode_image(path.read_bytes(), str(path))
+    assert image.shape == (3, 8, 12) and image.mean().item() == pytest.approx(0.5, abs=1e-3)  # was 0.998
+
+
+def test_exif_orientation_is_applied_to_pixels_and_to_converted_sizes(tmp_path):
+    import io as _io
+
+    from PIL import Image
+
+    from scalekd.data.coco import decode_image, oriented_size
+
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    img.paste((10, 200, 10), (0, 0, 10, 20))  # a green stripe on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: the stripe ends up on top
+    buf = _io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    (tmp_path / "r.jpg").write_bytes(buf.getvalue())
+    decoded = decode_image(buf.getvalue(), "r.jpg")
+    assert decoded.shape == (3, 40, 20)  # height 40, width 20, as displayed
+    assert decoded[1, :8].mean() > 0.6 and decoded[1, -8:].mean() < 0.3  # green on top
+    with Image.open(tmp_path / "r.jpg") as opened:
+        assert oriented_size(opened) == (20, 40)
+    (tmp_path / "r.txt").write_text("0 0.5 0.5 0.5 0.25\n")
+    (tmp_path / "names").write_text("car\n")
+    coco = convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+    assert (coco["images"][0]["width"], coco["images"][0]["height"]) == (20, 40)
+    assert coco["annotations"][0]["bbox"] == pytest.approx([5.0, 15.0, 10.0, 10.0])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from scalekd import storage
 
@@ -107,11 +107,29 @@ def coco_api(data: dict):
     return coco
 
 
+# EXIF orientations 5-8 swap width and height (the image is stored rotated by 90 or 270 degrees).
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is meant to be seen, after its EXIF orientation: what labels refer to."""
+    orientation = img.getexif().get(0x0112, 1)
+    return (img.height, img.width) if orientation in _TRANSPOSED_ORIENTATIONS else img.size
+
+
 def decode_image(data: bytes, name: str) -> torch.Tensor:
-    """[3, H, W] float in [0, 1]; a corrupt or truncated file raises DataError naming it."""
+    """[3, H, W] float in [0, 1]; a corrupt or truncated file raises DataError naming it.
+
+    Decoded at the image's real bit depth (a 16-bit PNG is scaled by 65535, not clipped at 255) and turned by
+    its EXIF orientation, as converters measure its size (``oriented_size``)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                depth = 65535.0 if img.mode.startswith("I;16") or np.asarray(img).max() > 255 else 255.0
+                gray = np.asarray(img, dtype=np.float32) / depth
+                return torch.from_numpy(np.clip(gray, 0.0, 1.0)).unsqueeze(0).repeat(3, 1, 1)
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc}); the file is corrupt or truncated: "

@@ -9,7 +9,7 @@ import os
 from PIL import Image
 
 from scalekd import storage
-from scalekd.data.coco import DataError
+from scalekd.data.coco import DataError, oriented_size
 
 # VisDrone2019-DET: 0 = ignored region, 1..10 objects, 11 = others (treated as ignore regions).
 VISDRONE_NAMES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
@@ -24,7 +24,7 @@ def _image_size(path: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
             img.verify()
         with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
-            return img.size
+            return oriented_size(img)
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
 
