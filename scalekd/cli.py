@@ -88,16 +88,26 @@ def cmd_data(args) -> int:
             print(stats.format_stats(stats.dataset_stats(ann), f"{split}: {ann}"))
         return 0
     if args.data_command == "convert":
+        _refuse_to_overwrite(args.out, args.force, folder=False)
         if args.format == "visdrone":
             images_out = args.images_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "images")
+            if args.patches > 1 and os.path.abspath(images_out) == os.path.abspath(os.path.join(args.src, "images")):
+                raise ConfigError("--images-out", images_out, "a folder other than the source's images/ (patches "
+                                  "would be written among the originals)")
             coco = convert.convert_visdrone(args.src, args.patches, images_out if args.patches > 1 else None)
         else:
             if not args.names:
                 raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
+            if args.patches != 1:
+                raise ConfigError("--patches", args.patches, "VisDrone only; YOLO conversion keeps whole images")
             coco = convert.convert_yolo(args.src, args.names)
-        _refuse_to_overwrite(args.out, args.force, folder=False)
         storage.write_text(args.out, json.dumps(coco))
+        report = coco["info"]["conversion"]
         print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+        if report["dropped"]:
+            reasons = "; ".join(f"{n} {reason}" for reason, n in report["dropped"].items())
+            print(f"dropped {sum(report['dropped'].values())} labels: {reasons}; e.g. "
+                  + " | ".join(report["examples"][:3]), file=sys.stderr)
         return 0
     if args.data_command == "stats":
         result = stats.dataset_stats(args.annotations)

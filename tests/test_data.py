@@ -319,3 +319,52 @@ def test_exif_orientation_is_applied_to_pixels_and_to_converted_sizes(tmp_path):
     coco = convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
     assert (coco["images"][0]["width"], coco["images"][0]["height"]) == (20, 40)
     assert coco["annotations"][0]["bbox"] == pytest.approx([5.0, 15.0, 10.0, 10.0])
+
+
+def test_yolo_drops_are_reported_and_a_conversion_keeping_nothing_fails(tmp_path):
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "names").write_text("car\n")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 20 15 8 6\n0 1.5 0.5 0.1 0.1\n")
+    coco = convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+    report = coco["info"]["conversion"]
+    assert report["kept"] == 1 and sum(report["dropped"].values()) == 2
+    assert any("a.txt:2" in e and "pixels" in e for e in report["examples"])
+    (tmp_path / "a.txt").write_text("0 20 15 8 6\n")  # pixel coordinates only: nothing would be kept
+    with pytest.raises(DataError, match="no annotations kept .*1 coordinates outside"):
+        convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+
+
+def test_the_standard_yolo_layout_images_and_labels_side_by_side(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    _write_png(tmp_path / "images" / "a.png")
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "names").write_text("car\n")
+    coco = convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+    assert [im["file_name"] for im in coco["images"]] == ["a.png"] and len(coco["annotations"]) == 1
+
+
+def test_visdrone_drops_are_reported(shared_data, tmp_path):
+    src = tmp_path / "vd"
+    shutil.copytree(shared_data / "visdrone_sample", src)
+    first = sorted((src / "annotations").iterdir())[0]
+    lines = first.read_text().splitlines()
+    first.write_text("\n".join(lines + ["10,10,-5,5,1,4,0,0", "99999,99999,5,5,1,4,0,0"]) + "\n")
+    report = convert.convert_visdrone(str(src))["info"]["conversion"]
+    assert report["dropped"] == {"non-positive width or height": 1, "outside the image or a sliver after clipping": 1}
+
+
+def test_yolo_patches_and_visdrone_patches_into_the_source_are_refused(tmp_path, capsys):
+    from scalekd.cli import main
+
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "names").write_text("car\n")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    assert main(["data", "convert", "yolo", str(tmp_path), "--names", str(tmp_path / "names"), "--patches", "4",
+                 "--out", str(tmp_path / "o.json")]) == 2
+    assert "--patches" in capsys.readouterr().err and not (tmp_path / "o.json").exists()
+    (tmp_path / "vd" / "images").mkdir(parents=True)
+    (tmp_path / "vd" / "annotations").mkdir()
+    assert main(["data", "convert", "visdrone", str(tmp_path / "vd"), "--patches", "4",
+                 "--out", str(tmp_path / "vd" / "ann.json")]) == 2
+    assert "--images-out" in capsys.readouterr().err

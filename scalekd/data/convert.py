@@ -29,6 +29,30 @@ def _image_size(path: str) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
 
 
+class DropReport:
+    """What a converter left out and why: counts per reason and the first few file:line, stored in the COCO
+    file's ``info.conversion`` and printed by the CLI. Nothing is dropped without a word."""
+
+    def __init__(self, source: str):
+        self.source, self.counts, self.examples = source, {}, []
+
+    def drop(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    def finish(self, coco: dict) -> dict:
+        """Record the report in ``coco``; a conversion that kept no annotation at all is an error."""
+        kept = sum(1 for a in coco["annotations"] if not a.get("iscrowd"))
+        coco["info"] = {"conversion": {"source": self.source, "kept": kept, "dropped": dict(self.counts),
+                                       "examples": list(self.examples)}}
+        if kept == 0:
+            why = "; ".join(f"{n} {r}" for r, n in self.counts.items()) or "no label lines found"
+            raise DataError(f"{self.source}: no annotations kept ({why}); e.g. {self.examples[:3]}"
+                            if self.examples else f"{self.source}: no annotations kept ({why})")
+        return coco
+
+
 def _find_image(images_dir: str, stem: str) -> str:
     for suffix in IMAGE_SUFFIXES:
         candidate = os.path.join(images_dir, stem + suffix)
@@ -69,6 +93,7 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
     ann_files = sorted(f for f in os.listdir(ann_dir) if f.endswith(".txt"))
     if not ann_files:
         raise DataError(f"{ann_dir}: no .txt annotation files")
+    report = DropReport(src)
     for txt in ann_files:
         path = os.path.join(ann_dir, txt)
         image_path = _find_image(img_dir, txt[:-4])
@@ -79,7 +104,10 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
                 if not line.strip():
                     continue
                 bbox, category = parse_visdrone_line(line, path, lineno)
-                (ignores if category in (0, 11) else objects).append((bbox, category))
+                if bbox[2] <= 0 or bbox[3] <= 0:
+                    report.drop("non-positive width or height", f"{path}:{lineno}")
+                    continue
+                (ignores if category in (0, 11) else objects).append((bbox, category, f"{path}:{lineno}"))
         tiles = _tiles(width, height, patches)
         for t_index, (tx, ty, tw, th) in enumerate(tiles):
             image_id = len(out["images"]) + 1
@@ -92,16 +120,19 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
                     img.crop((tx, ty, tx + tw, ty + th)).save(buf, format=img.format or "PNG")
                 storage.write_bytes(storage.join(images_out, file_name), buf.getvalue())
             out["images"].append({"id": image_id, "file_name": file_name, "width": tw, "height": th})
-            for bbox, category in objects:
+            for bbox, category, _where in objects:
                 clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
                 if clipped:
                     _add(out, image_id, category, clipped, crowd=False)
-            for bbox, _ in ignores:
+            for bbox, _, _where in ignores:
                 clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
                 if clipped:  # an ignored region ignores every class (COCOeval matches crowd per class)
                     for cat in range(1, len(VISDRONE_NAMES) + 1):
                         _add(out, image_id, cat, clipped, crowd=True)
-    return out
+        for bbox, _category, where in objects:  # in no tile (outside the image, or a sliver in every tile)
+            if not any(_clip_to_tile(bbox, tile) for tile in tiles):
+                report.drop("outside the image or a sliver after clipping", where)
+    return report.finish(out)
 
 
 def _tiles(width: int, height: int, patches: int) -> list[tuple[int, int, int, int]]:
@@ -131,7 +162,9 @@ def _add(out: dict, image_id: int, category: int, bbox: list[float], crowd: bool
 
 
 def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> dict:
-    """COCO dict from YOLO labels (``class cx cy w h`` normalised) beside their images in ``src``."""
+    """COCO dict from YOLO labels (``class cx cy w h`` normalised to [0, 1]), either beside their images in ``src``
+    or in the standard layout ``src/images/*`` + ``src/labels/*.txt``. Dropped labels are reported
+    (``DropReport``): coordinates outside [0, 1] (pixels, probably), empty boxes, boxes outside the image."""
     try:
         with open(names_file) as f:
             names = [n.strip() for n in f if n.strip()]
@@ -140,16 +173,22 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
     if not names:
         raise DataError(f"{names_file}: no class names")
     out = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    if not os.path.isdir(src):
+        raise DataError(f"{src}: not a folder; give the folder with the images and their .txt labels")
+    standard = os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
+    image_dir = os.path.join(src, "images") if standard else src
+    label_dir = os.path.join(src, "labels") if standard else src
     image_files = images if images is not None else sorted(
-        f for f in os.listdir(src) if f.lower().endswith(IMAGE_SUFFIXES))
+        f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
     if not image_files:
-        raise DataError(f"{src}: no images found")
+        raise DataError(f"{image_dir}: no images found (accepted: {', '.join(IMAGE_SUFFIXES)})")
+    report = DropReport(src)
     for file_name in image_files:
-        image_path = os.path.join(src, file_name)
+        image_path = os.path.join(image_dir, file_name)
         width, height = _image_size(image_path)
         image_id = len(out["images"]) + 1
         out["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        label_path = os.path.splitext(image_path)[0] + ".txt"
+        label_path = os.path.join(label_dir, os.path.splitext(file_name)[0] + ".txt")
         if not os.path.exists(label_path):
             continue  # an image without a label file has no objects (YOLO convention)
         with open(label_path) as f:
@@ -170,11 +209,16 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
                 if not 0 <= cls < len(names):
                     raise DataError(f"{label_path}:{lineno}: class {cls} not in {names_file} "
                                     f"({len(names)} names)")
+                where = f"{label_path}:{lineno}"
+                if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+                    report.drop("coordinates outside [0, 1] (pixels instead of normalised?)", where)
+                    continue
                 x0 = max(0.0, (cx - w / 2) * width)
                 y0 = max(0.0, (cy - h / 2) * height)
                 x1 = min(float(width), (cx + w / 2) * width)
                 y1 = min(float(height), (cy + h / 2) * height)
                 if x1 - x0 <= 0 or y1 - y0 <= 0:
+                    report.drop("empty box after clipping to the image", where)
                     continue
                 _add(out, image_id, cls + 1, [x0, y0, x1 - x0, y1 - y0], crowd=False)
-    return out
+    return report.finish(out)
