@@ -121,7 +121,7 @@ def cmd_data(args) -> int:
                       file=sys.stderr)
         if args.config or args.preset or args.overrides:
             result["anchor_coverage"] = stats.coverage_for_config(args.annotations, _load(args))
-        print(stats.format_stats(result, args.annotations))
+        print(stats.format_stats(result, args.annotations))  # printed first: a bad --json loses nothing
         if args.json:
             storage.write_json(args.json, result)
         return 0
@@ -156,9 +156,9 @@ def cmd_evaluate(args) -> int:
         (result,) = evaluate_models({"model": args.model}, args.data, cfg, args.split)
         print(metrics_table([result], markdown=False))
         metrics = {**result.metrics, "params": result.parameters, "images_per_s": result.images_per_s}
+    print(json.dumps(metrics, indent=2))  # before the write: a bad --json path must not lose the metrics
     if args.json:
         storage.write_json(args.json, metrics)
-    print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -287,7 +288,12 @@ def load_config(path: str | None = None, preset: str | None = None,
         if text is None:
             from scalekd import storage
 
-            text = storage.read_text(path)
+            if not storage.is_s3(path) and os.path.isdir(path):
+                raise ConfigError("--config", path, "is a folder; give a YAML file")
+            try:
+                text = storage.read_text(path)
+            except UnicodeDecodeError:
+                raise ConfigError("--config", path, "is not a text (UTF-8) YAML file") from None
         try:
             loaded = parse_yaml(text) or {}
         except yaml.YAMLError as exc:

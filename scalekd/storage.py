@@ -223,8 +223,13 @@ def write_bytes(uri: str, data: bytes) -> None:
         p = S3Path.parse(uri)
         _s3_call(uri, _client().put_object, Bucket=p.bucket, Key=p.key, Body=data)
         return
+    if os.path.isdir(uri):
+        raise StorageError(f"{uri}: is a folder; give a file path to write")
     directory = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StorageError(f"{uri}: a parent of this path is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -76,3 +76,11 @@ def test_a_key_given_twice_is_an_error_not_last_wins():
 def test_a_malformed_override_value_names_the_flag():
     with pytest.raises(ConfigError, match="distill.alpha"):
         load_config(overrides=["distill.alpha=[1, 2"])
+
+
+def test_a_config_path_that_is_a_folder_or_binary_is_named(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(str(tmp_path / "bin.yaml"))

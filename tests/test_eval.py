@@ -156,3 +156,14 @@ def test_cli_evaluate_detections_without_gt_names_the_flag(tmp_path, capsys):
     (tmp_path / "dt.json").write_text("[]")
     assert main(["evaluate", "--detections", str(tmp_path / "dt.json")]) == 2
     assert "--gt" in capsys.readouterr().err
+
+
+def test_cli_evaluate_json_to_a_folder_prints_the_metrics_first(synth_root, tmp_path, capsys):
+    from scalekd.cli import main
+
+    gt_path = f"{synth_root}/annotations/instances_val.json"
+    (tmp_path / "dt.json").write_text(json.dumps(_jittered_detections(load_coco_json(gt_path), seed=1)))
+    assert main(["evaluate", "--gt", gt_path, "--detections", str(tmp_path / "dt.json"),
+                 "--json", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert '"AP"' in captured.out and "is a folder" in captured.err

@@ -149,8 +149,21 @@ def test_checkpoint_of_another_architecture_is_refused_naming_both(tiny_cfg, tmp
         ckpt.load_model(str(tmp_path / "w" / "model.pt"), expect=student_spec(other, 4))
 
 
-def test_truncated_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", bytes(range(256)) * 40, b""])
+def test_truncated_or_random_model_files_are_refused_without_unsafe_advice(tmp_path, content):
     path = tmp_path / "model.pt"
-    path.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(ckpt.CheckpointError, match="truncated or from an untrusted source"):
-        ckpt.load(str(path))
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="not a scalekd model or checkpoint file") as err:
+        ckpt.load_model(str(path))
+    assert "weights_only" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_weights_that_do_not_fit_their_stored_spec_get_one_line(tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, train={"warmup_iterations": 1})
+    run_stage(StageRequest("warmup", cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "w")))
+    blob = ckpt.load(str(tmp_path / "w" / "model.pt"))
+    blob["spec"]["fpn_channels"] = 64  # the weights are FPN 32
+    ckpt.save(blob, str(tmp_path / "altered.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="do not fit its stored spec") as err:
+        ckpt.load_model(str(tmp_path / "altered.pt"))
+    assert len(str(err.value)) < 500

@@ -37,8 +37,9 @@ def load(uri: str) -> dict:
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"{uri}: not a loadable scalekd checkpoint ({type(exc).__name__}: {exc}); "
-                              "it may be truncated or from an untrusted source") from None
+        # torch's own message can suggest weights_only=False (unsafe loading): never pass that advice on.
+        raise CheckpointError(f"{uri}: not a scalekd model or checkpoint file (unreadable as one: "
+                              f"{type(exc).__name__}); it may be truncated, or not a file scalekd wrote") from None
 
 
 def checkpoint_uri(out: str, iteration: int) -> str:
@@ -73,19 +74,33 @@ def save_model(model: torch.nn.Module, spec: DetectorSpec, out: str, categories:
 def load_model(uri: str, expect: DetectorSpec | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild a detector from its model file; errors name both architectures on a mismatch."""
     blob = load(uri)
-    if blob.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{uri}: not a scalekd model file (format {blob.get('format')!r})")
-    spec = DetectorSpec(**blob["spec"])
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{uri}: not a scalekd model file (format {found!r})")
+    try:
+        spec = DetectorSpec(**blob["spec"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{uri}: its stored spec is unreadable ({exc}); re-export the model") from None
     if expect is not None:
-        mine = (expect.detector, expect.backbone, expect.num_classes, expect.fpn_channels)
-        theirs = (spec.detector, spec.backbone, spec.num_classes, spec.fpn_channels)
+        mine = (expect.detector, expect.backbone, expect.num_classes, expect.fpn_channels, expect.min_level)
+        theirs = (spec.detector, spec.backbone, spec.num_classes, spec.fpn_channels, spec.min_level)
         if mine != theirs:
             raise CheckpointError(f"{uri}: holds a {_describe(spec)} but the config asks for a "
                                   f"{_describe(expect)}; point at the right file or change the config")
     model = build_detector(spec)
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{uri}: its weights do not fit its stored spec, a {_describe(spec)} "
+                              f"({_first_line(exc)}); the file was altered or written by other code") from None
     return model, blob
 
 
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _describe(spec: DetectorSpec) -> str:
-    return f"{spec.detector}/{spec.backbone} ({spec.num_classes} classes, FPN {spec.fpn_channels})"
+    low = spec.min_level if spec.detector != "faster_rcnn" else 2
+    return f"{spec.detector}/{spec.backbone} ({spec.num_classes} classes, FPN {spec.fpn_channels}, P{low}-P{low + 4})"
