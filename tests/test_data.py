@@ -368,3 +368,30 @@ def test_yolo_patches_and_visdrone_patches_into_the_source_are_refused(tmp_path,
     assert main(["data", "convert", "visdrone", str(tmp_path / "vd"), "--patches", "4",
                  "--out", str(tmp_path / "vd" / "ann.json")]) == 2
     assert "--images-out" in capsys.readouterr().err
+
+
+def test_missing_or_non_folder_sources_and_unaccepted_image_types_are_named(tmp_path, capsys):
+    from scalekd.cli import main
+
+    (tmp_path / "names").write_text("car\n")
+    (tmp_path / "plain.txt").write_text("x")
+    for src in (tmp_path / "nowhere", tmp_path / "plain.txt"):
+        assert main(["data", "convert", "yolo", str(src), "--names", str(tmp_path / "names"),
+                     "--out", str(tmp_path / "o.json")]) == 2
+        assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "webp").mkdir()
+    (tmp_path / "webp" / "a.webp").write_bytes(b"RIFF")
+    assert main(["data", "convert", "yolo", str(tmp_path / "webp"), "--names", str(tmp_path / "names"),
+                 "--out", str(tmp_path / "o.json")]) == 2
+    assert "accepted: .jpg, .jpeg, .png, .bmp" in capsys.readouterr().err
+    assert main(["data", "convert", "visdrone", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.json")]) == 2
+    assert "images/ and annotations/" in capsys.readouterr().err
+
+
+def test_data_stats_refuses_a_nan_box(tmp_path, capsys):
+    from scalekd.cli import main
+
+    path = _write_coco(tmp_path, [_IMAGE], [{"id": 1, "image_id": 1, "category_id": 1,
+                                             "bbox": [10, 10, float("nan"), 8]}])
+    assert main(["data", "stats", path]) == 2
+    assert "finite numbers" in capsys.readouterr().err
