@@ -1,0 +1,95 @@
+"""The issue-12 targets, judged from the headline file ``benchmarks/results/quality_headline.json`` (written by
+``quality.py`` after every seed): a table of every variant (mean ± std over its seeds, the AP_S difference to the
+default recipe paired by seed) and one verdict line per target. Adds the verdict to the file.
+
+    python benchmarks/headline.py [--file quality_headline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import RESULTS, table  # noqa: E402
+from scalekd import storage  # noqa: E402
+
+KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "-"
+
+
+def _paired(ours: list[dict], theirs: list[dict], key: str = "AP_S") -> list[float]:
+    by_seed = {r["seed"]: r for r in theirs}
+    return [round(r[key] - by_seed[r["seed"]][key], 2) for r in ours if r["seed"] in by_seed and key in r]
+
+
+def rows(variants: dict) -> list[dict]:
+    ours = variants.get("scalekd", {}).get("per_seed", [])
+    out = []
+    for name, entry in variants.items():
+        runs = entry["per_seed"]
+        row = {"variant": name, "seeds": len(runs)}
+        row.update({k: _mean_std([r[k] for r in runs if k in r]) for k in KEYS})
+        if name != "scalekd":
+            diffs = _paired(ours, runs)
+            row["scalekd AP_S minus this, per seed"] = ", ".join(f"{d:+.2f}" for d in diffs)
+        out.append(row)
+    return out
+
+
+def verdicts(variants: dict) -> dict[str, str]:
+    """One line per target of issue 12; 'not assessed' where a variant did not run."""
+    get = lambda name: variants.get(name, {}).get("per_seed", [])  # noqa: E731
+    ours, plain, control = get("scalekd"), get("plain"), get("scalekd_no_teacher")
+    out = {}
+    if ours and plain:
+        gains = _paired(ours, plain)
+        mean_gain = statistics.mean(gains)
+        base = statistics.mean(r["AP_S"] for r in plain)
+        met = (mean_gain >= 2.0 or mean_gain >= 0.15 * base) and all(g > 0 for g in gains)
+        out["beats plain on AP_S by >= 2.0 (or 15%), every seed"] = (
+            f"{'MET' if met else 'NOT MET'}: {mean_gain:+.2f} ({100 * mean_gain / base:+.1f}%), per seed {gains}")
+        dm = statistics.mean(_paired(ours, plain, "AP_M"))
+        params = {r.get("params") for r in ours + plain}
+        out["AP_M within 1 point of plain; identical parameters"] = (
+            f"{'MET' if dm >= -1.0 and len(params) == 1 else 'NOT MET'}: AP_M {dm:+.2f}, parameters {sorted(params)}")
+    if ours and control:
+        gains = _paired(ours, control)
+        out["beats the no-teacher control on AP_S by >= 1.0"] = (
+            f"{'MET' if statistics.mean(gains) >= 1.0 else 'NOT MET'}: {statistics.mean(gains):+.2f}, per seed "
+            f"{gains}")
+    for baseline in ("fitnet", "od", "pkd"):
+        if ours and get(baseline):
+            gains = _paired(ours, get(baseline))
+            out[f"beats {baseline} on AP_S"] = (f"{'MET' if gains and statistics.mean(gains) > 0 else 'NOT MET'}: "
+                                                f"{statistics.mean(gains):+.2f} over {len(gains)} paired seed(s)")
+        else:
+            out[f"beats {baseline} on AP_S"] = "not assessed (not run)"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--file", default="quality_headline.json")
+    args = ap.parse_args()
+    path = os.path.join(RESULTS, args.file)
+    with open(path) as f:
+        doc = json.load(f)
+    print(f"{doc['protocol']}; preset {doc['preset']}, {doc['synth_images']} synthetic images; metrics in %")
+    print(table(rows(doc["variants"]), ["variant", "seeds", *KEYS, "scalekd AP_S minus this, per seed"]))
+    doc["verdict"] = verdicts(doc["variants"])
+    for target, line in doc["verdict"].items():
+        print(f"{target}: {line}")
+    with open(path, "w") as f:
+        f.write(storage.json_text(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
