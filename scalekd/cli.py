@@ -94,6 +94,8 @@ def cmd_data(args) -> int:
             if args.patches > 1 and os.path.abspath(images_out) == os.path.abspath(os.path.join(args.src, "images")):
                 raise ConfigError("--images-out", images_out, "a folder other than the source's images/ (patches "
                                   "would be written among the originals)")
+            if args.patches > 1:
+                _refuse_to_overwrite(images_out, args.force, folder=True)
             coco = convert.convert_visdrone(args.src, args.patches, images_out if args.patches > 1 else None)
         else:
             if not args.names:
@@ -215,11 +217,11 @@ def cmd_pipeline(args) -> int:
         return 0
     if args.pipeline_command == "submit":
         run_id = runner.submit(args.host, params, experiment=args.experiment, preset=args.preset)
-        print(f"created run {run_id} on {args.host}")
+        print(f"created run {run_id} on {storage.redact(args.host)}")
         return 0
     if args.pipeline_command == "schedule":
         job_id = runner.schedule(args.host, args.cron, params, experiment=args.experiment, preset=args.preset)
-        print(f"created recurring run {job_id} on {args.host} ({args.cron})")
+        print(f"created recurring run {job_id} on {storage.redact(args.host)} ({args.cron})")
         return 0
     raise SystemExit(2)
 

@@ -213,6 +213,7 @@ _IMAGE = {"id": 1, "file_name": "a.png", "width": 40, "height": 30}
     ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [10, None, 4, 8]}], "finite numbers"),
     ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [True, 1, 4, 8]}], "finite numbers"),
     ([{**_IMAGE, "width": float("nan")}], [], "width nan"),
+    ([_IMAGE], [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 8], "area": float("nan")}], "area nan"),
     ([_IMAGE, {**_IMAGE, "file_name": "b.png"}], [], "duplicate images ids 1"),
     ([_IMAGE], [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]},
                 {"id": 3, "image_id": 1, "category_id": 2, "bbox": [9, 9, 4, 4]}], "duplicate annotations ids 3"),
@@ -368,6 +369,11 @@ def test_yolo_patches_and_visdrone_patches_into_the_source_are_refused(tmp_path,
     assert main(["data", "convert", "visdrone", str(tmp_path / "vd"), "--patches", "4",
                  "--out", str(tmp_path / "vd" / "ann.json")]) == 2
     assert "--images-out" in capsys.readouterr().err
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "mine.png").write_bytes(b"keep")
+    assert main(["data", "convert", "visdrone", str(tmp_path / "vd"), "--patches", "4", "--images-out",
+                 str(tmp_path / "patches"), "--out", str(tmp_path / "ann.json")]) == 2
+    assert "--force" in capsys.readouterr().err and (tmp_path / "patches" / "mine.png").read_bytes() == b"keep"
 
 
 def test_missing_or_non_folder_sources_and_unaccepted_image_types_are_named(tmp_path, capsys):

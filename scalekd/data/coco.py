@@ -64,6 +64,9 @@ def load_coco_json(uri: str) -> dict:
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
             raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
                             "expected [x, y, width, height] of finite numbers")
+        if "area" in ann and not (_is_finite_number(ann["area"]) and ann["area"] >= 0):
+            raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) has area {ann['area']!r}; expected a "
+                            "finite number >= 0 (or no area: width x height is used)")
         if ann.get("ignore") and not ann.get("iscrowd"):
             # One meaning everywhere: "ignore": 1 is an ignore region, as "iscrowd": 1 (pycocotools' evaluation
             # would otherwise overwrite "ignore" with "iscrowd" and score it as a missed object).
