@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--synth-images", type=int, default=300)
     ap.add_argument("--shared-teacher", action="store_true",
                     help="one teacher and warm student per dataset; seeds vary the distillation only")
+    ap.add_argument("--headline", help="headline JSON name (default: OUT with _headline)")
     ap.add_argument("--merge-headline", action="store_true",
                     help="keep the variants an earlier run wrote to the headline file (same protocol and size)")
     args = ap.parse_args()
@@ -176,26 +177,26 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
         variants[name] = {"per_seed": per_seed}
     protocol = ("teacher and warm student shared, seeds vary distillation" if args.shared_teacher
                 else "every stage per seed")
-    name = args.out.replace(".json", "_headline.json")
-    previous = os.path.join(RESULTS, name)
+    headline = args.headline or args.out.replace(".json", "_headline.json")
+    previous = os.path.join(RESULTS, headline)
     if args.merge_headline and os.path.exists(previous):  # variants run by an earlier call on the same protocol
         with open(previous) as f:
             old = json.load(f)
         if (old.get("protocol"), old.get("preset"), old.get("synth_images")) == (protocol, args.preset,
                                                                                   args.synth_images):
-            for name, entry in old["variants"].items():  # per seed: a later run of other seeds adds to them
-                fresh = {r["seed"] for r in variants.get(name, {}).get("per_seed", [])}
+            for variant, entry in old["variants"].items():  # per seed: a later run of other seeds adds to them
+                fresh = {r["seed"] for r in variants.get(variant, {}).get("per_seed", [])}
                 kept = [r for r in entry["per_seed"] if r["seed"] not in fresh]
-                merged = sorted(kept + variants.get(name, {}).get("per_seed", []), key=lambda r: r["seed"])
-                variants[name] = {"per_seed": merged}
+                merged = sorted(kept + variants.get(variant, {}).get("per_seed", []), key=lambda r: r["seed"])
+                variants[variant] = {"per_seed": merged}
     ours = {r["seed"]: r for r in variants.get("scalekd", {}).get("per_seed", [])}
-    for name, entry in variants.items():  # paired by seed: the same data order and starting student
+    for variant, entry in variants.items():  # paired by seed: the same data order and starting student
         gains = [round(ours[r["seed"]]["AP_S"] - r["AP_S"], 3) for r in entry["per_seed"] if r["seed"] in ours]
-        if name != "scalekd" and gains:
+        if variant != "scalekd" and gains:
             entry["scalekd_minus_this_AP_S_per_seed"] = gains
     doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
            "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
-    return write_json(name, doc)
+    return write_json(headline, doc)
 
 
 def _verdict(rows: list[dict], runs: dict[str, list[dict]], variant: str = "scalekd") -> str:
