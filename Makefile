@@ -35,7 +35,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py && $(PY) benchmarks/quality.py \
+	$(PY) benchmarks/machine.py && $(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py \
+		&& $(PY) benchmarks/quality.py --shared-teacher --datasets synth && $(PY) benchmarks/headline.py \
 		&& $(PY) benchmarks/assistant.py
 
 clean:

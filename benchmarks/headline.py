@@ -75,6 +75,26 @@ def verdicts(variants: dict) -> dict[str, str]:
     return out
 
 
+def chart(variants: dict, path: str) -> None:
+    """AP_S per variant: the seeds' mean, their spread as error bars, the seed count under each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in variants if n not in ("teacher", "warm")]
+    values = [[r["AP_S"] for r in variants[n]["per_seed"]] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.5))
+    ax.bar(range(len(names)), [statistics.mean(v) for v in values], yerr=[statistics.pstdev(v) for v in values],
+           capsize=3)
+    ax.set_xticks(range(len(names)), [f"{n}\n({len(v)} seeds)" for n, v in zip(names, values)], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("AP_S (%)")
+    ax.set_title("AP_S per variant (synthetic, 200 val images)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--file", default="quality_headline.json")
@@ -89,6 +109,7 @@ def main() -> None:
         print(f"{target}: {line}")
     with open(path, "w") as f:
         f.write(storage.json_text(doc, indent=2))
+    chart(doc["variants"], path.replace(".json", "_ap_s.png"))
 
 
 if __name__ == "__main__":

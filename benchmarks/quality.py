@@ -1,18 +1,18 @@
-"""The paper's claim at our scale: teacher at 2x, plain student, FitNet, Chen et al. "OD", ScaleKD and
-its ablations, on the synthetic small-object set and on the real KIT AIS cars (split by image, fixed
-seed), one student architecture and one iteration budget for all, several seeds; mean and std of AP,
-AP50, AP75, AP_S/M/L. The target it can show or refute: ScaleKD beats the plain student on AP_S by
->= 2 points (or 15% relative) and beats FitNet and OD on AP_S, at identical inference cost.
+"""Does the 2x teacher's knowledge reach the student? Teacher at 2x, plain student, FitNet, Chen et al.'s OD,
+PKD, ScaleKD (the default recipe), the no-teacher control, the paper's literal reading and ablations, on the
+synthetic small-object set (and the real KIT AIS cars, split by image with a fixed seed), one student
+architecture and one iteration budget for all, several seeds; AP, AP50, AP75, AP_S/M/L. Writes the full
+result and ``<out>_headline.json`` (every variant's per-seed metrics; ``--merge-headline`` adds to an
+earlier run's); ``benchmarks/headline.py`` judges issue 12's targets from it.
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
-                                 [--variants plain fitnet od scalekd no_sdf no_csa plain_attention no_sharing
-                                             no_positional scalekd_strong own_head
-                                             own_head_strong own_head_warm own_head_fine
-                                             own_head_warm_no_teacher]
+                                 [--variants plain fitnet od pkd scalekd scalekd_no_teacher scalekd_paper
+                                             no_sdf no_csa plain_attention no_locality no_assistant_warmup]
 
-``--shared-teacher`` trains the teacher and the warm student once (seed of the first seed) and lets the
-seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then the
-distillation's alone (the table's header says which protocol ran).
+``--shared-teacher`` trains the teacher and the warm student once, in the *first* listed seed's folder, and
+lets the seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then
+the distillation's alone. To add seeds to variants of an earlier run, list that run's first seed first
+(``--seeds 0 1 2``: finished stages are not rerun, only evaluated).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--workdir", default="runs/bench/quality")
     ap.add_argument("--out", default="quality.json", help="JSON name under benchmarks/results/ (chart beside it)")
-    ap.add_argument("--synth-images", type=int, default=300)
+    ap.add_argument("--synth-images", type=int, default=1000, help="20%% are validation images (>= 200 resolve "
+                    "about 1 AP_S)")
     ap.add_argument("--shared-teacher", action="store_true",
                     help="one teacher and warm student per dataset; seeds vary the distillation only")
     ap.add_argument("--headline", help="headline JSON name (default: OUT with _headline)")
