@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, table, write_json  # noqa: E402
-from scalekd.config import PAPER_RECIPE, Config, apply_recipe, config_from_dict, load_config, replace  # noqa: E402
+from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
 from scalekd.data.convert import convert_yolo  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
@@ -56,15 +56,10 @@ PAIRED = ("plain", "scalekd_no_teacher", "fitnet", "od", "pkd", "scalekd_paper")
 
 
 def variant_config(base, name: str):
-    """The variant's config: its overrides on the base (the paper's recipe through config.apply_recipe)."""
+    """The variant's config: its overrides on the base (the paper's recipe: ``config.paper_recipe``)."""
     overrides = VARIANTS[name]
     if overrides == "paper":
-        raw = base.to_dict()
-        defaults = Config().to_dict()["distill"]  # recipe fields back to their defaults, then the paper's beneath
-        raw["distill"] = {**{k: v for k, v in raw["distill"].items() if k not in PAPER_RECIPE}, "recipe": "paper",
-                          "csa": {k: v for k, v in raw["distill"]["csa"].items()
-                                  if k not in PAPER_RECIPE["csa"] or v != defaults["csa"][k]}}
-        return config_from_dict(apply_recipe(raw))
+        overrides = {"recipe": "paper", **paper_recipe(base.model.student_min_level)}
     return replace(base, distill=overrides)
 
 
@@ -170,7 +165,7 @@ def main() -> None:
 
 
 def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
-    """benchmarks/results/<out>_headline.json: per variant, its per-seed metrics (%) and paired AP_S gains."""
+    """benchmarks/results/<out>_headline.json: per variant, its per-seed metrics (%); ``headline.py`` pairs them."""
     variants = {}
     for name, values in runs.items():
         per_seed = [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0}, "params": v["params"]}
@@ -190,11 +185,6 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
                 kept = [r for r in entry["per_seed"] if r["seed"] not in fresh]
                 merged = sorted(kept + variants.get(variant, {}).get("per_seed", []), key=lambda r: r["seed"])
                 variants[variant] = {"per_seed": merged}
-    ours = {r["seed"]: r for r in variants.get("scalekd", {}).get("per_seed", [])}
-    for variant, entry in variants.items():  # paired by seed: the same data order and starting student
-        gains = [round(ours[r["seed"]]["AP_S"] - r["AP_S"], 3) for r in entry["per_seed"] if r["seed"] in ours]
-        if variant != "scalekd" and gains:
-            entry["scalekd_minus_this_AP_S_per_seed"] = gains
     doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
            "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
     return write_json(headline, doc)

@@ -306,18 +306,22 @@ def load_config(path: str | None = None, preset: str | None = None,
     return config_from_dict(apply_recipe(merged))
 
 
-def apply_recipe(raw: dict) -> dict:
-    """``distill.recipe=paper``: the paper's settings beneath whatever the raw config sets itself.
+def paper_recipe(student_min_level: int) -> dict:
+    """The distill fields ``recipe=paper`` sets. A P2-P6 student keeps scale-aligned pairing and its rates: the
+    teacher has no P2, pairing the lists by position (the paper's P3-P7 with P3-P7) is then scale alignment
+    anyway, and the paper's rates 2 and 4 on a 2x map are rates 1 and 2 on the scale-aligned map."""
+    fields = copy.deepcopy(PAPER_RECIPE)
+    if student_min_level == 2:
+        del fields["pairing"], fields["csa"]["rates"]
+    return fields
 
-    A P2-P6 student keeps scale-aligned pairing and its rates: the teacher has no P2, pairing the lists by
-    position (the paper's P3-P7 with P3-P7) is then scale alignment anyway, and the paper's rates 2 and 4 on a 2x
-    map are rates 1 and 2 on the scale-aligned map, the student's grid."""
+
+def apply_recipe(raw: dict) -> dict:
+    """``distill.recipe=paper``: the paper's settings beneath whatever the raw config sets itself."""
     distill = raw.get("distill")
     if isinstance(distill, dict) and distill.get("recipe") == "paper":
-        base = copy.deepcopy(PAPER_RECIPE)
         model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-        if model.get("student_min_level") == 2:
-            del base["pairing"], base["csa"]["rates"]
+        base = paper_recipe(model.get("student_min_level", ModelConfig.student_min_level))
         _deep_update(base, distill)
         raw = {**raw, "distill": base}
     return raw

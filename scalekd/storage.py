@@ -116,8 +116,8 @@ def _client():
 
             # One attempt per call here: _s3_call retries, logs each retry and keeps to a total time budget.
             boto_cfg = BotoConfig(retries={"max_attempts": 1, "mode": "standard"},
-                                  connect_timeout=_env_seconds("SCALEKD_S3_CONNECT_TIMEOUT", 5.0),
-                                  read_timeout=_env_seconds("SCALEKD_S3_READ_TIMEOUT", 20.0),
+                                  connect_timeout=_env_number("SCALEKD_S3_CONNECT_TIMEOUT", 5.0),
+                                  read_timeout=_env_number("SCALEKD_S3_READ_TIMEOUT", 20.0),
                                   s3={"addressing_style": "path"})
             region = _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             # A fresh session each time: the default one caches credentials read from the environment.
@@ -153,14 +153,15 @@ def _s3_error(uri: str, exc: Exception, attempts: int = 1, elapsed: float = 0.0)
     return StorageError(f"{uri}: {type(exc).__name__}: {redact(str(exc))}")
 
 
-def _env_seconds(name: str, default: float) -> float:
+def _env_number(name: str, default: float, what: str = "number of seconds") -> float:
+    """A positive finite number from the environment (a timeout, budget or attempt count), else ``default``."""
     raw = os.environ.get(name, "")
     try:
         value = float(raw) if raw else default
     except ValueError:
-        raise StorageError(f"{name}={raw!r}: expected a number of seconds") from None
+        raise StorageError(f"{name}={raw!r}: expected a positive {what}") from None
     if not (math.isfinite(value) and value > 0):
-        raise StorageError(f"{name}={raw!r}: expected a positive number of seconds")
+        raise StorageError(f"{name}={raw!r}: expected a positive {what}")
     return value
 
 
@@ -181,8 +182,8 @@ def _s3_call(uri: str, fn, **kwargs):
     timeouts: SCALEKD_S3_CONNECT_TIMEOUT 5 s, SCALEKD_S3_READ_TIMEOUT 20 s). Then a StorageError naming both."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    attempts = max(1, int(_env_seconds("AWS_MAX_ATTEMPTS", 5)))
-    budget = _env_seconds("SCALEKD_S3_BUDGET_S", 60.0)
+    attempts = max(1, int(_env_number("AWS_MAX_ATTEMPTS", 5, "number of attempts")))
+    budget = _env_number("SCALEKD_S3_BUDGET_S", 60.0)
     started = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:

@@ -50,7 +50,7 @@ def load_coco_json(uri: str) -> dict:
             if key not in img:
                 raise DataError(f"{uri}: images[{i}] lacks '{key}'")
         for key in ("width", "height"):
-            if not (_is_finite_number(img[key]) and img[key] > 0):
+            if not (is_finite_number(img[key]) and img[key] > 0):
                 raise DataError(f"{uri}: images[{i}] (id {img['id']}) has {key} {img[key]!r}; expected a positive "
                                 "number of pixels")
     for i, ann in enumerate(data["annotations"]):
@@ -61,10 +61,10 @@ def load_coco_json(uri: str) -> dict:
             raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) names unknown category_id "
                             f"{ann.get('category_id')!r}; known: {sorted(category_ids)}")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)):
             raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) has bbox {bbox!r}; "
                             "expected [x, y, width, height] of finite numbers")
-        if "area" in ann and not (_is_finite_number(ann["area"]) and ann["area"] >= 0):
+        if "area" in ann and not (is_finite_number(ann["area"]) and ann["area"] >= 0):
             raise DataError(f"{uri}: annotations[{i}] (id {ann.get('id')}) has area {ann['area']!r}; expected a "
                             "finite number >= 0 (or no area: width x height is used)")
         if ann.get("ignore") and not ann.get("iscrowd"):
@@ -78,7 +78,8 @@ def load_coco_json(uri: str) -> dict:
     return data
 
 
-def _is_finite_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real int or float (not a bool, string or None) that is neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

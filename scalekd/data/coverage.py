@@ -11,6 +11,7 @@ the pixels that detector sees.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,20 +29,20 @@ def _band_name(lo: float, hi: float) -> str:
     return f"{lo:g}-{hi:g}px" if math.isfinite(hi) else f">={lo:g}px"
 
 
+@functools.lru_cache(maxsize=32)
 def _anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
-    """Anchors of one padded image, as the detector generates them, and their count per level."""
+    """Anchors of one padded image, as the detector generates them, and their cells per level. Cached: a
+    dataset has few distinct image sizes."""
     div = spec.size_divisible
     ph, pw = math.ceil(height / div) * div, math.ceil(width / div) * div
-    generator = anchor_generator(spec)
-    grids, per_level = [], []
+    grids = []
     for stride in spec.strides:
         gh, gw = ph, pw
         for _ in range(int(math.log2(stride))):  # conv/pool stride 2 with padding: ceil at every halving
             gh, gw = math.ceil(gh / 2), math.ceil(gw / 2)
         grids.append([gh, gw])
-        per_level.append(gh * gw * len(generator.cell_anchors[len(grids) - 1]))
     strides = [[torch.tensor(ph // g[0]), torch.tensor(pw // g[1])] for g in grids]
-    return torch.cat(generator.grid_anchors(grids, strides)), [g[0] * g[1] for g in grids]
+    return torch.cat(anchor_generator(spec).grid_anchors(grids, strides)), [g[0] * g[1] for g in grids]
 
 
 def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -50,7 +51,7 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int) ->
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     if spec.detector == "fcos":
-        matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)
+        matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)  # torchvision FCOS's center_sampling_radius
         return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
     return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
 

@@ -9,19 +9,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 
 import numpy as np
 
-from scalekd.data.coco import DataError, coco_api
+from scalekd.data.coco import DataError, coco_api, is_finite_number
 
 log = logging.getLogger(__name__)
 AREAS = ("all", "small", "medium", "large")
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_detections(gt: dict, detections: list, source: str = "detections") -> None:
@@ -38,8 +33,8 @@ def check_detections(gt: dict, detections: list, source: str = "detections") -> 
             if key not in det:
                 raise DataError(f"{source}[{i}] lacks '{key}' (COCO results: image_id, category_id, bbox, score)")
         bbox = det["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)) or not _finite(
-                det["score"]):
+        box_ok = isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)
+        if not (box_ok and is_finite_number(det["score"])):
             raise DataError(f"{source}[{i}] has bbox {bbox!r} and score {det['score']!r}; expected [x, y, w, h] "
                             "and a score, all finite numbers")
         if det["image_id"] not in image_ids:
