@@ -54,7 +54,8 @@ def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[st
         # Both at the student's size: the assistant also gets the teacher's view, made as in training.
         detections = predict(model, dataset, cfg.data.student_size, cfg.data.max_size_ratio, cfg.eval.batch_size,
                              0.001, max(cfg.eval.max_detections))
-        out[name] = metrics_from_eval(run_cocoeval(dataset.data, detections, cfg.eval.max_detections))
+        out[name] = metrics_from_eval(run_cocoeval(dataset.data, detections, cfg.eval.max_detections,
+                                     cfg.eval.size_band_edges))
     out["footprint_attention_vs_uniform"] = _footprint(distiller, dataset, cfg)
     return out
 

@@ -1,23 +1,25 @@
-"""Our evaluator against pycocotools' own evaluate/accumulate/summarize on 500 images x 100 detections:
-identical numbers required, time ratio reported.
+"""`scalekd evaluate` (faster-coco-eval) against pycocotools' evaluate+accumulate+summarize, each end to end as a
+command on the same two JSON files (interpreter start, JSON load, checks, evaluation, summary): identical 12
+numbers required, time ratio reported at each size.
 
-    python benchmarks/eval_speed.py [--images 500] [--detections 100]
+    python benchmarks/eval_speed.py [--images 500 5000] [--detections 100]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.eval.metrics import evaluate_detections  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
 
@@ -46,46 +48,60 @@ def make_case(images: int, per_image: int, seed: int = 0) -> tuple[dict, list]:
     return gt, dets
 
 
-def reference(gt: dict, dets: list) -> list:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+REFERENCE = """
+import contextlib, io, json, sys
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+coco = COCO(sys.argv[1])
+with contextlib.redirect_stdout(io.StringIO()):
+    e = COCOeval(coco, coco.loadRes(sys.argv[2]), "bbox")
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+print(json.dumps(list(e.stats)))
+"""
 
-    coco = COCO()
-    coco.dataset = gt
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-        e = COCOeval(coco, coco.loadRes(dets), "bbox")
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-    return list(e.stats)
+
+def timed(command: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    return time.perf_counter() - started, done.stdout
+
+
+def compare(images: int, per_image: int, repeats: int, folder: str) -> dict:
+    gt, dets = make_case(images, per_image)
+    gt_path, dt_path, out = (os.path.join(folder, n) for n in ("gt.json", "dt.json", "metrics.json"))
+    for path, value in ((gt_path, gt), (dt_path, dets)):
+        with open(path, "w") as f:
+            json.dump(value, f)
+    ours_cmd = [sys.executable, "-m", "scalekd.cli", "evaluate", "--gt", gt_path, "--detections", dt_path,
+                "--json", out]
+    ours_t, ref_t = [], []
+    for _ in range(repeats):
+        ours_t.append(timed(ours_cmd)[0])
+        seconds, stdout = timed([sys.executable, "-c", REFERENCE, gt_path, dt_path])
+        ref_t.append(seconds)
+    ref = json.loads(stdout.strip().splitlines()[-1])  # COCO() prints its progress first
+    with open(out) as f:
+        ours = json.load(f)
+    max_diff = max(abs(ours[k] - r) for k, r in zip(KEYS, ref))
+    return {"images": images, "detections": len(dets), "gt_boxes": len(gt["annotations"]),
+            "scalekd_evaluate_s": round(min(ours_t), 2), "pycocotools_s": round(min(ref_t), 2),
+            "speedup": round(min(ref_t) / min(ours_t), 2), "max_abs_diff": max_diff,
+            "tiny_bands": {k: v for k, v in ours.items() if k.endswith("px")}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--images", type=int, nargs="+", default=[500, 5000])
     ap.add_argument("--detections", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    gt, dets = make_case(args.images, args.detections)
-    ours_t, ref_t = [], []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        ours = evaluate_detections(gt, [dict(d) for d in dets])
-        ours_t.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ref = reference(gt, [dict(d) for d in dets])
-        ref_t.append(time.perf_counter() - start)
-    max_diff = max(abs(ours[k] - r) for k, r in zip(KEYS, ref))
-    rows = [{"evaluator": "scalekd (pycocotools COCOeval + our metric read-out)", "seconds": f"{min(ours_t):.2f}"},
-            {"evaluator": "pycocotools summarize()", "seconds": f"{min(ref_t):.2f}"}]
-    print(f"{args.images} images, {len(dets)} detections, {len(gt['annotations'])} ground-truth boxes")
-    print(table(rows, ["evaluator", "seconds"]))
-    print(f"max |difference| over the 12 summary metrics: {max_diff:.2e} (identical: {max_diff == 0.0})")
-    print(f"time ratio ours/pycocotools: {min(ours_t) / min(ref_t):.2f}")
-    print(write_json("eval_speed.json", {"images": args.images, "detections": len(dets),
-                                         "ours_s": min(ours_t), "pycocotools_s": min(ref_t),
-                                         "max_abs_diff": max_diff, "metrics": ours}))
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [compare(n, args.detections, args.repeats, folder) for n in args.images]
+    print(table(rows, ["images", "detections", "scalekd_evaluate_s", "pycocotools_s", "speedup", "max_abs_diff"]))
+    print("identical 12 numbers:", all(r["max_abs_diff"] == 0.0 for r in rows))
+    print(write_json("eval_speed.json", {"rows": rows}))
 
 
 if __name__ == "__main__":

@@ -131,10 +131,11 @@ def cmd_data(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from scalekd.eval.metrics import check_detections, evaluate_detections
+    from scalekd.eval.metrics import evaluate_detections
 
+    _check_bands(args.bands)
     if args.detections:
-        from scalekd.data.coco import DataError, load_coco_json
+        from scalekd.data.annotations import DataError, load_coco_json
 
         if not args.gt:
             raise ConfigError("--gt", None, "--detections needs --gt ANNOTATIONS.json (the ground truth)")
@@ -146,15 +147,15 @@ def cmd_evaluate(args) -> int:
                             "is the file truncated?") from None
         if isinstance(dets, dict) and "annotations" in dets:
             dets = dets["annotations"]
-        check_detections(gt, dets, args.detections)
-        metrics = evaluate_detections(gt, dets, tuple(args.max_dets))
+        metrics = evaluate_detections(gt, dets, tuple(args.max_dets), tuple(args.bands), source=args.detections)
     else:
         if not (args.model and args.data):
             raise ConfigError("--model/--data", None, "give --gt and --detections, or --model and --data")
         from scalekd.eval.evaluate import evaluate_models
         from scalekd.eval.report import metrics_table
 
-        cfg = load_config(args.config, args.preset, args.overrides + [f"eval.max_detections={list(args.max_dets)}"])
+        cfg = load_config(args.config, args.preset, args.overrides + [f"eval.max_detections={list(args.max_dets)}",
+                                                                      f"eval.size_band_edges={list(args.bands)}"])
         (result,) = evaluate_models({"model": args.model}, args.data, cfg, args.split)
         print(metrics_table([result], markdown=False))
         metrics = {**result.metrics, "params": result.parameters, "images_per_s": result.images_per_s}
@@ -162,6 +163,12 @@ def cmd_evaluate(args) -> int:
     if args.json:
         storage.write_json(args.json, metrics)
     return 0
+
+
+def _check_bands(edges: list[int]) -> None:
+    if edges and (len(edges) < 2 or edges[0] < 0 or edges != sorted(set(edges))):
+        raise ConfigError("--bands", edges, "increasing object sides in px, at least two, e.g. 0 8 16 32 "
+                          "(none: no size bands)")
 
 
 def cmd_report(args) -> int:
@@ -282,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--data")
     p.add_argument("--split")
-    p.add_argument("--max-dets", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--max-dets", type=int, nargs="+", default=[1, 10, 100],
+                   help="AP and AR_S/M/L are read at the largest (VisDrone: 1 10 100 500)")
+    p.add_argument("--bands", type=int, nargs="*", default=[0, 8, 16, 32], metavar="PX",
+                   help="tiny-object size bands by object side in px (default 0 8 16 32: AP_0-8px, AP_8-16px, "
+                        "AP_16-32px); no value: none")
     p.add_argument("--json")
     p.set_defaults(func=cmd_evaluate)
 
@@ -344,17 +355,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from scalekd.data.coco import DataError
-    from scalekd.export import ExportError
-    from scalekd.train.checkpoint import CheckpointError
-    from scalekd.train.loop import TrainingError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, storage.StorageError, TrainingError, CheckpointError, ExportError,
-            ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"scalekd: error: {exc}", file=sys.stderr)
         return 2
+
+
+# Errors that mean bad input, reported in one line. Looked up among the modules already loaded: a command that
+# never imported torch (scoring a detections file) must not import it to report an error.
+_USER_ERROR_CLASSES = {"scalekd.data.annotations": "DataError", "scalekd.export": "ExportError",
+                       "scalekd.train.checkpoint": "CheckpointError", "scalekd.train.loop": "TrainingError"}
+
+
+def _user_errors() -> tuple[type, ...]:
+    loaded = [getattr(sys.modules[m], name) for m, name in _USER_ERROR_CLASSES.items() if m in sys.modules]
+    return (ConfigError, storage.StorageError, ValueError, *loaded)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scalekd.data.coco import DataError, load_coco_json
-from scalekd.eval.metrics import evaluate_detections, run_cocoeval
+from scalekd.eval.metrics import evaluate_detections, metrics_from_eval, run_cocoeval
 
 SUMMARIZE_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
 
@@ -167,3 +167,115 @@ def test_cli_evaluate_json_to_a_folder_prints_the_metrics_first(synth_root, tmp_
                  "--json", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert '"AP"' in captured.out and "is a folder" in captured.err
+
+
+def _with_ignore_regions_and_empty_images(gt: dict) -> dict:
+    """Every 7th object a crowd region, every 11th an ``"ignore": 1`` region, and three images without objects."""
+    gt = json.loads(json.dumps(gt))
+    for i, ann in enumerate(gt["annotations"]):
+        if i % 7 == 0:
+            ann["iscrowd"] = 1
+        elif i % 11 == 0:
+            ann["ignore"] = 1
+    top = max(im["id"] for im in gt["images"])
+    gt["images"] += [{"id": top + k, "file_name": f"empty{k}.png", "width": 128, "height": 128} for k in (1, 2, 3)]
+    return gt
+
+
+def _engine_case(name: str, shared_data, synth_root) -> tuple[dict, list]:
+    if name.startswith("coco_"):
+        gt = load_coco_json(str(shared_data / "coco_tiny" / "annotations" / f"instances_{name[5:]}.json"))
+        return gt, _jittered_detections(gt, seed=3)
+    gt = load_coco_json(f"{synth_root}/annotations/instances_train.json")
+    if name == "synth_ignore_empty_images":
+        gt = _with_ignore_regions_and_empty_images(gt)
+        return gt, _jittered_detections(gt, seed=4)
+    return gt, []  # synth_no_detections
+
+
+@pytest.mark.parametrize("max_dets", [(1, 10, 100), (1, 10, 100, 500), (1,), (10,), (5, 20)])
+@pytest.mark.parametrize("case", ["coco_val2017", "coco_train2017", "synth_ignore_empty_images",
+                                  "synth_no_detections"])
+def test_faster_engine_gives_pycocotools_arrays(case, max_dets, synth_root, request):
+    """faster-coco-eval is kept only where it is pycocotools: precision, recall and scores over every IoU, recall
+    threshold, class, area (COCO's and the tiny bands) and max-detections column."""
+    shared = request.getfixturevalue("shared_data") if case.startswith("coco_") else None
+    gt, dets = _engine_case(case, shared, synth_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = run_cocoeval(gt, dets, max_dets, engine="faster")
+        ref = run_cocoeval(gt, dets, max_dets, engine="pycocotools")
+    assert list(fast.params.areaRngLbl) == list(ref.params.areaRngLbl)
+    for key in ("precision", "recall", "scores"):
+        a, b = np.asarray(fast.eval[key]), np.asarray(ref.eval[key])
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-12, key
+    assert metrics_from_eval(fast) == pytest.approx(metrics_from_eval(ref), abs=1e-12)
+
+
+def test_custom_max_dets_are_read_at_the_largest_unlike_pycocotools_summarize():
+    """VisDrone reports AP at 500 detections; pycocotools' summarize reads maxDets[2] (100) whatever the list.
+    One crowded image: 150 confident false positives, then a hit on each of its 300 objects."""
+    gt = {"images": [{"id": 1, "width": 640, "height": 640, "file_name": "a"}],
+          "categories": [{"id": 1, "name": "p"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1,
+                           "bbox": [(i % 30) * 20, (i // 30) * 20, 10, 10], "area": 100, "iscrowd": 0}
+                          for i in range(300)]}
+    misses = [{"image_id": 1, "category_id": 1, "bbox": [600.0 + i % 5, 600.0, 3, 3], "score": 0.99 - i / 1e4}
+              for i in range(150)]
+    hits = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.9 - i / 1e4}
+            for i, a in enumerate(gt["annotations"])]
+    ours = evaluate_detections(gt, misses + hits, (1, 10, 100, 500))
+    from pycocotools.cocoeval import COCOeval
+
+    from scalekd.data.annotations import coco_api
+
+    coco = coco_api(json.loads(json.dumps(gt)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(coco, coco.loadRes(json.loads(json.dumps(misses + hits))), "bbox")
+        e.params.maxDets = [1, 10, 100, 500]
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    assert e.stats[0] == 0.0  # pycocotools: AP@100, the 100 false positives alone
+    assert ours["AP"] > 0.3 and ours["AR500"] == pytest.approx(1.0)  # ours: AP@500, every object found
+
+
+def test_tiny_object_bands_by_side_in_pixels():
+    sides = {1: 6, 2: 12, 3: 24, 4: 48}  # one object per band: 0-8, 8-16, 16-32, and one medium
+    gt = {"images": [{"id": 1, "width": 400, "height": 100, "file_name": "a"}],
+          "categories": [{"id": 1, "name": "p"}],
+          "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": [i * 80, 10, s, s], "iscrowd": 0}
+                          for i, s in sides.items()]}
+    hit = [{"image_id": 1, "category_id": 1, "bbox": [2 * 80, 10, 12, 12], "score": 0.9}]  # the 8-16 px one only
+    m = evaluate_detections(gt, hit)
+    assert m["AP_8-16px"] == pytest.approx(1.0)
+    assert m["AP_0-8px"] == 0 and m["AP_16-32px"] == 0 and m["AP_M"] == 0
+    custom = evaluate_detections(gt, hit, band_edges=(0, 10, 40))
+    assert set(k for k in custom if k.endswith("px")) == {"AP_0-10px", "AP_10-40px"}
+    assert custom["AP_10-40px"] == pytest.approx(0.5, abs=0.02)  # one of its two objects found
+    assert not [k for k in evaluate_detections(gt, hit, band_edges=()) if k.endswith("px")]
+
+
+def test_scoring_a_detections_file_imports_neither_torch_nor_ray(synth_root, tmp_path):
+    import subprocess
+    import sys
+
+    gt_path = f"{synth_root}/annotations/instances_val.json"
+    (tmp_path / "dt.json").write_text(json.dumps(_jittered_detections(load_coco_json(gt_path), seed=1)))
+    code = ("import sys; from scalekd.cli import main; "
+            f"rc = main(['evaluate', '--gt', {gt_path!r}, '--detections', {str(tmp_path / 'dt.json')!r}]); "
+            "heavy = [m for m in ('torch', 'ray', 'torchvision') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc or bool(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-500:] + done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout and '"AP_0-8px"' in done.stdout
+
+
+@pytest.mark.parametrize("bands", [["8"], ["16", "8"], ["-1", "8"], ["8", "8", "16"]])
+def test_cli_refuses_bad_bands(synth_root, tmp_path, capsys, bands):
+    from scalekd.cli import main
+
+    (tmp_path / "dt.json").write_text("[]")
+    gt = f"{synth_root}/annotations/instances_val.json"
+    assert main(["evaluate", "--gt", gt, "--detections", str(tmp_path / "dt.json"), "--bands", *bands]) == 2
+    assert "--bands" in capsys.readouterr().err

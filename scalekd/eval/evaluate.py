@@ -57,7 +57,7 @@ def evaluate_model(name: str, model_uri: str, dataset: CocoDetection, cfg: Confi
     max_dets = max(cfg.eval.max_detections)
     detections = predict(model, dataset, size, cfg.data.max_size_ratio, cfg.eval.batch_size,
                          cfg.eval.score_threshold, max_dets, device)
-    evaluator = run_cocoeval(dataset.data, detections, cfg.eval.max_detections)
+    evaluator = run_cocoeval(dataset.data, detections, cfg.eval.max_detections, cfg.eval.size_band_edges)
     fps = images_per_second(model, dataset, size, cfg.data.max_size_ratio, device, images=speed_images)
     return ModelResult(name, model_uri, metrics_from_eval(evaluator), count_parameters(model), fps, size,
                        detections, evaluator)

@@ -20,16 +20,22 @@ from scalekd.eval.metrics import pr_curve
 TABLE_COLUMNS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 
 
+def band_keys(metrics: dict) -> list[str]:
+    """The tiny-object bands present (``AP_0-8px``, ...), in the order they were evaluated."""
+    return [k for k in metrics if k.startswith("AP_") and k.endswith("px")]
+
+
 def _pct(value: float) -> str:
     return "-" if value < 0 else f"{100 * value:.1f}"
 
 
 def metrics_table(results: list[ModelResult], markdown: bool = True) -> str:
     ar_keys = [k for k in results[0].metrics if k.startswith("AR") and k[2:].isdigit()] if results else []
-    cols = list(TABLE_COLUMNS) + ar_keys[-1:] + ["params (M)", "images/s"]
+    metric_cols = list(TABLE_COLUMNS) + (band_keys(results[0].metrics) if results else []) + ar_keys[-1:]
+    cols = metric_cols + ["params (M)", "images/s"]
     rows = []
     for r in results:
-        rows.append([r.name] + [_pct(r.metrics[c]) for c in TABLE_COLUMNS + tuple(ar_keys[-1:])]
+        rows.append([r.name] + [_pct(r.metrics[c]) for c in metric_cols]
                     + [f"{r.parameters / 1e6:.2f}", f"{r.images_per_s:.1f}"])
     header = ["model"] + cols
     if markdown:
@@ -49,16 +55,17 @@ def _save_figure(fig, uri: str) -> None:
 
 
 def ap_by_size_chart(results: list[ModelResult], uri: str) -> None:
-    keys = ("AP", "AP_S", "AP_M", "AP_L")
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    keys = ["AP", *band_keys(results[0].metrics if results else {}), "AP_S", "AP_M", "AP_L"]
+    fig, ax = plt.subplots(figsize=(7 + 0.8 * (len(keys) - 4), 3.6))
     width = 0.8 / max(1, len(results))
     for i, r in enumerate(results):
         values = [max(0.0, 100 * r.metrics[k]) for k in keys]
         bars = ax.bar([x + i * width for x in range(len(keys))], values, width, label=r.name)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys)
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))],
+                  [k.replace("AP_", "AP ") for k in keys], fontsize=8)
     ax.set_ylabel("AP (%)")
-    ax.set_title("AP by object size")
+    ax.set_title("AP by object size (tiny-object bands by side in px, then COCO's S/M/L)")
     ax.legend(fontsize=8)
     _save_figure(fig, uri)
 
