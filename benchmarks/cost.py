@@ -62,7 +62,7 @@ def main() -> None:
         student = build_detector(student_spec(method_cfg, ds.num_classes))
         teacher = build_detector(teacher_spec(method_cfg, ds.num_classes))
         d = Distiller(student, teacher if method_cfg.distill.method != "none" else None, method_cfg).to(device).train()
-        if cfg.train.channels_last:
+        if cfg.train.channels_last is True:
             d.to(memory_format=torch.channels_last)
         opt = Optimizers(torch.optim.SGD(d.student_parameters(), lr=0.005, momentum=0.9),
                          torch.optim.Adam(d.assistant_parameters(), lr=3e-4) if d.csa is not None else None)
@@ -100,7 +100,7 @@ def main() -> None:
                                                          plain_opt, None))
     record("plain_student_step", "plain student step", ms, peak)
     teacher = build_detector(teacher_spec(cfg, ds.num_classes)).to(device).eval()
-    if cfg.train.channels_last:
+    if cfg.train.channels_last is True:
         teacher.to(memory_format=torch.channels_last)
     parts = DetectorParts(teacher)
 

@@ -55,7 +55,8 @@ def prepare_data(config_path: str, dataset_uri: str, workdir: str, synth_images:
     # "PREFIX/latest" is pinned here to one concrete dataset for every later stage of the run.
     root = resolve_root(dataset_uri) if dataset_uri else storage.join(workdir, "data")
     if not dataset_uri:
-        ensure_synthetic(root, synth_images, seed=cfg.train.seed, size=2 * cfg.data.student_size)
+        # Objects keep their pixel sizes (8-24 px mostly, 4-12 at the student's size) whatever the scene size.
+        ensure_synthetic(root, synth_images, seed=cfg.train.seed, size=2 * cfg.data.student_size, object_scale=1.0)
     stats = {split: dataset_stats(storage.join(root, "annotations", f"instances_{split}.json"))
              for split in (cfg.data.train_split, cfg.data.val_split)}
     _ensure_dir(stats_path)

@@ -401,3 +401,18 @@ def test_data_stats_refuses_a_nan_box(tmp_path, capsys):
                                              "bbox": [10, 10, float("nan"), 8]}])
     assert main(["data", "stats", path]) == 2
     assert "finite numbers" in capsys.readouterr().err
+
+
+def test_pipeline_scenes_keep_their_objects_pixel_sizes_at_any_scene_size():
+    import numpy as np
+
+    from scalekd.data.synth import render_scene
+
+    def sides(size, object_scale):
+        rng = np.random.RandomState(3)
+        return [b[2] - b[0] for _ in range(20) for _, b in render_scene(rng, size, object_scale)[1]]
+
+    scaled, kept = sides(128, None), sides(128, 1.0)
+    assert np.median(scaled) < 0.7 * np.median(kept)  # by default a 128 px scene shrinks its objects by half
+    small = [s for s in kept if s <= 24]
+    assert small and min(small) >= 8  # with object_scale=1 the small ones stay 8-24 px, 4-12 at a 64 px student

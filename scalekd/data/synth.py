@@ -58,13 +58,18 @@ def _intersects(a, b, margin: int = 0) -> bool:
     return (min(a[2], b[2]) + margin > max(a[0], b[0])) and (min(a[3], b[3]) + margin > max(a[1], b[1]))
 
 
-def render_scene(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
-    """One image [size, size, 3] uint8 and its objects as (class index, [x0, y0, x1, y1])."""
+def render_scene(rng: np.random.RandomState, size: int,
+                 object_scale: float | None = None) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
+    """One image [size, size, 3] uint8 and its objects as (class index, [x0, y0, x1, y1]).
+
+    Object sides are ``SIZE_MIX`` x ``object_scale``; by default size/256, so a scene looks the same at any size.
+    ``object_scale=1`` keeps the objects' pixel sizes whatever the scene size (the pipeline's data: a 128 px
+    scene for a 64 px student still has 8-24 px objects, 4-12 px at the student's size)."""
     canvas = Image.fromarray(_background(rng, size))
     draw = ImageDraw.Draw(canvas)
     objects: list[tuple[int, list[int]]] = []
     target = rng.randint(8, 20)
-    scale = size / 256.0
+    scale = size / 256.0 if object_scale is None else object_scale
     fractions = np.array([m[0] for m in SIZE_MIX])
     for _ in range(target * 8):
         if len(objects) >= target:
@@ -84,7 +89,8 @@ def render_scene(rng: np.random.RandomState, size: int) -> tuple[np.ndarray, lis
     return np.asarray(canvas), objects
 
 
-def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction: float = 0.2) -> dict:
+def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction: float = 0.2,
+             object_scale: float | None = None) -> dict:
     """Write ``OUT/images/*.png`` and ``OUT/annotations/instances_{train,val}.json``; returns counts."""
     if images < 2:
         raise ValueError(f"--images {images}: need at least 2 (one train, one val)")
@@ -98,7 +104,7 @@ def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction
     ann_id = 1
     for index in range(images):
         split = "val" if index >= images - n_val else "train"
-        pixels, objects = render_scene(rng, size)
+        pixels, objects = render_scene(rng, size, object_scale)
         name = f"synth_{seed:04d}_{index:06d}.png"
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
@@ -111,18 +117,19 @@ def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction
                 "bbox": [x0, y0, w, h], "area": float(w * h), "iscrowd": 0})
             ann_id += 1
     for split, data in splits.items():
-        data["info"] = {"description": f"scalekd synthetic small objects, seed {seed}, size {size}"}
+        data["info"] = {"description": f"scalekd synthetic small objects, seed {seed}, size {size}",
+                        "object_scale": size / 256.0 if object_scale is None else object_scale}
         storage.write_text(storage.join(out, "annotations", f"instances_{split}.json"), json.dumps(data))
     return {split: {"images": len(d["images"]), "annotations": len(d["annotations"])}
             for split, d in splits.items()}
 
 
-def ensure_synthetic(out: str, images: int, seed: int = 0, size: int = 256) -> str:
+def ensure_synthetic(out: str, images: int, seed: int = 0, size: int = 256, object_scale: float | None = None) -> str:
     """Generate once: reuse ``out`` when both annotation files are already there."""
     train = storage.join(out, "annotations", "instances_train.json")
     val = storage.join(out, "annotations", "instances_val.json")
     if not (storage.exists(train) and storage.exists(val)):
         if not storage.is_s3(out):
             os.makedirs(out, exist_ok=True)
-        generate(out, images, seed, size)
+        generate(out, images, seed, size, object_scale=object_scale)
     return out

@@ -56,8 +56,10 @@ class LastLevelP6(ExtraFPNBlock):
         nn.init.kaiming_uniform_(self.p6.weight, a=1)
         nn.init.constant_(self.p6.bias, 0)
 
-    def forward(self, results: list, x: list, names: list[str]) -> tuple[list, list[str]]:
-        return [*results, self.p6(results[-1])], [*names, "p6"]
+    def forward(self, results: list[torch.Tensor], x: list[torch.Tensor],
+                names: list[str]) -> tuple[list[torch.Tensor], list[str]]:
+        # Typed and written without star-unpacking: TorchScript export (scalekd export) compiles this.
+        return results + [self.p6(results[-1])], names + ["p6"]
 
 
 def _backbone(name: str, detector: str, fpn_channels: int, min_level: int = 3) -> BackboneWithFPN:

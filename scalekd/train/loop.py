@@ -33,6 +33,7 @@ from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers
                                       student_update)
 from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
+from scalekd.train.memory_format import use_channels_last
 from scalekd.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def make_grad_sync(world: int) -> Callable[[list[nn.Parameter]], None]:
 
 
 class MetricsLog:
-    """JSONL and TensorBoard events, written locally and mirrored to the stage's output URI."""
+    """JSONL (with each line's wall-clock time) and TensorBoard events, written locally and mirrored to the stage's
+    output URI. A run resumed on another machine (a lost node) continues the S3 copy instead of replacing it."""
 
     def __init__(self, out: str, enabled: bool):
         self.out, self.enabled = out, enabled
@@ -110,6 +112,10 @@ class MetricsLog:
         self.local = out if not storage.is_s3(out) else tempfile.mkdtemp(prefix="scalekd-logs-")
         os.makedirs(self.local, exist_ok=True)
         self.jsonl_path = os.path.join(self.local, "metrics.jsonl")
+        remote = storage.join(out, "metrics.jsonl")
+        if storage.is_s3(out) and storage.exists(remote):
+            with open(self.jsonl_path, "wb") as f:
+                f.write(storage.read_bytes(remote))
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
@@ -118,7 +124,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.jsonl_path, "a") as f:
-            f.write(storage.json_text({"iteration": iteration, **values}))
+            f.write(storage.json_text({"iteration": iteration, "time": round(time.time(), 3), **values}))
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, iteration)
@@ -151,30 +157,76 @@ def _infinite_batches(loader: DataLoader, sampler: DistributedSampler | None, ep
         epoch += 1
 
 
-def run_stage(request: StageRequest, report: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) one stage to its end; returns its summary. ``report`` gets metrics on rank 0."""
-    if request.stage not in STAGES:
-        raise TrainingError(f"unknown stage {request.stage!r}; one of {STAGES}")
-    cfg = config_from_dict(request.config)
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
-    rank, world = _dist()
-    device = _device(cfg)
-    torch.manual_seed(cfg.train.seed + rank)
-    dataset = dataset_from_root(request.data, cfg.data.train_split)
-    num_classes = cfg.model.num_classes or dataset.num_classes
-    student_iterations = {"teacher": cfg.train.teacher_iterations, "warmup": cfg.train.warmup_iterations,
-                          "distill": cfg.train.distill_iterations}[request.stage]
-    # Iterations in which only the assistant steps come first and do not count against the student's budget.
-    assistant_warmup = (cfg.distill.csa.warmup_iterations if request.stage == "distill" and
-                        cfg.distill.method == "scalekd" and cfg.distill.csa.enabled else 0)
-    total = student_iterations + assistant_warmup
-    if storage.exists(ckpt.model_uri(request.out)) and storage.exists(storage.join(request.out, "summary.json")):
-        summary = json.loads(storage.read_text(storage.join(request.out, "summary.json")))
-        if summary.get("iterations") == (min(total, request.stop_at) if request.stop_at else total) \
-                and summary.get("stage") == request.stage:
-            log.info("%s: stage %s already complete; nothing to do", request.out, request.stage)
-            return summary
+class StageHooks:
+    """What an orchestrator adds to a stage, called on every rank: checkpoints it keeps and gives back on restore
+    (Ray Train's ``report``/``get_checkpoint``). The default does nothing: a plain process needs no orchestrator."""
 
+    def restore(self) -> dict | None:
+        """A checkpoint state the orchestrator kept for this run, or None."""
+        return None
+
+    def checkpointed(self, iteration: int, metrics: dict, state: dict | None) -> None:
+        """After each checkpoint; ``state`` on rank 0 only."""
+
+
+# Config fields that say where or how robustly a stage runs, not what it computes: a rerun that changes only these
+# reuses the finished stage.
+_NOT_INPUTS = {"scaling": ("ray_address", "max_failures"), "train": ("log_interval", "checkpoint_interval")}
+
+
+def inputs_key(request: StageRequest) -> str:
+    """sha256 over what determines a stage's result: the stage, its config, its training annotations and the
+    bytes of the models it starts from. A finished stage is reused only for the same key."""
+    import hashlib
+
+    config = {section: ({k: v for k, v in values.items() if k not in _NOT_INPUTS.get(section, ())}
+                        if isinstance(values, dict) else values) for section, values in request.config.items()}
+    h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
+    cfg = config_from_dict(request.config)
+    h.update(storage.read_bytes(storage.join(request.data, "annotations", f"instances_{cfg.data.train_split}.json")))
+    for model in (request.teacher, request.student_init):
+        h.update(storage.read_bytes(model) if model else b"-")
+    return h.hexdigest()
+
+
+def stage_iterations(cfg: Config, stage: str) -> tuple[int, int]:
+    """(the student's iterations, the assistant-only iterations that come first and do not count against them)."""
+    student = {"teacher": cfg.train.teacher_iterations, "warmup": cfg.train.warmup_iterations,
+               "distill": cfg.train.distill_iterations}[stage]
+    assistant = (cfg.distill.csa.warmup_iterations if stage == "distill" and cfg.distill.method == "scalekd"
+                 and cfg.distill.csa.enabled else 0)
+    return student, assistant
+
+
+def completed_summary(request: StageRequest, key: str | None = None) -> dict | None:
+    """The summary of this very stage if it already finished at ``request.out`` (same inputs), else None; a
+    finished stage from other inputs is refused, never overwritten."""
+    summary_uri = storage.join(request.out, "summary.json")
+    if not (storage.exists(ckpt.model_uri(request.out)) and storage.exists(summary_uri)):
+        return None
+    summary = json.loads(storage.read_text(summary_uri))
+    student, assistant = stage_iterations(config_from_dict(request.config), request.stage)
+    end = min(student + assistant, request.stop_at) if request.stop_at else student + assistant
+    if summary.get("inputs_key") != (key or inputs_key(request)) or summary.get("stage") != request.stage:
+        raise TrainingError(f"{request.out} holds a finished {summary.get('stage')} stage from other inputs (stage, "
+                            "config, data or starting models differ); use a fresh output URI or remove it")
+    return summary if summary.get("iterations") == end else None
+
+
+@dataclass
+class _Stage:
+    """One stage's models and optimizers, built from the request."""
+
+    spec: DetectorSpec
+    model: nn.Module
+    distiller: Distiller | None
+    student_opt: torch.optim.Optimizer
+    scheduler: object
+    assistant_opt: torch.optim.Optimizer | None
+    opt: Optimizers
+
+
+def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: torch.device, world: int) -> _Stage:
     spec = teacher_spec(cfg, num_classes) if request.stage == "teacher" else student_spec(cfg, num_classes)
     model = build_detector(spec)
     distiller = None
@@ -187,43 +239,121 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
         if cfg.distill.method != "none":
             teacher, _ = ckpt.load_model(request.teacher, expect=teacher_spec(cfg, num_classes))
         distiller = Distiller(model, teacher, cfg).to(device)
-        params = distiller.student_parameters()
-    else:
-        params = list(model.parameters())
+    params = distiller.student_parameters() if distiller is not None else list(model.parameters())
     model.to(device)
-    if cfg.train.channels_last:
+    if use_channels_last(cfg.train.channels_last, device):
         (distiller or model).to(memory_format=torch.channels_last)  # the distiller carries the teacher along
     student_opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                   weight_decay=cfg.train.weight_decay)
-    scheduler = build_scheduler(student_opt, student_iterations, cfg.train.lr_warmup_iterations, cfg.train.lr_steps,
-                                cfg.train.lr_gamma)
+    scheduler = build_scheduler(student_opt, stage_iterations(cfg, request.stage)[0], cfg.train.lr_warmup_iterations,
+                                cfg.train.lr_steps, cfg.train.lr_gamma)
     assistant_opt = None
     if distiller is not None and distiller.csa is not None:
         assistant_opt = torch.optim.Adam(distiller.assistant_parameters(), lr=cfg.distill.csa.lr,
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))
+    return _Stage(spec, model, distiller, student_opt, scheduler, assistant_opt, opt)
 
-    start = 0
+
+def resume(stage: _Stage, request: StageRequest, key: str, kept: dict | None = None) -> int:
+    """Load the newest checkpoint of this stage and inputs into ``stage``: the latest at ``request.out`` or the
+    one the orchestrator ``kept`` (Ray Train's), whichever is further; returns its iteration."""
     latest = ckpt.latest_checkpoint(request.out)
-    if latest is not None:
-        state = ckpt.load(latest)
-        if state.get("stage") != request.stage:
-            raise TrainingError(f"{latest}: a checkpoint of stage {state.get('stage')!r}, not "
-                                f"{request.stage!r}; use a fresh output URI per stage")
-        model.load_state_dict(state["model"])
-        student_opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if distiller is not None:
-            try:
-                distiller.load_distillation_state(state["distiller"])
-            except ValueError as exc:
-                raise TrainingError(f"{latest}: {exc}; use a fresh output URI") from None
-            if assistant_opt is not None:
-                assistant_opt.load_state_dict(state["assistant_optimizer"])
-        start = int(state["iteration"])
-        if rank == 0:
-            log.info("resuming %s from %s (iteration %d of %d)", request.stage, latest, start, total)
+    state = ckpt.load(latest) if latest is not None else None
+    if kept is not None and kept.get("inputs_key") == key and kept.get("stage") == request.stage and \
+            int(kept["iteration"]) > int((state or {}).get("iteration", -1)):
+        latest, state = "the orchestrator's checkpoint", kept
+    if state is None:
+        return 0
+    if state.get("stage") != request.stage:
+        raise TrainingError(f"{latest}: a checkpoint of stage {state.get('stage')!r}, not "
+                            f"{request.stage!r}; use a fresh output URI per stage")
+    if state.get("inputs_key", key) != key:
+        raise TrainingError(f"{latest}: a checkpoint of this stage from other inputs (config, data or starting "
+                            "models differ); use a fresh output URI or remove it")
+    stage.model.load_state_dict(state["model"])
+    stage.student_opt.load_state_dict(state["optimizer"])
+    stage.scheduler.load_state_dict(state["scheduler"])
+    if stage.distiller is not None:
+        try:
+            stage.distiller.load_distillation_state(state["distiller"])
+        except ValueError as exc:
+            raise TrainingError(f"{latest}: {exc}; use a fresh output URI") from None
+        if stage.assistant_opt is not None:
+            stage.assistant_opt.load_state_dict(state["assistant_optimizer"])
+    return int(state["iteration"])
 
+
+def save_checkpoint(stage: _Stage, request: StageRequest, key: str, iteration: int) -> dict:
+    """Atomically, plain tensors only (loaded with weights_only=True); keeps the two newest."""
+    state = {"format": ckpt.CHECKPOINT_FORMAT, "stage": request.stage, "iteration": iteration,
+             "config": request.config, "inputs_key": key, "spec": stage.spec.to_dict(),
+             "model": {k: v.detach().cpu() for k, v in stage.model.state_dict().items()},
+             "optimizer": stage.student_opt.state_dict(), "scheduler": stage.scheduler.state_dict()}
+    if stage.distiller is not None:
+        # The distiller's state minus the student (already under "model"); the teacher is never in it.
+        state["distiller"] = {k: v.detach().cpu() for k, v in stage.distiller.state_dict().items()
+                              if not k.startswith("student.")}
+        if stage.assistant_opt is not None:
+            state["assistant_optimizer"] = stage.assistant_opt.state_dict()
+    ckpt.save(state, ckpt.checkpoint_uri(request.out, iteration))
+    ckpt.prune_checkpoints(request.out)
+    return state
+
+
+def run_stage(request: StageRequest, report: Callable[[dict], None] | None = None,
+              hooks: StageHooks | None = None) -> dict:
+    """Run (or resume) one stage to its end; returns its summary. ``report`` gets metrics on rank 0 every log
+    interval; ``hooks`` see every checkpoint on every rank and may hand one back to resume from."""
+    hooks = hooks or StageHooks()
+    if request.stage not in STAGES:
+        raise TrainingError(f"unknown stage {request.stage!r}; one of {STAGES}")
+    cfg = config_from_dict(request.config)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    key = inputs_key(request)
+    done = completed_summary(request, key)
+    if done is not None:
+        log.info("%s: stage %s already complete with these inputs; reusing it", request.out, request.stage)
+        return done
+    rank, world = _dist()
+    device = _device(cfg)
+    torch.manual_seed(cfg.train.seed + rank)
+    dataset = dataset_from_root(request.data, cfg.data.train_split)
+    stage = build_stage(request, cfg, cfg.model.num_classes or dataset.num_classes, device, world)
+    start = resume(stage, request, key, hooks.restore())
+    if start and rank == 0:
+        log.info("resuming %s at %s from iteration %d", request.stage, request.out, start)
+    student, assistant = stage_iterations(cfg, request.stage)
+    end = min(student + assistant, request.stop_at) if request.stop_at else student + assistant
+    metrics = MetricsLog(request.out, enabled=rank == 0)
+
+    def checkpoint(iteration: int, values: dict) -> None:
+        state = None
+        if rank == 0:
+            state = save_checkpoint(stage, request, key, iteration)
+            metrics.flush()
+        hooks.checkpointed(iteration, {"iteration": iteration, **values}, state)
+
+    started = time.perf_counter()
+    last = _train(stage, request, cfg, dataset, device, (rank, world), (start, end), metrics, checkpoint, report)
+    elapsed = time.perf_counter() - started
+    summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
+               "wall_s": round(elapsed, 2), "it_per_s": round((end - start) / max(elapsed, 1e-9), 4),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "device": str(device), "inputs_key": key, "spec": stage.spec.to_dict()}
+    checkpoint(end, last)
+    if rank == 0:
+        categories = [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]
+        ckpt.save_model(stage.model, stage.spec, request.out, categories,
+                        {"stage": request.stage, "config": request.config, "iterations": end})
+        storage.write_json(storage.join(request.out, "summary.json"), summary)
+        metrics.close()
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _loader(request: StageRequest, cfg: Config, dataset, world: int, rank: int, start: int):
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed) \
         if world > 1 else None
     collate = DualResolutionCollate(cfg.data.student_size if request.stage != "teacher" else cfg.teacher_size,
@@ -232,73 +362,42 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                         collate_fn=collate, num_workers=cfg.data.loader_workers, drop_last=False,
                         persistent_workers=cfg.data.loader_workers > 0)
-    batches = _infinite_batches(loader, sampler, epoch=start // max(1, len(loader)))
-    metrics = MetricsLog(request.out, enabled=rank == 0)
+    return _infinite_batches(loader, sampler, epoch=start // max(1, len(loader)))
+
+
+def _train(stage: _Stage, request: StageRequest, cfg: Config, dataset, device: torch.device,
+           rank_world: tuple[int, int], span: tuple[int, int], metrics: MetricsLog,
+           checkpoint: Callable[[int, dict], None], report: Callable[[dict], None] | None) -> dict:
+    """Iterations ``span`` = [start, end): a step each, logs every log_interval, checkpoints every interval;
+    returns the last logged values."""
+    (rank, world), (start, end) = rank_world, span
+    assistant_warmup = stage_iterations(cfg, request.stage)[1]
+    batches = _loader(request, cfg, dataset, world, rank, start)
     autocast = torch.bfloat16 if (device.type == "cuda" and cfg.train.amp) else None
-
-    def save_checkpoint(iteration: int) -> None:
-        if rank != 0:
-            return
-        state = {"format": ckpt.CHECKPOINT_FORMAT, "stage": request.stage, "iteration": iteration,
-                 "config": request.config, "spec": spec.to_dict(),
-                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "optimizer": student_opt.state_dict(), "scheduler": scheduler.state_dict()}
-        if distiller is not None:
-            # The distiller's state minus the student (already under "model"); the teacher is never in it.
-            state["distiller"] = {k: v.detach().cpu() for k, v in distiller.state_dict().items()
-                                  if not k.startswith("student.")}
-            if assistant_opt is not None:
-                state["assistant_optimizer"] = assistant_opt.state_dict()
-        ckpt.save(state, ckpt.checkpoint_uri(request.out, iteration))
-        ckpt.prune_checkpoints(request.out)
-        metrics.flush()
-
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=total, initial=start, desc=f"{request.stage}", unit="it", file=sys.stderr,
+        progress = tqdm(total=end, initial=start, desc=f"{request.stage}", unit="it", file=sys.stderr,
                         mininterval=2.0, dynamic_ncols=True, disable=os.environ.get("SCALEKD_NO_PROGRESS") == "1")
-    model.train()
-    if distiller is not None:
-        distiller.train()
-    frozen = False
+    stage.model.train()
+    if stage.distiller is not None:
+        stage.distiller.train()
+    frozen, values = False, {}
     t0 = time.perf_counter()
     fault_at = int(os.environ.get(FAULT_ENV, "-1"))
-    poison_at = int(os.environ.get(POISON_ENV, "-1"))
-    end = min(total, request.stop_at) if request.stop_at else total
     for iteration in range(start, end):
         if request.stage == "warmup":
-            want_frozen = iteration < cfg.train.freeze_backbone_iterations
-            if want_frozen != frozen:
-                for p in backbone_parameters(model):
-                    p.requires_grad_(not want_frozen)
-                frozen = want_frozen
+            frozen = _freeze_backbone(stage.model, iteration < cfg.train.freeze_backbone_iterations, frozen)
         batch: DualBatch = next(batches).to(device)
-        if iteration == poison_at:
-            batch.student_images[0] = batch.student_images[0] * float("nan")
-            if batch.teacher_images:
-                batch.teacher_images[0] = batch.teacher_images[0] * float("nan")
-        try:
-            if iteration < assistant_warmup:
-                terms = distiller.assistant_warmup_step(batch, opt, autocast)
-            elif distiller is not None:
-                terms = distiller.train_step(batch, opt, autocast)
-            else:
-                images = batch.student_images
-                terms = detection_step(model, images, batch.student_targets, opt, autocast)
-        except NonFiniteLossError as exc:
-            good = ckpt.latest_checkpoint(request.out)
-            raise TrainingError(f"stage {request.stage}, iteration {iteration}: loss term '{exc.term}' is "
-                                f"{exc.value}; stopped before the update. Last good checkpoint: "
-                                f"{good or 'none yet'}. Check the data of this batch and the learning rate.") from None
+        terms = _step(stage, request, batch, iteration, assistant_warmup, autocast)
         if iteration >= assistant_warmup:
-            scheduler.step()
+            stage.scheduler.step()
         done = iteration + 1
         if rank == 0 and (done % cfg.train.log_interval == 0 or done == end):
             elapsed = time.perf_counter() - t0
             values = {k: round(float(v), 6) for k, v in terms.items()}
-            values.update(lr=student_opt.param_groups[0]["lr"], it_per_s=round((done - start) / elapsed, 4),
+            values.update(lr=stage.student_opt.param_groups[0]["lr"], it_per_s=round((done - start) / elapsed, 4),
                           images_per_s=round((done - start) * cfg.train.batch_size * world / elapsed, 3))
             metrics.write(done, values)
             if report is not None:
@@ -307,29 +406,46 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
         if progress is not None:
             progress.update(1)
         if done % cfg.train.checkpoint_interval == 0 and done != end:
-            save_checkpoint(done)
+            checkpoint(done, {k: round(float(v), 6) for k, v in terms.items()})
         if done == fault_at and rank == world - 1:
-            marker = storage.join(request.out, ".fault-injected")
-            if not storage.exists(marker):
-                storage.write_text(marker, f"worker {rank} killed at iteration {done}\n")
-                os._exit(17)
-    elapsed = time.perf_counter() - t0
+            _inject_fault(request, rank, done)
     if progress is not None:
         progress.close()
-    summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
-               "wall_s": round(elapsed, 2), "it_per_s": round((end - start) / max(elapsed, 1e-9), 4),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "device": str(device), "spec": spec.to_dict()}
-    if rank == 0:
-        save_checkpoint(end)
-        categories = [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]
-        ckpt.save_model(model, spec, request.out, categories,
-                        {"stage": request.stage, "config": request.config, "iterations": end})
-        storage.write_json(storage.join(request.out, "summary.json"), summary)
-        metrics.close()
-    if world > 1:
-        dist.barrier()
-    return summary
+    return values
+
+
+def _freeze_backbone(model: nn.Module, want_frozen: bool, frozen: bool) -> bool:
+    if want_frozen != frozen:
+        for p in backbone_parameters(model):
+            p.requires_grad_(not want_frozen)
+    return want_frozen
+
+
+def _step(stage: _Stage, request: StageRequest, batch: DualBatch, iteration: int, assistant_warmup: int,
+          autocast: torch.dtype | None) -> dict:
+    if iteration == int(os.environ.get(POISON_ENV, "-1")):
+        batch.student_images[0] = batch.student_images[0] * float("nan")
+        if batch.teacher_images:
+            batch.teacher_images[0] = batch.teacher_images[0] * float("nan")
+    try:
+        if iteration < assistant_warmup:
+            return stage.distiller.assistant_warmup_step(batch, stage.opt, autocast)
+        if stage.distiller is not None:
+            return stage.distiller.train_step(batch, stage.opt, autocast)
+        return detection_step(stage.model, batch.student_images, batch.student_targets, stage.opt, autocast)
+    except NonFiniteLossError as exc:
+        good = ckpt.latest_checkpoint(request.out)
+        raise TrainingError(f"stage {request.stage}, iteration {iteration}: loss term '{exc.term}' is "
+                            f"{exc.value}; stopped before the update. Last good checkpoint: "
+                            f"{good or 'none yet'}. Check the data of this batch and the learning rate.") from None
+
+
+def _inject_fault(request: StageRequest, rank: int, done: int) -> None:
+    """The tests' dying worker: once per output (a marker file), at the iteration they name."""
+    marker = storage.join(request.out, ".fault-injected")
+    if not storage.exists(marker):
+        storage.write_text(marker, f"worker {rank} killed at iteration {done}\n")
+        os._exit(17)
 
 
 def detection_step(model: nn.Module, images: list, targets: list, opt: Optimizers,
