@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,15 +50,36 @@ def _arguments(params: dict, preset: str) -> dict:
 
 
 def run_local(params: dict, preset: str = "demo", pipeline: str = "training", pipeline_root: str = "") -> dict:
-    """Execute the real pipeline DAG with kfp's local SubprocessRunner (no cluster, no Docker)."""
+    """Execute the real pipeline DAG with kfp's local SubprocessRunner (no cluster, no Docker). Without a
+    ``ray_address`` its stages share one local Ray, started here once instead of once per component."""
     from kfp import local
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = pipeline_root or os.path.abspath(os.path.join(params.get("workdir", "runs/pipeline"), "kfp_local"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     started = time.perf_counter()
-    PIPELINES[pipeline](cluster=False)(**_arguments(params, preset))
+    with _shared_local_ray(enabled=not params.get("ray_address")):
+        PIPELINES[pipeline](cluster=False)(**_arguments(params, preset))
     return {"pipeline": pipeline, "pipeline_root": root, "wall_s": round(time.perf_counter() - started, 1)}
+
+
+@contextlib.contextmanager
+def _shared_local_ray(enabled: bool):
+    """A local Ray for the components (subprocesses) to join through RAY_ADDRESS; stopped when the run ends."""
+    if not enabled or os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    import ray
+
+    from scalekd.train.ray_runner import init_ray
+
+    init_ray()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        yield
+    finally:
+        del os.environ["RAY_ADDRESS"]
+        ray.shutdown()
 
 
 def _client(host: str):

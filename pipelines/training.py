@@ -16,11 +16,18 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AW
           "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
 
 
+RAY_TOKEN_SECRET = "scalekd-ray-token"  # k8s/secret-ray-token.example.yaml; KubeRay's authOptions.secretName
+RAY_CLIENT_LABEL = ("scalekd.io/ray-client", "true")  # admitted to the Jobs API by k8s/networkpolicy.yaml
+
+
 def for_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Cluster-only settings: S3 credentials from the secret. Training itself runs on the Ray cluster."""
+    """Cluster-only settings: S3 credentials and the Ray cluster's token from their secrets, and the label the
+    NetworkPolicy admits to the Jobs API. Training itself runs on the Ray cluster."""
     from kfp import kubernetes
 
-    return kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_ENV)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_ENV)
+    kubernetes.use_secret_as_env(task, secret_name=RAY_TOKEN_SECRET, secret_key_to_env={"auth_token": "RAY_AUTH_TOKEN"})
+    return kubernetes.add_pod_label(task, *RAY_CLIENT_LABEL)
 
 
 def build(cluster: bool):

@@ -126,6 +126,29 @@ def _client():
         return _clients[key]
 
 
+def arrow_filesystem():
+    """A pyarrow S3 filesystem on the same endpoint, credentials and timeouts as our boto3 client: Ray Train's
+    ``RunConfig(storage_filesystem=...)`` for any S3-compatible server."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    kwargs: dict = {"region": _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                    "connect_timeout": _env_number("SCALEKD_S3_CONNECT_TIMEOUT", 5.0),
+                    "request_timeout": _env_number("SCALEKD_S3_READ_TIMEOUT", 20.0),
+                    "retry_strategy": fs.AwsStandardS3RetryStrategy(
+                        max_attempts=int(_env_number("AWS_MAX_ATTEMPTS", 5, "number of attempts")))}
+    endpoint = _endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc.rsplit("@", 1)[-1], scheme=parsed.scheme or "https",
+                      force_virtual_addressing=False)
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+    return fs.S3FileSystem(**kwargs)
+
+
 def _s3_error(uri: str, exc: Exception, attempts: int = 1, elapsed: float = 0.0) -> StorageError:
     """Turn a boto error into one sentence naming the URI and the fix (never the credentials)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError

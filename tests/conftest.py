@@ -71,3 +71,20 @@ def tiny_cfg(synth_root):
     from scalekd.config import load_config
 
     return load_config(preset="tiny", overrides=[f"data.root={synth_root}"])
+
+
+def pytest_addoption(parser):
+    parser.addoption("--skip-heavy-cluster", action="store_true",
+                     help="skip the multi-node node-loss test (about 2 minutes); CI runs it")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy_cluster: the multi-node Ray test that loses a node mid-run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--skip-heavy-cluster"):
+        skip = pytest.mark.skip(reason="--skip-heavy-cluster given (CI runs it)")
+        for item in items:
+            if "heavy_cluster" in item.keywords:
+                item.add_marker(skip)

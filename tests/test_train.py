@@ -30,14 +30,17 @@ def _summary(out) -> dict:
 
 
 def test_tiny_pipeline_on_two_ray_workers_end_to_end(synth_root, tmp_path):
-    # Relative paths, as a user types them: Ray's workers run elsewhere and must still find them.
-    common = ["--preset", "tiny", "--data", os.path.relpath(synth_root, tmp_path), "--workers", "2"]
-    _cli("train-teacher", *common, "--out", "teacher", cwd=tmp_path)
-    _cli("warmup", *common, "--out", "warmup", cwd=tmp_path)
-    _cli("distill", *common, "--out", "distill", "--teacher", "teacher/model.pt", "--student", "warmup/model.pt",
-         cwd=tmp_path)
+    # Relative paths, as a user types them: Ray's workers run elsewhere and must still find them. The teacher and
+    # warm student in one plain process (the distill stage is the one with every input a path).
+    common = ["--preset", "tiny", "--data", os.path.relpath(synth_root, tmp_path)]
+    _cli("train-teacher", *common, "--out", "teacher", "--no-ray", cwd=tmp_path)
+    _cli("warmup", *common, "--out", "warmup", "--no-ray", cwd=tmp_path)
+    _cli("distill", *common, "--workers", "2", "--out", "distill", "--teacher", "teacher/model.pt",
+         "--student", "warmup/model.pt", cwd=tmp_path)
     teacher, warm, distilled = (_summary(tmp_path / s) for s in ("teacher", "warmup", "distill"))
-    assert teacher["workers"] == warm["workers"] == distilled["workers"] == 2
+    assert teacher["workers"] == warm["workers"] == 1 and distilled["workers"] == 2
+    ray_result = json.loads(open(tmp_path / "distill" / "ray_result.json").read())  # Ray Train's own record
+    assert ray_result["checkpoint"] and ray_result["metrics"]["iteration"] == distilled["iterations"]
     # The teacher is built for, and trained at, twice the student's resolution.
     assert teacher["spec"]["min_size"] == 2 * warm["spec"]["min_size"] == 128
     lines = [json.loads(line) for line in open(tmp_path / "distill" / "metrics.jsonl")]
@@ -167,3 +170,46 @@ def test_weights_that_do_not_fit_their_stored_spec_get_one_line(tiny_cfg, tmp_pa
     with pytest.raises(ckpt.CheckpointError, match="do not fit its stored spec") as err:
         ckpt.load_model(str(tmp_path / "altered.pt"))
     assert len(str(err.value)) < 500
+
+
+def test_a_finished_stage_is_reused_only_for_the_same_inputs(tiny_cfg, tmp_path):
+    from scalekd.train.loop import inputs_key
+
+    out = str(tmp_path / "warmup")
+    request = StageRequest("warmup", tiny_cfg.to_dict(), tiny_cfg.data.root, out)
+    first = run_stage(request)
+    model_bytes = open(os.path.join(out, "model.pt"), "rb").read()
+    # Where and how robustly it runs are not inputs: a rerun that changes only those reuses the stage.
+    elsewhere = replace(tiny_cfg, scaling={"ray_address": "http://head:8265", "max_failures": 5},
+                        train={"log_interval": 3})
+    assert run_stage(StageRequest("warmup", elsewhere.to_dict(), tiny_cfg.data.root, out)) == first
+    assert open(os.path.join(out, "model.pt"), "rb").read() == model_bytes
+    other = replace(tiny_cfg, train={"lr": 0.003})
+    assert inputs_key(StageRequest("warmup", other.to_dict(), tiny_cfg.data.root, out)) != first["inputs_key"]
+    with pytest.raises(TrainingError, match="from other inputs"):
+        run_stage(StageRequest("warmup", other.to_dict(), tiny_cfg.data.root, out))
+    assert open(os.path.join(out, "model.pt"), "rb").read() == model_bytes  # nothing was overwritten
+
+
+def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):
+    out = str(tmp_path / "teacher")
+    run_stage(StageRequest("teacher", tiny_cfg.to_dict(), tiny_cfg.data.root, out, stop_at=2))
+    other = replace(tiny_cfg, train={"lr": 0.003})
+    with pytest.raises(TrainingError, match="other inputs"):
+        run_stage(StageRequest("teacher", other.to_dict(), tiny_cfg.data.root, out))
+    assert ckpt.latest_checkpoint(out).endswith("iter_0000002.pt")
+
+
+def test_the_starting_models_are_inputs_of_the_distill_stage(tiny_cfg, tmp_path):
+    from scalekd.train.loop import inputs_key
+
+    root = tiny_cfg.data.root
+    teacher = run_stage(StageRequest("teacher", tiny_cfg.to_dict(), root, str(tmp_path / "t")))
+    assert teacher["iterations"] == tiny_cfg.train.teacher_iterations
+    run_stage(StageRequest("warmup", tiny_cfg.to_dict(), root, str(tmp_path / "w")))
+    other_teacher = replace(tiny_cfg, train={"teacher_iterations": 2})
+    run_stage(StageRequest("teacher", other_teacher.to_dict(), root, str(tmp_path / "t2")))
+    warm = str(tmp_path / "w" / "model.pt")
+    keys = {inputs_key(StageRequest("distill", tiny_cfg.to_dict(), root, str(tmp_path / "d"),
+                                    teacher=str(tmp_path / t / "model.pt"), student_init=warm)) for t in ("t", "t2")}
+    assert len(keys) == 2

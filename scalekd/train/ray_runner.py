@@ -15,7 +15,8 @@ import time
 
 from scalekd import storage
 from scalekd.config import Config
-from scalekd.train.loop import StageRequest, TrainingError, run_stage
+from scalekd.train import checkpoint as ckpt
+from scalekd.train.loop import StageHooks, StageRequest, TrainingError, completed_summary, inputs_key, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,80 @@ def init_ray(num_cpus: int | None = None) -> None:
              log_to_driver=True, configure_logging=False)
 
 
+class RayTrainHooks(StageHooks):
+    """Ray Train's view of a stage: every checkpoint is reported with ``ray.train.report(metrics, checkpoint)``
+    (our atomic, weights-only file inside Ray's checkpoint directory, from rank 0; every rank reports, as Ray
+    requires), so the run's ``Result`` carries metrics and its latest checkpoint, and a restored run (a worker
+    or a node lost) resumes from ``ray.train.get_checkpoint()``."""
+
+    FILE = "scalekd_checkpoint.pt"
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        kept = ray.train.get_checkpoint()
+        if kept is None:
+            return None
+        with kept.as_directory() as folder:
+            path = os.path.join(folder, self.FILE)
+            return ckpt.load(path) if os.path.exists(path) else None
+
+    def checkpointed(self, iteration: int, metrics: dict, state: dict | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="scalekd-ray-ckpt-") as folder:
+            ckpt.save(state, os.path.join(folder, self.FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
 def _worker_entry(config: dict) -> None:
-    run_stage(StageRequest(**config))
+    run_stage(StageRequest(**config), hooks=RayTrainHooks())
 
 
 def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
     """Run the stage's worker loop on ``cfg.scaling.workers`` Ray Train workers; returns its summary."""
     init_ray()
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
-    # Named from the output URI, not a timestamp or Python's salted hash: a rerun finds the same run.
-    name = f"scalekd-{request.stage}-{hashlib.sha1(request.out.encode()).hexdigest()[:10]}"
-    storage_path = os.environ.get("SCALEKD_RAY_STORAGE") or os.path.join(storage.cache_dir(), "ray_results")
+    # Named from the output and the inputs, not a timestamp: a rerun of the same stage finds the same run (and its
+    # checkpoints); other inputs at the same output get another.
+    name = f"scalekd-{request.stage}-{hashlib.sha1((request.out + inputs_key(request)).encode()).hexdigest()[:12]}"
+    storage_path, filesystem = ray_storage(request.out)
+    # min_workers < workers: after a node is lost Ray restarts the group on what is left (elastic training).
+    workers = s.workers if s.min_workers in (0, s.workers) else (s.min_workers, s.workers)
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=request.to_dict(),
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=s.max_failures)),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error; surface its message
         raise TrainingError(f"stage {request.stage} failed on Ray Train: {_root_message(exc)}") from None
-    return json.loads(storage.read_text(storage.join(request.out, "summary.json")))
+    summary = json.loads(storage.read_text(storage.join(request.out, "summary.json")))
+    ray_result = {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                  "run": f"{storage_path}/{name}"}
+    storage.write_json(storage.join(request.out, "ray_result.json"), ray_result)
+    return {**summary, "ray": ray_result}
+
+
+def ray_storage(out: str) -> tuple[str, object | None]:
+    """Where Ray Train keeps the run's checkpoints: beside an ``s3://`` output on the same endpoint (nodes share no
+    disk on a real cluster), else the local cache; ``SCALEKD_RAY_STORAGE`` overrides either."""
+    path = os.environ.get("SCALEKD_RAY_STORAGE") or (storage.join(out, "_ray") if storage.is_s3(out) else
+                                                     os.path.join(storage.cache_dir(), "ray_results"))
+    if storage.is_s3(path):
+        return path[len("s3://"):], storage.arrow_filesystem()
+    return path, None
 
 
 def _root_message(exc: BaseException) -> str:
@@ -74,18 +122,70 @@ def _root_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def submit_ray_job(request: StageRequest, address: str, poll_s: float = 2.0) -> dict:
-    """Submit the stage as a Ray job to ``address`` (http://HEAD:8265) and stream its logs to stderr."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+# Settings a submitted job needs on the cluster besides the installed package (the image): never credentials, which
+# the cluster's nodes hold themselves (k8s: the scalekd-s3 Secret as env), so they never show in the job's record.
+_JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "SCALEKD_S3_CONNECT_TIMEOUT",
+            "SCALEKD_S3_READ_TIMEOUT", "SCALEKD_S3_BUDGET_S", "SCALEKD_RAY_STORAGE")
 
+
+def job_runtime_env() -> dict:
+    """The job's ``runtime_env``: what it needs from here, by name. Credentials are not among them."""
+    env = {name: os.environ[name] for name in _JOB_ENV if os.environ.get(name)}
+    env.update(RAY_TRAIN_V2_ENABLED="1", SCALEKD_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    return {"env_vars": env}
+
+
+def _auth_env() -> None:
+    """Token authentication for the client when a token is given (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token): Ray's SDK then sends it with every Jobs API call. The token itself is never logged."""
+    from pathlib import Path
+
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+        (Path.home() / ".ray" / "auth_token").exists()
+    if has_token and os.environ.get("RAY_AUTH_MODE", "disabled") == "disabled":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray reads the mode into its config once; read it again
+
+
+def job_client(address: str):
+    """A Jobs API client for ``address``, with a named error when it cannot be reached or refuses us."""
+    _auth_env()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+        client.list_jobs()  # the first authenticated call: a refused token shows here, not mid-run
+        return client
+    except Exception as exc:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ...
+        raise TrainingError(_job_api_error(address, exc)) from None
+
+
+def _job_api_error(address: str, exc: Exception) -> str:
+    text = str(exc)
+    where = storage.redact(address)
+    if "401" in text or "403" in text or "nauthori" in text or "uthenticat" in text:
+        return (f"the Ray cluster at {where} refused the request: token authentication is on and no valid token "
+                "was given; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token")
+    return (f"cannot reach the Ray Jobs API at {where} ({type(exc).__name__}); check --ray-address / "
+            "scaling.ray_address (http://HEAD:8265) and that the head node's dashboard is up")
+
+
+def submit_ray_job(request: StageRequest, address: str, poll_s: float = 2.0) -> dict:
+    """Submit the stage as a Ray job to ``address`` (http://HEAD:8265), stream its logs to stderr and return the
+    stage's summary; a failed job raises with its error message and the end of its logs."""
+    from ray.job_submission import JobStatus
+
+    client = job_client(address)
     payload = dict(request.to_dict())
     payload["config"] = {**payload["config"], "scaling": {**payload["config"]["scaling"], "ray_address": ""}}
     encoded = base64.b64encode(json.dumps(payload).encode()).decode()
-    client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=f"python -m scalekd.train.ray_runner {encoded}",
+                               runtime_env=job_runtime_env(),
                                metadata={"scalekd_stage": request.stage, "out": request.out})
-    log.info("submitted Ray job %s to %s", job_id, address)
-    shown = 0
+    log.info("submitted Ray job %s (stage %s) to %s", job_id, request.stage, storage.redact(address))
+    shown, logs = 0, ""
     while True:
         status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
@@ -95,12 +195,20 @@ def submit_ray_job(request: StageRequest, address: str, poll_s: float = 2.0) -> 
             break
         time.sleep(poll_s)
     if status != JobStatus.SUCCEEDED:
-        raise TrainingError(f"Ray job {job_id} for stage {request.stage} ended {status}; its logs are above")
+        message = client.get_job_info(job_id).message or ""
+        tail = "\n".join(logs.strip().splitlines()[-15:])
+        raise TrainingError(f"Ray job {job_id} for stage {request.stage} ended {status}: {message.strip()}\n"
+                            f"last lines of its log:\n{tail}")
     return json.loads(storage.read_text(storage.join(request.out, "summary.json")))
 
 
 def launch(request: StageRequest, cfg: Config, use_ray: bool = True) -> dict:
-    """The CLI's and components' entry: a job on a cluster, Ray Train locally, or a plain process."""
+    """The CLI's and components' entry: a job on a cluster, Ray Train locally, or a plain process. A stage that
+    already finished at ``request.out`` with the same inputs is reused before any Ray starts."""
+    done = completed_summary(request)
+    if done is not None:
+        log.info("%s: stage %s already complete with these inputs; reusing it", request.out, request.stage)
+        return done
     if cfg.scaling.ray_address:
         return submit_ray_job(request, cfg.scaling.ray_address)
     if use_ray:

@@ -1,0 +1,199 @@
+"""The cluster path, for real: a head and two worker nodes (separate `ray start` processes), the Jobs API on
+loopback with token authentication on, data and outputs on the SeaweedFS S3 server (nodes share no disk).
+
+The node-loss test is the heaviest of the suite (about 2 minutes on 2 cores): `pytest --skip-heavy-cluster`
+skips it locally; CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scalekd import storage
+from tests.raycluster import LocalRayCluster, free_port
+
+
+def _env(s3: dict, **extra) -> dict:
+    env = {**os.environ, "SCALEKD_NO_PROGRESS": "1", "AWS_ENDPOINT_URL": s3["endpoint"],
+           "AWS_ACCESS_KEY_ID": s3["key"], "AWS_SECRET_ACCESS_KEY": s3["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(name, None)
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra)
+    return env
+
+
+def _cli(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalekd.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    node_env = {"AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": s3_server["key"],
+                "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    ray_cluster = LocalRayCluster(env=node_env, workers=2, cpus_per_worker=1)
+    try:
+        yield ray_cluster.start()
+    finally:
+        ray_cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_models(s3_server):
+    """A tiny synthetic dataset, teacher and warm student in S3 (trained here without Ray: they are inputs)."""
+    env = _env(s3_server)
+    prefix = f"s3://{s3_server['bucket']}/cluster"
+    steps = [["data", "synth", f"{prefix}/data", "--images", "16", "--size", "128"],
+             ["train-teacher", "--preset", "tiny", "--data", f"{prefix}/data", "--out", f"{prefix}/teacher",
+              "--no-ray"],
+             ["warmup", "--preset", "tiny", "--data", f"{prefix}/data", "--out", f"{prefix}/warmup", "--no-ray"]]
+    for args in steps:
+        done = _cli(args, env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return {"data": f"{prefix}/data", "teacher": f"{prefix}/teacher/model.pt", "student": f"{prefix}/warmup/model.pt"}
+
+
+def _distill_args(models: dict, out: str, address: str, *extra: str) -> list[str]:
+    return ["distill", "--preset", "tiny", "--data", models["data"], "--out", out, "--teacher", models["teacher"],
+            "--student", models["student"], "--ray-address", address, *extra]
+
+
+def test_submission_without_the_token_is_refused(cluster, s3_server, s3_models):
+    out = f"s3://{s3_server['bucket']}/cluster/refused"
+    for env in (_env(s3_server), _env(s3_server, RAY_AUTH_TOKEN="0" * 64)):
+        done = _cli(_distill_args(s3_models, out, cluster.address), env, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "token authentication is on" in done.stderr and cluster.address in done.stderr
+        assert cluster.token not in done.stderr + done.stdout
+    assert not storage_exists(s3_server, "cluster/refused/summary.json")
+
+
+def test_unreachable_jobs_api_is_a_named_error(s3_server, s3_models):
+    address = f"http://127.0.0.1:{free_port()}"
+    done = _cli(_distill_args(s3_models, f"s3://{s3_server['bucket']}/cluster/nowhere", address),
+                _env(s3_server, RAY_AUTH_TOKEN="x" * 64), timeout=120)
+    assert done.returncode == 2
+    assert f"cannot reach the Ray Jobs API at {address}" in done.stderr
+
+
+@pytest.mark.heavy_cluster
+def test_distill_across_two_nodes_survives_losing_one(cluster, s3_server, s3_models):
+    """Two Ray Train workers, one per node, DDP over gloo, S3 to S3; a node's raylet is killed mid-run and the run
+    goes on from the last checkpoint on the remaining node (elastic: min_workers 1)."""
+    out = f"s3://{s3_server['bucket']}/cluster/distill"
+    args = _distill_args(s3_models, out, cluster.address, "--workers", "2", "--set", "scaling.min_workers=1",
+                         "--set", "scaling.cpus_per_worker=1", "--set", "train.distill_iterations=80",
+                         "--set", "train.checkpoint_interval=20", "--set", "train.log_interval=5")
+    started = time.monotonic()
+    job = subprocess.Popen([sys.executable, "-m", "scalekd.cli", *args], env=_env(s3_server,
+                           RAY_AUTH_TOKEN=cluster.token), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = _wait_for_checkpoint(s3_server, "cluster/distill/checkpoints/", job, timeout_s=300)
+        killed_at, killed_wall = time.monotonic(), time.time()
+        cluster.kill_node("worker1")
+        output, _ = job.communicate(timeout=540)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-5000:]
+    summary = json.loads(storage_read(s3_server, "cluster/distill/summary.json"))
+    tiny_warmup = 2  # the tiny preset's assistant-only iterations come first
+    assert summary["iterations"] == 80 + tiny_warmup
+    assert summary["resumed_from"] >= first  # iterations continued from a checkpoint, not from 0
+    assert summary["workers"] == 1  # the run went on with the node that was left
+    ray_result = json.loads(storage_read(s3_server, "cluster/distill/ray_result.json"))
+    assert ray_result["checkpoint"] and ray_result["metrics"]["iteration"] == 80 + tiny_warmup
+    keys = list_keys(s3_server, "cluster/distill/")
+    assert "cluster/distill/model.pt" in keys and not [k for k in keys if k.endswith(".tmp")]
+    assert any("/_ray/" in k and k.endswith("scalekd_checkpoint.pt") for k in keys)  # Ray's own, on S3
+    lines = [json.loads(line) for line in storage_read(s3_server, "cluster/distill/metrics.jsonl").splitlines()]
+    assert lines[0]["iteration"] <= first < lines[-1]["iteration"]  # the log kept what came before the loss
+    resumed = next(line for line in lines if line["time"] > killed_wall)
+    figures = {"wall_s": round(time.monotonic() - started, 1), "after_loss_s": round(time.monotonic() - killed_at, 1),
+               "first_checkpoint": first, "resumed_from": summary["resumed_from"],
+               "first_log_after_loss_s": round(resumed["time"] - killed_wall, 1),
+               "it_per_s_two_nodes": next(line["it_per_s"] for line in reversed(lines) if line["time"] < killed_wall),
+               "it_per_s_after": lines[-1]["it_per_s"]}
+    print("node-loss run:", json.dumps(figures))
+    print("\n".join(line for line in output.splitlines() if "Controller" in line or "resuming" in line)[-4000:])
+
+
+def test_pipeline_runs_its_training_stages_as_jobs_on_the_cluster(cluster, s3_server, tmp_path):
+    workdir = f"s3://{s3_server['bucket']}/cluster/pipeline"
+    env = _env(s3_server, RAY_AUTH_TOKEN=cluster.token)
+    done = subprocess.run([sys.executable, "-m", "scalekd.cli", "pipeline", "run", "--local", "--preset", "tiny",
+                           "--param", f"ray_address={cluster.address}", "--param", f"workdir={workdir}",
+                           "--param", "synth_images=12"], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    output = done.stdout + done.stderr  # the local runner passes the components' logs on
+    assert output.count("submitted Ray job") >= 4, output[-3000:]  # teacher, warm-up, plain and ScaleKD
+    metrics = json.loads(storage_read(s3_server, "cluster/pipeline/metrics.json"))
+    assert len(metrics["models"]) == 3  # teacher, plain student, ScaleKD student
+    for stage in ("teacher", "warmup"):
+        assert "ray" in json.loads(storage_read(s3_server, f"cluster/pipeline/{stage}/summary.json")) or \
+            storage_exists(s3_server, f"cluster/pipeline/{stage}/ray_result.json")
+
+
+def _wait_for_checkpoint(s3: dict, prefix: str, job: subprocess.Popen, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended before its first checkpoint:\n{job.stdout.read()[-4000:]}")
+        iterations = [int(k.rsplit("iter_", 1)[1][:7]) for k in list_keys(s3, prefix) if "iter_" in k]
+        if iterations:
+            return max(iterations)
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint under {prefix} after {timeout_s} s")
+
+
+def list_keys(s3: dict, prefix: str) -> list[str]:
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def storage_read(s3: dict, key: str) -> str:
+    return s3["client"].get_object(Bucket=s3["bucket"], Key=key)["Body"].read().decode()
+
+
+def storage_exists(s3: dict, key: str) -> bool:
+    return key in list_keys(s3, key)
+
+
+def test_s3_down_during_a_checkpoint_write_is_retried_then_named_and_the_last_checkpoint_survives(
+        s3, tiny_cfg, monkeypatch):
+    from scalekd.train import checkpoint as ckpt
+    from scalekd.train.loop import StageRequest, run_stage
+
+    out = f"s3://{s3['bucket']}/cluster/s3-down"
+    run_stage(StageRequest("teacher", tiny_cfg.to_dict(), tiny_cfg.data.root, out, stop_at=2))
+    kept = ckpt.latest_checkpoint(out)
+    assert kept and kept.endswith("iter_0000002.pt")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # the endpoint goes away
+    monkeypatch.setenv("SCALEKD_S3_BUDGET_S", "3")
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint") as caught:
+        ckpt.save({"iteration": 4}, ckpt.checkpoint_uri(out, 4))
+    assert "iter_0000004.pt" in str(caught.value) and time.monotonic() - started < 30
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])  # back: the previous checkpoint is intact
+    assert ckpt.latest_checkpoint(out) == kept and ckpt.load(kept)["iteration"] == 2
+
+
+def test_a_job_names_what_it_needs_but_never_the_credentials(monkeypatch):
+    from scalekd.train.ray_runner import job_runtime_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.internal:8333")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-NOT-IN-JOBS")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-not-in-jobs")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "token-not-in-jobs")
+    env = job_runtime_env()["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.internal:8333" and env["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"} & set(env)
+    assert "not-in-jobs" not in json.dumps(env)
