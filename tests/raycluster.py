@@ -21,11 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.s3server import free_port  # noqa: F401 - also the cluster tests' free port
 
 
 def _free_block(size: int = 40, start: int = 21000, stop: int = 30000) -> int:
