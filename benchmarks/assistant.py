@@ -3,8 +3,9 @@ Evaluates, per seed, the distilled student and its assistant run as a detector (
 teacher's paired maps -> CSA -> head), from the final checkpoints of a quality run (``benchmarks/quality.py``).
 Both get the views the training collate makes. Diagnostics: the assistant with the teacher's maps intact, their
 cells shuffled within the image, taken from another image, or zeroed (an assistant that reads the teacher loses
-AP when they are not its own image's, in place), and the attention each query puts on its own cell relative to
-uniform (1.0: none in particular).
+AP when they are not its own image's, in place); the student's maps (the queries) shuffled, the teacher's intact
+(an assistant started as the teacher that ignores its queries is only the teacher fine-tuned); and the attention
+each query puts on its own cell relative to uniform (1.0: none in particular).
 
     python benchmarks/assistant.py --workdir runs/bench/quality --dataset synth --variants scalekd scalekd_no_teacher
 """
@@ -47,10 +48,11 @@ def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[st
     dataset = dataset_from_root(data_root, cfg.data.val_split)
     out = {}
     assisted = AssistedDetector(distiller)
-    models = [("student", student, "intact")] + [
-        ("assistant" if how == "intact" else f"assistant_{how}", assisted, how) for how in TEACHER_ABLATIONS]
-    for name, model, how in models:
-        assisted.teacher_ablation = how
+    models = [("student", student, "intact", "intact")] + [
+        ("assistant" if how == "intact" else f"assistant_{how}", assisted, how, "intact") for how in TEACHER_ABLATIONS]
+    models.append(("assistant_student_permuted", assisted, "intact", "permuted"))
+    for name, model, how, student_how in models:
+        assisted.teacher_ablation, assisted.student_ablation = how, student_how
         # Both at the student's size: the assistant also gets the teacher's view, made as in training.
         detections = predict(model, dataset, cfg.data.student_size, cfg.data.max_size_ratio, cfg.eval.batch_size,
                              0.001, max(cfg.eval.max_detections))
@@ -85,7 +87,8 @@ def main() -> None:
         runs = [evaluate_pair(os.path.join(args.workdir, args.dataset, f"seed{seed}", f"distill-{variant}"),
                               teacher, data_root) for seed in args.seeds]
         results[variant] = runs
-        for name in ("student", "assistant", *(f"assistant_{how}" for how in TEACHER_ABLATIONS[1:])):
+        for name in ("student", "assistant", *(f"assistant_{how}" for how in TEACHER_ABLATIONS[1:]),
+                     "assistant_student_permuted"):
             row = {"variant": variant, "model": name}
             for k in KEYS:
                 xs = [100 * r[name][k] for r in runs]

@@ -42,9 +42,11 @@ VARIANTS = {
     # predictions on the student's own anchors (the teacher is never run outside the resolution it was trained at).
     "od": {"method": "od"},
     "pkd": {"method": "pkd"},  # Cao et al. 2022, mmrazor's modern feature baseline, scale-aligned maps
-    "scalekd": {},  # the default recipe ("aligned")
+    "scalekd": {},  # the default recipe ("aligned"): the assistant starts as the teacher's predictions
     # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
     "scalekd_no_teacher": {"csa": {"keys_from": "student"}},
+    # The previous default: the assistant starts as the student (the paper) instead of the 2x teacher's predictions.
+    "scalekd_student_start": {"csa": {"starts_as": "student"}},
     "scalekd_paper": "paper",  # the paper's literal reading (config.PAPER_RECIPE), on the same warm student
     "no_sdf": {"sdf": {"enabled": False}},
     "no_csa": {"csa": {"enabled": False}},

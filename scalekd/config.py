@@ -122,6 +122,14 @@ class CSAConfig:
     # map (upsampled 2x, so the pooling rates mean what they mean on the teacher's), to measure how much of
     # the assistant's lead is the teacher's knowledge and how much is the assistant's own capacity.
     keys_from: str = "teacher"
+    # Not in the paper: what the assistant is before it trains. "student" (the paper): the attention's output is
+    # added onto the student's map and read by a copy of the student's head. "teacher": added onto the teacher's
+    # scale-aligned map and read by a copy of the teacher's head, so with zero_init_output the assistant starts as
+    # exactly the 2x teacher's predictions on the student's anchors (OD's targets) and learns from the ground
+    # truth what to change given the student's queries. Needs scale_aligned pairing, a one-stage detector, the
+    # assistant's own head and teacher_scale 2; "auto" (default): teacher where those hold, else student. The
+    # no-teacher control (keys_from=student) starts as the student.
+    starts_as: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,21 @@ class Config:
         student's and its grids line up with the student's (validated to be an integer)."""
         return int(round(32 * self.data.teacher_scale))
 
+    @property
+    def teacher_start_possible(self) -> bool:
+        """The 2x teacher's P_{l+1} head predicts on the student's anchors (``distill.csa.starts_as``)."""
+        k = self.distill
+        return (k.pairing == "scale_aligned" and self.one_stage and k.csa.head == "own"
+                and self.data.teacher_scale == 2.0)
+
+    @property
+    def assistant_starts_as_teacher(self) -> bool:
+        """The assistant starts as the teacher's predictions: asked for (or ``auto`` and possible) and the keys
+        are the teacher's (the no-teacher control starts as the student)."""
+        c = self.distill.csa
+        wanted = c.starts_as == "teacher" or (c.starts_as == "auto" and self.teacher_start_possible)
+        return wanted and c.keys_from == "teacher"
+
     def loss_weights(self) -> tuple[float, float, float]:
         """(alpha, beta, gamma), the paper's defaults filled in for the detector family (PKD: its own alpha)."""
         defaults = PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"]
@@ -239,7 +262,7 @@ class Config:
 PAPER_RECIPE: dict = {
     "pairing": "same_level",
     "csa": {"head": "shared", "rates": [2, 4], "warmup_iterations": 0, "locality": "none",
-            "zero_init_output": False},
+            "zero_init_output": False, "starts_as": "student"},
 }
 # PKD's loss weight per FPN level when distill.alpha is not given (mmrazor's RetinaNet/FCOS configs use ~10).
 PKD_WEIGHT = 10.0
@@ -491,6 +514,11 @@ def validate(cfg: Config) -> None:
     _check(c.keys_from in ("teacher", "student"), "distill.csa.keys_from", c.keys_from,
            "teacher (the method) or student (a control without the teacher)")
     _check(c.locality in ("distance_bias", "none"), "distill.csa.locality", c.locality, "distance_bias or none")
+    _check(c.starts_as in ("auto", "student", "teacher"), "distill.csa.starts_as", c.starts_as,
+           "auto, student or teacher")
+    _check(c.starts_as != "teacher" or cfg.teacher_start_possible, "distill.csa.starts_as", c.starts_as,
+           "student, or teacher with distill.pairing=scale_aligned, a one-stage detector, distill.csa.head=own and "
+           "data.teacher_scale=2 (the teacher's P_{l+1} head then predicts on the student's anchors)")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):

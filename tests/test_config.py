@@ -27,10 +27,16 @@ def test_overrides_and_paper_defaults():
     ("distill.sdf.teacher_sdf=ema", "distill.sdf.teacher_sdf", "shared or frozen"),
     ("train.lr_steps=[0.9,0.5]", "train.lr_steps", "increasing"),
     ("data.teacher_scale=1.3", "data.teacher_scale", "multiple of 32"),
+    ("distill.csa.starts_as=assistant", "distill.csa.starts_as", "student or teacher"),
+    # A teacher start needs the teacher's P_{l+1} head to predict on the student's anchors: each condition alone.
+    ("distill.csa.starts_as=teacher distill.csa.head=shared", "distill.csa.starts_as", "head=own"),
+    ("distill.csa.starts_as=teacher model.detector=faster_rcnn", "distill.csa.starts_as", "one-stage"),
+    ("distill.csa.starts_as=teacher distill.pairing=same_level", "distill.csa.starts_as", "scale_aligned"),
+    ("distill.csa.starts_as=teacher data.teacher_scale=3", "distill.csa.starts_as", "teacher_scale=2"),
 ])
 def test_invalid_values_name_the_field(override, field, words):
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=[override])
+        load_config(overrides=override.split(" "))
     assert err.value.path == field
     assert field in str(err.value) and words in str(err.value)
 
@@ -84,3 +90,11 @@ def test_a_config_path_that_is_a_folder_or_binary_is_named(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(ConfigError, match="not a text"):
         load_config(str(tmp_path / "bin.yaml"))
+
+
+def test_the_assistant_starts_as_the_teacher_only_where_the_teachers_head_fits_the_students_anchors():
+    assert load_config(preset="bench").assistant_starts_as_teacher
+    for overrides in (["model.detector=faster_rcnn"], ["distill.recipe=paper"], ["distill.csa.head=shared"],
+                      ["distill.csa.keys_from=student"], ["distill.csa.starts_as=student"],
+                      ["data.teacher_scale=3"]):
+        assert not load_config(preset="bench", overrides=overrides).assistant_starts_as_teacher, overrides

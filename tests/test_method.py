@@ -207,7 +207,7 @@ def test_position_codes_reach_queries_and_keys_but_not_values():
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_an_assistant_with_its_own_head_trains_it_and_leaves_the_students_alone(tiny_cfg, detector):
-    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"head": "own"}})
+    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"head": "own", "starts_as": "student"}})
     distiller, opt = distiller_with_optimizers(cfg, student_lr=0.0)
     opt.student.param_groups[0]["momentum"] = 0.0
     own = distiller.assistant_head
@@ -237,7 +237,7 @@ def test_the_assistants_warmup_step_moves_the_assistant_and_nothing_of_the_stude
 
 @pytest.mark.parametrize("detector", ("retinanet", "fcos"))
 def test_an_assistant_that_adds_nothing_detects_exactly_what_the_student_does(tiny_cfg, detector):
-    cfg = replace(tiny_cfg, model={"detector": detector})
+    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"starts_as": "student"}})
     distiller, _ = distiller_with_optimizers(cfg)
     torch.nn.init.zeros_(distiller.csa.attention.proj.weight)  # attention output projected to zero:
     torch.nn.init.zeros_(distiller.csa.attention.proj.bias)  # the assistant's maps are the student's
@@ -270,8 +270,8 @@ def test_a_two_stage_assistant_is_not_run_as_a_detector(tiny_cfg):
 
 def test_the_no_teacher_control_reads_keys_and_values_from_the_student_alone(tiny_cfg):
     student_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
-    teacher_a = [torch.randn(1, 32, 16, 16), torch.randn(1, 32, 8, 8)]
-    teacher_b = [torch.randn(1, 32, 16, 16), torch.randn(1, 32, 8, 8)]
+    teacher_a = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]  # scale-aligned: the student's grids
+    teacher_b = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
     with torch.no_grad():
         control, _ = distiller_with_optimizers(replace(tiny_cfg, distill={"csa": {"keys_from": "student"}}))
         method, _ = distiller_with_optimizers(tiny_cfg)
@@ -282,3 +282,36 @@ def test_the_no_teacher_control_reads_keys_and_values_from_the_student_alone(tin
         moved = [torch.equal(a, b) for a, b in zip(method.assistant_maps(student_maps, teacher_a),
                                                    method.assistant_maps(student_maps, teacher_b))]
     assert all(same) and not any(moved)
+
+
+@pytest.mark.parametrize("detector", ("retinanet", "fcos"))
+def test_an_assistant_that_starts_as_the_teacher_predicts_the_teachers_scale_aligned_outputs(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector})  # starts_as=auto: the teacher, where it can
+    distiller, _ = distiller_with_optimizers(cfg)
+    batch = tiny_batch(cfg)
+    with torch.no_grad():
+        student_out = distiller.student_parts.forward_train(batch.student_images, batch.student_targets)
+        _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
+        names, ctx = student_out.fpn_names, student_out.context
+        od_targets = distiller.teacher_parts.predict(teacher_maps, names, ctx)  # what OD imitates
+        maps = distiller.assistant_maps([m.detach() for m in student_out.fpn], teacher_maps)
+        assistant = distiller.student_parts.predict(maps, names, ctx, distiller.assistant_head)
+    assert od_targets.keys() == assistant.keys()
+    for key in od_targets:
+        torch.testing.assert_close(assistant[key], od_targets[key])
+    # The student's own head on the same maps predicts something else: the copy is the teacher's head.
+    with torch.no_grad():
+        student_head = distiller.student_parts.predict(maps, names, ctx)
+    assert not torch.allclose(student_head["cls_logits"], od_targets["cls_logits"])
+
+
+def test_the_no_teacher_control_of_a_teacher_start_starts_as_the_student(tiny_cfg):
+    cfg = replace(tiny_cfg, distill={"csa": {"starts_as": "teacher", "keys_from": "student"}})
+    distiller, _ = distiller_with_optimizers(cfg)
+    student_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
+    teacher_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
+    with torch.no_grad():
+        maps = distiller.assistant_maps(student_maps, teacher_maps)
+    assert all(torch.equal(a, s) for a, s in zip(maps, student_maps))
+    head = distiller.student_parts.prediction_head().state_dict()
+    assert all(torch.equal(v, head[k]) for k, v in distiller.assistant_head.state_dict().items())

@@ -191,6 +191,24 @@ def test_a_finished_stage_is_reused_only_for_the_same_inputs(tiny_cfg, tmp_path)
     assert open(os.path.join(out, "model.pt"), "rb").read() == model_bytes  # nothing was overwritten
 
 
+def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
+    from scalekd.train.loop import inputs_key
+
+    def key(stage, cfg):
+        return inputs_key(StageRequest(stage, cfg.to_dict(), tiny_cfg.data.root, "unused"))
+
+    distill_change = replace(tiny_cfg, distill={"beta": 0.7, "csa": {"starts_as": "teacher"}},
+                             train={"distill_iterations": 9})
+    for stage in ("teacher", "warmup"):
+        assert key(stage, distill_change) == key(stage, tiny_cfg)
+    assert key("teacher", replace(tiny_cfg, train={"warmup_iterations": 9})) == key("teacher", tiny_cfg)
+    assert key("distill", replace(tiny_cfg, train={"teacher_iterations": 9})) == key("distill", tiny_cfg)
+    # What a stage does read still counts.
+    assert key("distill", distill_change) != key("distill", tiny_cfg)
+    assert key("teacher", replace(tiny_cfg, train={"teacher_iterations": 9})) != key("teacher", tiny_cfg)
+    assert key("warmup", replace(tiny_cfg, train={"freeze_backbone_iterations": 9})) != key("warmup", tiny_cfg)
+
+
 def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):
     out = str(tmp_path / "teacher")
     run_stage(StageRequest("teacher", tiny_cfg.to_dict(), tiny_cfg.data.root, out, stop_at=2))

@@ -74,6 +74,9 @@ class AssistedDetector(nn.Module):
         self.distiller = distiller
         self.teacher_scale = distiller.cfg.data.teacher_scale
         self.teacher_ablation = "intact"  # a diagnostic (TEACHER_ABLATIONS); the detector itself is "intact"
+        # The same on the student's maps, the queries (an assistant started as the teacher that ignores its
+        # student's queries is the teacher fine-tuned, nothing cross-scale).
+        self.student_ablation = "intact"
 
     # The student's post-processing runs the detections, so eval settings go to it (see configure_for_eval).
     score_thresh = _student_setting("score_thresh")
@@ -86,7 +89,8 @@ class AssistedDetector(nn.Module):
         original_sizes = [tuple(im.shape[-2:]) for im in student_images]
         image_list, _, _, fpn = d.student_parts.features(student_images)
         _, teacher_maps = d.teacher_maps(teacher_images)
-        maps = d.assistant_maps(list(fpn.values()), ablate_teacher_maps(teacher_maps, self.teacher_ablation))
+        student_maps = ablate_teacher_maps(list(fpn.values()), self.student_ablation)
+        maps = d.assistant_maps(student_maps, ablate_teacher_maps(teacher_maps, self.teacher_ablation))
         head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.

@@ -131,9 +131,11 @@ class Distiller(nn.Module):
                                            k.csa.positional, k.csa.locality, k.csa.zero_init_output)
             if k.csa.head == "own":
                 # Interpretation ("we stacked head layers ... to update the weights"): the assistant gets
-                # its own copy of the warm student's head and trains it with the CSA, so it can use the
-                # teacher's features without waiting for the shared head to learn to read them.
-                self.assistant_head = copy.deepcopy(self.student_parts.prediction_head())
+                # its own copy of the warm student's head (or, starting as the teacher, of the teacher's) and
+                # trains it with the CSA, so it can use the teacher's features without waiting for the shared
+                # head to learn to read them.
+                source = self.teacher_parts if self.cfg.assistant_starts_as_teacher else self.student_parts
+                self.assistant_head = copy.deepcopy(source.prediction_head())
                 self.assistant_head.requires_grad_(True)
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
@@ -236,8 +238,10 @@ class Distiller(nn.Module):
 
     def assistant_maps(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
         """The CSA's output per FPN level; keys and values from the teacher's paired maps, or from the student
-        itself on the same grids in the ``csa.keys_from=student`` control."""
-        return self.csa(student_maps, self.assistant_maps_inputs(student_maps, teacher_maps))
+        itself on the same grids in the ``csa.keys_from=student`` control; added onto the student's maps, or onto
+        the teacher's when the assistant starts as the teacher."""
+        inputs = self.assistant_maps_inputs(student_maps, teacher_maps)
+        return self.csa(student_maps, inputs, inputs if self.cfg.assistant_starts_as_teacher else None)
 
     def assistant_maps_inputs(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
         """The maps the assistant's keys and values come from (``distill.csa.keys_from``)."""

@@ -172,6 +172,27 @@ class StageHooks:
 # Config fields that say where or how robustly a stage runs, not what it computes: a rerun that changes only these
 # reuses the finished stage.
 _NOT_INPUTS = {"scaling": ("ray_address", "max_failures"), "train": ("log_interval", "checkpoint_interval")}
+# Config a stage never reads: the teacher and the warm-up train no distillation modules, and each stage runs its own
+# iteration count. A new distillation setting (or a new field with its default) must not retire a finished teacher.
+_OTHER_STAGES = {
+    "teacher": {"distill": None, "train": ("warmup_iterations", "distill_iterations", "freeze_backbone_iterations")},
+    "warmup": {"distill": None, "train": ("teacher_iterations", "distill_iterations")},
+    "distill": {"train": ("teacher_iterations", "warmup_iterations", "freeze_backbone_iterations")},
+}
+
+
+def stage_inputs_config(stage: str, config: dict) -> dict:
+    """The part of a stage's config that determines its result (``inputs_key``)."""
+    other = _OTHER_STAGES.get(stage, {})
+    out = {}
+    for section, values in config.items():
+        if section in other and other[section] is None:
+            continue
+        if isinstance(values, dict):
+            dropped = _NOT_INPUTS.get(section, ()) + other.get(section, ())
+            values = {k: v for k, v in values.items() if k not in dropped}
+        out[section] = values
+    return out
 
 
 def inputs_key(request: StageRequest) -> str:
@@ -179,8 +200,7 @@ def inputs_key(request: StageRequest) -> str:
     bytes of the models it starts from. A finished stage is reused only for the same key."""
     import hashlib
 
-    config = {section: ({k: v for k, v in values.items() if k not in _NOT_INPUTS.get(section, ())}
-                        if isinstance(values, dict) else values) for section, values in request.config.items()}
+    config = stage_inputs_config(request.stage, request.config)
     h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
     cfg = config_from_dict(request.config)
     h.update(storage.read_bytes(storage.join(request.data, "annotations", f"instances_{cfg.data.train_split}.json")))
