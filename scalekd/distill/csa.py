@@ -28,7 +28,9 @@ head. With the zero-initialised projection the assistant then starts as exactly 
 the student's anchors and learns from the ground truth what to change given the student's queries. On our
 benchmark an assistant that started as the student stayed a weaker detector than a strong teacher, and Chen et
 al.'s plain output distillation from that teacher beat ScaleKD; with another (weaker) teacher, starting from the
-teacher was worth +4 AP_S over starting from the student and beat OD by +5.7 (README, Results).
+teacher was worth +4 AP_S over starting from the student and beat OD by +5.7 (README, Results). Measured on that
+run: the trained assistant ignored its queries (shuffling the student's cells left its AP unchanged), so it acts as
+the teacher's head training on the ground truth, not as a cross-scale attention; an open problem.
 """
 
 from __future__ import annotations
