@@ -159,15 +159,15 @@ def test_the_distance_bias_starts_the_attention_on_the_querys_own_cell():
 
 
 def test_teacher_ablations_keep_shapes_and_change_what_they_say(tiny_cfg):
-    from scalekd.distill.assisted import ablate_teacher_maps, footprint_attention
+    from scalekd.distill.assisted import ablate_maps, footprint_attention
 
     maps = [torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)]
-    permuted = ablate_teacher_maps(maps, "permuted")[0]
+    permuted = ablate_maps(maps, "permuted")[0]
     assert permuted.shape == maps[0].shape and not torch.equal(permuted, maps[0])
     assert torch.equal(permuted.flatten(2).sort(-1).values, maps[0].flatten(2).sort(-1).values)  # same cells
-    assert torch.equal(ablate_teacher_maps(maps, "other_image")[0][0], maps[0][1])
-    assert ablate_teacher_maps(maps, "zeroed")[0].abs().sum() == 0
-    assert ablate_teacher_maps(maps, "intact") is maps
+    assert torch.equal(ablate_maps(maps, "other_image")[0][0], maps[0][1])
+    assert ablate_maps(maps, "zeroed")[0].abs().sum() == 0
+    assert ablate_maps(maps, "intact") is maps
     distiller, _ = distiller_with_optimizers(replace(tiny_cfg, model={"student_min_level": 2}))
     batch = tiny_batch(tiny_cfg)
     ratios = footprint_attention(distiller.eval(), batch.student_images, batch.teacher_images)

@@ -17,9 +17,10 @@ from scalekd.distill.distiller import Distiller
 TEACHER_ABLATIONS = ("intact", "permuted", "other_image", "zeroed")
 
 
-def ablate_teacher_maps(maps: list[Tensor], how: str, seed: int = 0) -> list[Tensor]:
-    """Diagnostics of what the assistant reads: the teacher's maps as they are, their cells shuffled within each
-    image (the same permutation for every channel), the next image's maps in the batch, or zeros."""
+def ablate_maps(maps: list[Tensor], how: str, seed: int = 0) -> list[Tensor]:
+    """Diagnostics of what the assistant reads (the teacher's maps or the student's): the maps as they are, their
+    cells shuffled within each image (the same permutation for every channel), the next image's maps in the batch,
+    or zeros."""
     if how == "intact":
         return maps
     if how == "zeroed":
@@ -89,8 +90,8 @@ class AssistedDetector(nn.Module):
         original_sizes = [tuple(im.shape[-2:]) for im in student_images]
         image_list, _, _, fpn = d.student_parts.features(student_images)
         _, teacher_maps = d.teacher_maps(teacher_images)
-        student_maps = ablate_teacher_maps(list(fpn.values()), self.student_ablation)
-        maps = d.assistant_maps(student_maps, ablate_teacher_maps(teacher_maps, self.teacher_ablation))
+        student_maps = ablate_maps(list(fpn.values()), self.student_ablation)
+        maps = d.assistant_maps(student_maps, ablate_maps(teacher_maps, self.teacher_ablation))
         head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.

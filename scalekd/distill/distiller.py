@@ -126,6 +126,8 @@ class Distiller(nn.Module):
                                               k.sdf.dilations, k.sdf.weight_sharing, k.sdf.bottleneck_ratio,
                                               k.sdf.teacher_sdf)
         self.assistant_head = None
+        # Read once here, not on every assistant pass (config.Config.assistant_starts_as_teacher).
+        self.starts_as_teacher = cfg.assistant_starts_as_teacher
         if self.method == "scalekd" and k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
                                            k.csa.positional, k.csa.locality, k.csa.zero_init_output)
@@ -134,7 +136,7 @@ class Distiller(nn.Module):
                 # its own copy of the warm student's head (or, starting as the teacher, of the teacher's) and
                 # trains it with the CSA, so it can use the teacher's features without waiting for the shared
                 # head to learn to read them.
-                source = self.teacher_parts if self.cfg.assistant_starts_as_teacher else self.student_parts
+                source = self.teacher_parts if self.starts_as_teacher else self.student_parts
                 self.assistant_head = copy.deepcopy(source.prediction_head())
                 self.assistant_head.requires_grad_(True)
         if self.method == "fitnet":
@@ -241,7 +243,7 @@ class Distiller(nn.Module):
         itself on the same grids in the ``csa.keys_from=student`` control; added onto the student's maps, or onto
         the teacher's when the assistant starts as the teacher."""
         inputs = self.assistant_maps_inputs(student_maps, teacher_maps)
-        return self.csa(student_maps, inputs, inputs if self.cfg.assistant_starts_as_teacher else None)
+        return self.csa(student_maps, inputs, inputs if self.starts_as_teacher else None)
 
     def assistant_maps_inputs(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
         """The maps the assistant's keys and values come from (``distill.csa.keys_from``)."""
