@@ -105,9 +105,17 @@ def main() -> None:
     ap.add_argument("--shared-teacher", action="store_true",
                     help="one teacher and warm student per dataset; seeds vary the distillation only")
     ap.add_argument("--headline", help="headline JSON name (default: OUT with _headline)")
+    ap.add_argument("--teacher-model", help="a finished teacher's model.pt to distil from instead of training one "
+                    "(one dataset; e.g. another workdir's, to vary the student's stages against the same teacher)")
+    ap.add_argument("--warm-model", help="a finished warm student's model.pt to start every variant from")
     ap.add_argument("--merge-headline", action="store_true",
                     help="keep the variants an earlier run wrote to the headline file (same protocol and size)")
     args = ap.parse_args()
+    if (args.teacher_model or args.warm_model) and len(args.datasets) > 1:
+        ap.error("--teacher-model / --warm-model belong to one dataset: pass one --datasets")
+    for given in filter(None, (args.teacher_model, args.warm_model)):
+        if not os.path.isfile(given):
+            ap.error(f"no such model file: {given}")
     os.environ.setdefault("SCALEKD_NO_PROGRESS", "1")
     summary: dict = {}
     started = time.time()
@@ -122,11 +130,14 @@ def main() -> None:
             work = os.path.join(args.workdir, dataset, f"seed{seed}")
             first = os.path.join(args.workdir, dataset, f"seed{args.seeds[0]}")
             stages_dir = first if args.shared_teacher else work
-            for stage in ("teacher", "warmup"):
+            models = {}
+            for stage, name, given in (("teacher", "teacher", args.teacher_model), ("warmup", "warm", args.warm_model)):
+                if given:
+                    models[name] = given
+                    continue
                 stage_cfg = replace(cfg, train={"seed": args.seeds[0]}) if args.shared_teacher else cfg
                 run_stage(StageRequest(stage, stage_cfg.to_dict(), root, os.path.join(stages_dir, stage)))
-            models = {"teacher": os.path.join(stages_dir, "teacher", "model.pt"),
-                      "warm": os.path.join(stages_dir, "warmup", "model.pt")}
+                models[name] = os.path.join(stages_dir, stage, "model.pt")
             for variant in args.variants:
                 vcfg = variant_config(cfg, variant)
                 out = os.path.join(work, f"distill-{variant}")
@@ -188,6 +199,7 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
                 merged = sorted(kept + variants.get(variant, {}).get("per_seed", []), key=lambda r: r["seed"])
                 variants[variant] = {"per_seed": merged}
     doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
+           "teacher_model": args.teacher_model, "warm_model": args.warm_model,
            "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
     return write_json(headline, doc)
 

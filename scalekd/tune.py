@@ -57,6 +57,17 @@ class TuneSpace:
                                   "a log-uniform range needs 0 < low < high (finite)")
 
 
+def rung_stops(cfg: Config, rungs: int) -> list[tuple[int, int]]:
+    """Per rung: (the distill stage's iteration to stop at, the student's iterations done by then). The stage
+    first runs the assistant alone (``csa.warmup_iterations``), so the rungs split the student's iterations that
+    follow it: a rung inside the assistant's warm-up would score the unchanged warm student."""
+    from scalekd.train.loop import stage_iterations
+
+    student, assistant = stage_iterations(cfg, "distill")
+    done = [max(1, student * rung // rungs) for rung in range(1, rungs + 1)]
+    return [(assistant + d, d) for d in done]
+
+
 def _trial(params: dict) -> None:
     """One trial: distill in rungs from the warm student, report validation metrics after each."""
     from ray import tune
@@ -70,13 +81,12 @@ def _trial(params: dict) -> None:
     cfg = replace(config_from_dict(base["config"]), distill={n: params[n] for n in WEIGHTS if n in params})
     out = storage.join(base["out"], "trials", tune.get_context().get_trial_id())
     val = dataset_from_root(base["data"], cfg.data.val_split)
-    total = cfg.train.distill_iterations
-    for rung in range(1, base["rungs"] + 1):
-        stop = max(1, total * rung // base["rungs"])
+    for stop, student_iterations in rung_stops(cfg, base["rungs"]):
         run_stage(StageRequest("distill", cfg.to_dict(), base["data"], out, teacher=base["teacher"],
                                student_init=base["student"], stop_at=stop))
         result = evaluate_model("trial", storage.join(out, "model.pt"), val, cfg, speed_images=1)
-        tune.report({**result.metrics, "iteration": stop, **{n: params[n] for n in WEIGHTS if n in params}})
+        tune.report({**result.metrics, "iteration": student_iterations,
+                     **{n: params[n] for n in WEIGHTS if n in params}})
 
 
 def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space: TuneSpace, trials: int = 8,

@@ -10,7 +10,7 @@ from scalekd.config import ConfigError, replace
 from scalekd.export import ExportError, compare, export_model
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.loop import StageRequest, run_stage
-from scalekd.tune import TuneSpace, run_tune
+from scalekd.tune import TuneSpace, rung_stops, run_tune
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,15 @@ def test_tiny_tune_search_writes_a_usable_best_config(trained, tmp_path, synth_r
     assert tuned.distill.alpha == pytest.approx(best["best"]["alpha"])
     lo, hi = TuneSpace.around_paper(cfg).ranges["alpha"]
     assert lo <= tuned.distill.alpha <= hi
-    assert json.load(open(os.path.join(out, "results.json")))["metric"] == "AP_S"
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert rows["metric"] == "AP_S"
+    assert max(r["iteration"] for r in rows["trials"]) == cfg.train.distill_iterations  # the student's, all of them
+
+
+def test_tune_rungs_split_the_students_iterations_after_the_assistants_warmup(tiny_cfg):
+    cfg = replace(tiny_cfg, train={"distill_iterations": 300}, distill={"csa": {"warmup_iterations": 200}})
+    assert rung_stops(cfg, 2) == [(350, 150), (500, 300)]
+    assert rung_stops(replace(cfg, distill={"method": "fitnet"}), 3) == [(100, 100), (200, 200), (300, 300)]
 
 
 @pytest.mark.parametrize("text, words", [("alpha=0.1:0.01", "0 < low < high"), ("alpha=-1:2", "0 < low < high"),

@@ -12,7 +12,7 @@ from scalekd.distill.losses import pkd_loss
 from scalekd.distill.pairing import pair_teacher_maps
 from scalekd.eval.predict import predict
 from scalekd.models.detectors import DetectorSpec, build_detector
-from scalekd.models.parts import DetectorParts
+from scalekd.models.parts import DetectorParts, atss_match
 from scalekd.train.loop import student_spec, teacher_spec
 from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch
 
@@ -29,6 +29,40 @@ def test_coverage_counts_a_box_an_anchor_fits_and_refuses_one_no_anchor_can_reac
     eight_px = torch.tensor([[60.0, 60.0, 68.0, 68.0]])  # P3's smallest anchor is 16 px: IoU 0.25
     assert covered(p3, eight_px, 128, 128).tolist() == [False]
     assert covered(P2_RETINANET, eight_px, 128, 128).tolist() == [True]
+
+
+def test_atss_covers_a_tiny_box_between_anchor_centres_but_not_one_with_no_anchor_centre_inside():
+    off_grid_tiny = torch.tensor([[62.0, 62.0, 65.0, 65.0]])  # best IoU 0.25, but the anchor centre (64, 64) is inside
+    no_centre_inside = torch.tensor([[64.5, 64.5, 67.5, 67.5]])  # strictly between the centres 64 and 68
+    assert covered(P2_RETINANET, off_grid_tiny, 128, 128, "atss").tolist() == [True]
+    assert covered(P2_RETINANET, no_centre_inside, 128, 128, "atss").tolist() == [False]
+
+
+def test_atss_threshold_is_mean_plus_std_per_object_and_a_contested_anchor_goes_to_the_better_overlap():
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]])
+    exact = torch.tensor([[0.0, 0, 10, 10]])  # IoUs 1, 0.14, 0: threshold 0.92, only anchor 0
+    shifted = torch.tensor([[4.0, 4, 14, 14]])  # IoUs 0.22, 0.68, 0: only anchor 1
+    near_exact = torch.tensor([[1.0, 1, 11, 11]])  # IoUs 0.68, 0.22, 0: wants anchor 0, which overlaps exact more
+    assert atss_match(exact, anchors, [3], topk=3).tolist() == [0, -1, -1]
+    assert atss_match(shifted, anchors, [3], topk=3).tolist() == [-1, 0, -1]
+    assert atss_match(torch.cat([exact, shifted]), anchors, [3], topk=3).tolist() == [0, 1, -1]
+    assert atss_match(torch.cat([near_exact, exact]), anchors, [3], topk=3).tolist() == [1, -1, -1]
+    no_centre_inside = torch.tensor([[11.0, 11, 14, 14]])  # best IoU 0.09 with anchor 1, whose centre is outside
+    assert atss_match(no_centre_inside, anchors, [3], topk=3, low_quality=False).tolist() == [-1, -1, -1]
+    assert atss_match(no_centre_inside, anchors, [3], topk=3).tolist() == [-1, 0, -1]  # its best anchor, as torchvision
+
+
+def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_loss(tiny_cfg):
+    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss"})
+    distiller, _ = distiller_with_optimizers(cfg)
+    assert distiller.student_parts.assigner == "atss"
+    batch = tiny_batch(cfg)
+    out = distiller.student_parts.forward_train(batch.student_images, batch.student_targets)
+    for matched, target in zip(out.context.matched_idxs, out.context.targets):
+        assert set(matched[matched >= 0].tolist()) == set(range(len(target["boxes"])))
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    with pytest.raises(ConfigError, match="model.assigner"):
+        replace(tiny_cfg, model={"detector": "fcos", "assigner": "atss"})
 
 
 def test_data_stats_reports_coverage_for_the_student_and_the_teacher_at_2x(synth_root, capsys):

@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 
 from scalekd.data.transforms import resized_shape
 from scalekd.models.detectors import DetectorSpec, anchor_generator
-from scalekd.models.parts import _fcos_match
+from scalekd.models.parts import _fcos_match, atss_match
 
 BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
 POSITIVE_IOU = {"retinanet": 0.5, "faster_rcnn": 0.7}
@@ -45,18 +45,25 @@ def _anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor,
     return torch.cat(anchor_generator(spec).grid_anchors(grids, strides)), [g[0] * g[1] for g in grids]
 
 
-def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[K] bool: which of these boxes (xyxy, in the detector's input pixels) some anchor covers."""
+def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
+            assigner: str = "max_iou") -> torch.Tensor:
+    """[K] bool: which of these boxes (xyxy, in the detector's input pixels) some anchor covers. With the ATSS
+    assigner (RetinaNet), covered means at least one positive anchor, as ``DetectorParts.match`` assigns them."""
     anchors, cells_per_level = _anchors(spec, height, width)
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
+    if spec.detector == "retinanet" and assigner == "atss":
+        per_cell = anchors.size(0) // sum(cells_per_level)
+        matched = atss_match(boxes, anchors, [n * per_cell for n in cells_per_level], topk=9 * per_cell,
+                             low_quality=False)
+        return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
     if spec.detector == "fcos":
         matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)  # torchvision FCOS's center_sampling_radius
         return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
     return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
 
 
-def anchor_coverage(data: dict, spec: DetectorSpec) -> dict[str, dict]:
+def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou") -> dict[str, dict]:
     """Per size band: objects and the percentage covered, for images resized as ``spec`` resizes them."""
     counts = {_band_name(*b): [0, 0] for b in BANDS}
     boxes_by_image: dict = {}
@@ -72,7 +79,7 @@ def anchor_coverage(data: dict, spec: DetectorSpec) -> dict[str, dict]:
         rh, rw = resized_shape(image["height"], image["width"], spec.min_size, spec.max_size)
         scale = torch.tensor([rw / image["width"], rh / image["height"]] * 2)
         boxes = torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale
-        hits = covered(spec, boxes, rh, rw)
+        hits = covered(spec, boxes, rh, rw, assigner)
         sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
         for side, hit in zip(sides.tolist(), hits.tolist()):
             for lo, hi in BANDS:

@@ -45,8 +45,9 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
 
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
-    return {"detector": cfg.model.detector, "student": anchor_coverage(data, student_spec(cfg, classes)),
-            "teacher": anchor_coverage(data, teacher_spec(cfg, classes))}
+    return {"detector": cfg.model.detector, "assigner": cfg.model.assigner,
+            "student": anchor_coverage(data, student_spec(cfg, classes), cfg.model.assigner),
+            "teacher": anchor_coverage(data, teacher_spec(cfg, classes), cfg.model.assigner)}
 
 
 def format_stats(stats: dict, title: str) -> str:
@@ -60,8 +61,10 @@ def format_stats(stats: dict, title: str) -> str:
     lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
     if "anchor_coverage" in stats:
         cov = stats["anchor_coverage"]
-        lines.append(f"  anchor coverage ({cov['detector']}; side in each model's input pixels; % of objects some "
-                     "anchor reaches the positive threshold for):")
+        rule = ("that get a positive anchor" if cov.get("assigner") == "atss"
+                else "some anchor reaches the positive threshold for")
+        lines.append(f"  anchor coverage ({cov['detector']}, {cov.get('assigner', 'max_iou')} assignment; side in "
+                     f"each model's input pixels; % of objects {rule}):")
         for role in ("student", "teacher"):
             cells = [f"{band} {v['covered_pct']}% of {v['objects']}" for band, v in cov[role].items() if v["objects"]]
             lines.append(f"    {role:<8} " + "; ".join(cells))
