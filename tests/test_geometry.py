@@ -43,13 +43,14 @@ def test_atss_threshold_is_mean_plus_std_per_object_and_a_contested_anchor_goes_
     exact = torch.tensor([[0.0, 0, 10, 10]])  # IoUs 1, 0.14, 0: threshold 0.92, only anchor 0
     shifted = torch.tensor([[4.0, 4, 14, 14]])  # IoUs 0.22, 0.68, 0: only anchor 1
     near_exact = torch.tensor([[1.0, 1, 11, 11]])  # IoUs 0.68, 0.22, 0: wants anchor 0, which overlaps exact more
-    assert atss_match(exact, anchors, [3], topk=3).tolist() == [0, -1, -1]
-    assert atss_match(shifted, anchors, [3], topk=3).tolist() == [-1, 0, -1]
-    assert atss_match(torch.cat([exact, shifted]), anchors, [3], topk=3).tolist() == [0, 1, -1]
-    assert atss_match(torch.cat([near_exact, exact]), anchors, [3], topk=3).tolist() == [1, -1, -1]
+    assert atss_match(exact, anchors, [3], topk_cells=3).tolist() == [0, -1, -1]
+    assert atss_match(shifted, anchors, [3], topk_cells=3).tolist() == [-1, 0, -1]
+    assert atss_match(torch.cat([exact, shifted]), anchors, [3], topk_cells=3).tolist() == [0, 1, -1]
+    assert atss_match(torch.cat([near_exact, exact]), anchors, [3], topk_cells=3).tolist() == [1, -1, -1]
     no_centre_inside = torch.tensor([[11.0, 11, 14, 14]])  # best IoU 0.09 with anchor 1, whose centre is outside
-    assert atss_match(no_centre_inside, anchors, [3], topk=3, low_quality=False).tolist() == [-1, -1, -1]
-    assert atss_match(no_centre_inside, anchors, [3], topk=3).tolist() == [-1, 0, -1]  # its best anchor, as torchvision
+    assert atss_match(no_centre_inside, anchors, [3], topk_cells=3, low_quality=False).tolist() == [-1, -1, -1]
+    # Its best anchor, as torchvision's matcher keeps one.
+    assert atss_match(no_centre_inside, anchors, [3], topk_cells=3).tolist() == [-1, 0, -1]
 
 
 def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_loss(tiny_cfg):

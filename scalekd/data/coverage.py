@@ -53,9 +53,7 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     if spec.detector == "retinanet" and assigner == "atss":
-        per_cell = anchors.size(0) // sum(cells_per_level)
-        matched = atss_match(boxes, anchors, [n * per_cell for n in cells_per_level], topk=9 * per_cell,
-                             low_quality=False)
+        matched = atss_match(boxes, anchors, cells_per_level, low_quality=False)
         return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
     if spec.detector == "fcos":
         matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)  # torchvision FCOS's center_sampling_radius

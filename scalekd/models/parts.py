@@ -162,9 +162,7 @@ class DetectorParts:
             if targets_i["boxes"].numel() == 0:
                 out.append(torch.full((anchors_i.size(0),), -1, dtype=torch.int64, device=anchors_i.device))
             elif self.kind == "retinanet" and self.assigner == "atss":
-                per_cell = anchors_i.size(0) // sum(num_per_level)
-                out.append(atss_match(targets_i["boxes"], anchors_i, [n * per_cell for n in num_per_level],
-                                      topk=9 * per_cell))
+                out.append(atss_match(targets_i["boxes"], anchors_i, num_per_level))
             elif self.kind == "retinanet":
                 out.append(self.model.proposal_matcher(box_ops.box_iou(targets_i["boxes"], anchors_i)))
             else:
@@ -190,16 +188,16 @@ class DetectorParts:
         return torch.stack(fg), torch.stack(encoded)
 
 
-def atss_match(gt_boxes: Tensor, anchors: Tensor, anchors_per_level: list[int], topk: int = 9,
+def atss_match(gt_boxes: Tensor, anchors: Tensor, cells_per_level: list[int], topk_cells: int = 9,
                low_quality: bool = True) -> Tensor:
     """Adaptive Training Sample Selection (Zhang et al., CVPR 2020): ground-truth index per anchor, -1 background.
 
-    Per object and per level, the ``topk`` anchors whose centres are nearest the object's centre are candidates;
-    those with IoU >= the candidates' mean + std whose centres lie inside the box are positive; an anchor claimed
-    by several objects goes to the one it overlaps most. The threshold adapts to the object: a 5 px object whose
-    best anchor reaches IoU 0.3 still gets positives, where a fixed 0.5 leaves it one low-quality match and
-    trains its neighbours as background. ATSS's detector has one anchor per cell and topk 9; with RetinaNet's
-    9 anchors per cell ``DetectorParts`` passes topk = 9 x anchors per cell (nine cells' worth, our reading).
+    Per object and per level, the anchors of the ``topk_cells`` cells whose centres are nearest the object's centre
+    are candidates; those with IoU >= the candidates' mean + std whose centres lie inside the box are positive; an
+    anchor claimed by several objects goes to the one it overlaps most. The threshold adapts to the object: a 5 px
+    object whose best anchor reaches IoU 0.3 still gets positives, where a fixed 0.5 leaves it one low-quality match and
+    trains its neighbours as background. ATSS's detector has one anchor per cell and takes the 9 nearest; with
+    RetinaNet's 9 anchors per cell we take 9 x 9 (nine cells' worth, our reading).
 
     ``low_quality`` (departs from ATSS, which has no such rule): an object left without a positive (a 2-3 px
     object with no anchor centre inside it) gets its best-overlapping anchor if no other object holds it, as
@@ -208,9 +206,11 @@ def atss_match(gt_boxes: Tensor, anchors: Tensor, anchors_per_level: list[int], 
     ious = box_ops.box_iou(gt_boxes, anchors)  # [G, N]
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
     distances = torch.cdist((gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, anchor_centers)  # [G, N]
+    per_cell = anchors.size(0) // sum(cells_per_level)
     candidates, start = [], 0
-    for count in anchors_per_level:
-        nearest = distances[:, start:start + count].topk(min(topk, count), dim=1, largest=False).indices
+    for count in (cells * per_cell for cells in cells_per_level):
+        nearest = distances[:, start:start + count].topk(min(topk_cells * per_cell, count), dim=1,
+                                                         largest=False).indices
         candidates.append(nearest + start)
         start += count
     candidates = torch.cat(candidates, dim=1)  # [G, K]
