@@ -37,7 +37,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/machine.py && $(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py \
 		&& $(PY) benchmarks/quality.py --shared-teacher --datasets synth && $(PY) benchmarks/headline.py \
-		&& $(PY) benchmarks/assistant.py
+		&& $(PY) benchmarks/assistant.py && $(PY) benchmarks/assignment.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -4,6 +4,7 @@ assistant's evaluation views and the still student's BatchNorm statistics."""
 import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
 
 from scalekd.config import ConfigError, load_config, replace
 from scalekd.data.coverage import covered
@@ -51,6 +52,28 @@ def test_atss_threshold_is_mean_plus_std_per_object_and_a_contested_anchor_goes_
     assert atss_match(no_centre_inside, anchors, [3], topk_cells=3, low_quality=False).tolist() == [-1, -1, -1]
     # Its best anchor, as torchvision's matcher keeps one.
     assert atss_match(no_centre_inside, anchors, [3], topk_cells=3).tolist() == [-1, 0, -1]
+
+
+def test_atss_with_one_candidate_cell_per_level_keeps_fewer_low_overlap_positives_and_the_config_passes_k_on():
+    # A 12 px box at stride 4 covers nine cells: with nine candidate cells each of their nine anchors is a candidate
+    # and the threshold (mean + std over 81) is low; with one, only the nearest cell's anchors compete.
+    from scalekd.data.coverage import _anchors
+
+    anchors, cells = _anchors(P2_RETINANET, 128, 128)
+    box = torch.tensor([[58.0, 58.0, 70.0, 70.0]])
+    wide, narrow = (atss_match(box, anchors, cells, k, low_quality=False) for k in (9, 1))
+    assert 0 < (narrow == 0).sum() < (wide == 0).sum()
+    ious = box_iou(box, anchors)[0]
+    assert ious[narrow == 0].min() > ious[wide == 0].min()
+    assert covered(P2_RETINANET, box, 128, 128, "atss", 1).tolist() == [True]
+
+
+def test_atss_topk_reaches_the_matcher_and_is_validated(tiny_cfg):
+    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss", "atss_topk": 1})
+    distiller, _ = distiller_with_optimizers(cfg)
+    assert distiller.student_parts.atss_topk == 1
+    with pytest.raises(ConfigError, match="model.atss_topk"):
+        replace(tiny_cfg, model={"assigner": "atss", "atss_topk": 0})
 
 
 def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_loss(tiny_cfg):

@@ -207,6 +207,13 @@ def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     assert key("distill", distill_change) != key("distill", tiny_cfg)
     assert key("teacher", replace(tiny_cfg, train={"teacher_iterations": 9})) != key("teacher", tiny_cfg)
     assert key("warmup", replace(tiny_cfg, train={"freeze_backbone_iterations": 9})) != key("warmup", tiny_cfg)
+    # ATSS's k is read only by the ATSS assigner: a config without ATSS keys as if k did not exist.
+    without_k = tiny_cfg.to_dict()
+    del without_k["model"]["atss_topk"]
+    assert inputs_key(StageRequest("teacher", without_k, tiny_cfg.data.root, "unused")) == key("teacher", tiny_cfg)
+    assert key("teacher", replace(tiny_cfg, model={"atss_topk": 1})) == key("teacher", tiny_cfg)
+    atss = replace(tiny_cfg, model={"assigner": "atss"})
+    assert key("teacher", replace(atss, model={"atss_topk": 1})) != key("teacher", atss)
 
 
 def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):

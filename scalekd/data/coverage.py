@@ -46,14 +46,14 @@ def _anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor,
 
 
 def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
-            assigner: str = "max_iou") -> torch.Tensor:
+            assigner: str = "max_iou", atss_topk: int = 9) -> torch.Tensor:
     """[K] bool: which of these boxes (xyxy, in the detector's input pixels) some anchor covers. With the ATSS
     assigner (RetinaNet), covered means at least one positive anchor, as ``DetectorParts.match`` assigns them."""
     anchors, cells_per_level = _anchors(spec, height, width)
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     if spec.detector == "retinanet" and assigner == "atss":
-        matched = atss_match(boxes, anchors, cells_per_level, low_quality=False)
+        matched = atss_match(boxes, anchors, cells_per_level, atss_topk, low_quality=False)
         return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
     if spec.detector == "fcos":
         matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)  # torchvision FCOS's center_sampling_radius
@@ -61,7 +61,8 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
     return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
 
 
-def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou") -> dict[str, dict]:
+def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou",
+                    atss_topk: int = 9) -> dict[str, dict]:
     """Per size band: objects and the percentage covered, for images resized as ``spec`` resizes them."""
     counts = {_band_name(*b): [0, 0] for b in BANDS}
     boxes_by_image: dict = {}
@@ -77,7 +78,7 @@ def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou") -
         rh, rw = resized_shape(image["height"], image["width"], spec.min_size, spec.max_size)
         scale = torch.tensor([rw / image["width"], rh / image["height"]] * 2)
         boxes = torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale
-        hits = covered(spec, boxes, rh, rw, assigner)
+        hits = covered(spec, boxes, rh, rw, assigner, atss_topk)
         sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
         for side, hit in zip(sides.tolist(), hits.tolist()):
             for lo, hi in BANDS:

@@ -45,9 +45,10 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
 
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
-    return {"detector": cfg.model.detector, "assigner": cfg.model.assigner,
-            "student": anchor_coverage(data, student_spec(cfg, classes), cfg.model.assigner),
-            "teacher": anchor_coverage(data, teacher_spec(cfg, classes), cfg.model.assigner)}
+    m = cfg.model
+    return {"detector": m.detector, "assigner": m.assigner + (f" (k {m.atss_topk})" if m.assigner == "atss" else ""),
+            "student": anchor_coverage(data, student_spec(cfg, classes), m.assigner, m.atss_topk),
+            "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
 
 
 def format_stats(stats: dict, title: str) -> str:
@@ -61,7 +62,7 @@ def format_stats(stats: dict, title: str) -> str:
     lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
     if "anchor_coverage" in stats:
         cov = stats["anchor_coverage"]
-        rule = ("that get a positive anchor" if cov.get("assigner") == "atss"
+        rule = ("that get a positive anchor" if cov.get("assigner", "").startswith("atss")
                 else "some anchor reaches the positive threshold for")
         lines.append(f"  anchor coverage ({cov['detector']}, {cov.get('assigner', 'max_iou')} assignment; side in "
                      f"each model's input pixels; % of objects {rule}):")

@@ -110,12 +110,12 @@ class Distiller(nn.Module):
         self.method = k.method
         self.alpha, self.beta, self.gamma = cfg.loss_weights()
         self.student = student
-        self.student_parts = DetectorParts(student, cfg.model.assigner)
+        self.student_parts = DetectorParts(student, cfg.model.assigner, cfg.model.atss_topk)
         # The teacher is frozen and kept out of this module's state_dict and parameters().
         self._teacher = [teacher] if teacher is not None else []
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            self.teacher_parts = DetectorParts(teacher, cfg.model.assigner)
+            self.teacher_parts = DetectorParts(teacher, cfg.model.assigner, cfg.model.atss_topk)
         if self.method != "none" and teacher is None:
             raise ValueError(f"distill.method={self.method} needs a teacher")
         self.sdf = None

@@ -45,12 +45,13 @@ class Forward:
 
 
 class DetectorParts:
-    def __init__(self, model: nn.Module, assigner: str = "max_iou"):
+    def __init__(self, model: nn.Module, assigner: str = "max_iou", atss_topk: int = 9):
         """``assigner``: how RetinaNet's anchors get their ground truth: ``max_iou`` (torchvision's matcher,
-        0.4/0.5 with low-quality matches) or ``atss`` (adaptive per object, ``atss_match``). FCOS and Faster
-        R-CNN keep their own assignment."""
+        0.4/0.5 with low-quality matches) or ``atss`` (adaptive per object, ``atss_match`` with ``atss_topk``
+        candidate cells per level). FCOS and Faster R-CNN keep their own assignment."""
         self.model = model
         self.assigner = assigner
+        self.atss_topk = atss_topk
         if isinstance(model, RetinaNet):
             self.kind = "retinanet"
         elif isinstance(model, FCOS):
@@ -162,7 +163,7 @@ class DetectorParts:
             if targets_i["boxes"].numel() == 0:
                 out.append(torch.full((anchors_i.size(0),), -1, dtype=torch.int64, device=anchors_i.device))
             elif self.kind == "retinanet" and self.assigner == "atss":
-                out.append(atss_match(targets_i["boxes"], anchors_i, num_per_level))
+                out.append(atss_match(targets_i["boxes"], anchors_i, num_per_level, self.atss_topk))
             elif self.kind == "retinanet":
                 out.append(self.model.proposal_matcher(box_ops.box_iou(targets_i["boxes"], anchors_i)))
             else:
@@ -197,7 +198,8 @@ def atss_match(gt_boxes: Tensor, anchors: Tensor, cells_per_level: list[int], to
     anchor claimed by several objects goes to the one it overlaps most. The threshold adapts to the object: a 5 px
     object whose best anchor reaches IoU 0.3 still gets positives, where a fixed 0.5 leaves it one low-quality match and
     trains its neighbours as background. ATSS's detector has one anchor per cell and takes the 9 nearest; with
-    RetinaNet's 9 anchors per cell we take 9 x 9 (nine cells' worth, our reading).
+    RetinaNet's 9 anchors per cell the original code takes ``topk_cells`` x 9 (nine cells' worth); mmdetection's
+    ATSSAssigner takes 9 anchors (``topk_cells=1``).
 
     ``low_quality`` (departs from ATSS, which has no such rule): an object left without a positive (a 2-3 px
     object with no anchor centre inside it) gets its best-overlapping anchor if no other object holds it, as

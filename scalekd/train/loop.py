@@ -181,16 +181,23 @@ _OTHER_STAGES = {
 }
 
 
+# Settings read only under another setting's value: left out otherwise, so that adding one (with its default)
+# does not retire the stages a user finished before it existed.
+_READ_ONLY_WHEN = {("model", "atss_topk"): ("model", "assigner", "atss")}
+
+
 def stage_inputs_config(stage: str, config: dict) -> dict:
     """The part of a stage's config that determines its result (``inputs_key``)."""
     other = _OTHER_STAGES.get(stage, {})
+    unread = {(section, name) for (section, name), (s, k, value) in _READ_ONLY_WHEN.items()
+              if config.get(s, {}).get(k) != value}
     out = {}
     for section, values in config.items():
         if section in other and other[section] is None:
             continue
         if isinstance(values, dict):
             dropped = _NOT_INPUTS.get(section, ()) + other.get(section, ())
-            values = {k: v for k, v in values.items() if k not in dropped}
+            values = {k: v for k, v in values.items() if k not in dropped and (section, k) not in unread}
         out[section] = values
     return out
 
