@@ -21,8 +21,7 @@ from torchvision.ops import box_iou  # noqa: E402
 from benchmarks.common import machine, table, write_json  # noqa: E402
 from scalekd.config import load_config  # noqa: E402
 from scalekd.data.annotations import load_coco_json  # noqa: E402
-from scalekd.data.coverage import _anchors  # noqa: E402
-from scalekd.data.transforms import resized_shape  # noqa: E402
+from scalekd.data.coverage import image_anchors, resized_objects  # noqa: E402
 from scalekd.models.parts import atss_match  # noqa: E402
 from scalekd.train.loop import student_spec  # noqa: E402
 
@@ -40,19 +39,9 @@ def assignments(boxes: torch.Tensor, anchors: torch.Tensor, cells: list[int], to
 
 def measure(data: dict, spec, topks: list[int]) -> dict[str, dict]:
     """Per assignment: objects, % with a positive, positives per object, mean IoU of positives, % under 0.3."""
-    boxes_by_image: dict = {}
-    for ann in data["annotations"]:
-        x, y, w, h = ann["bbox"]
-        if w > 0 and h > 0 and not ann.get("iscrowd", 0):
-            boxes_by_image.setdefault(ann["image_id"], []).append([x, y, x + w, y + h])
     totals: dict[str, dict] = {}
-    for image in data["images"]:
-        if image["id"] not in boxes_by_image:
-            continue
-        rh, rw = resized_shape(image["height"], image["width"], spec.min_size, spec.max_size)
-        scale = torch.tensor([rw / image["width"], rh / image["height"]] * 2)
-        boxes = torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale
-        anchors, cells = _anchors(spec, rh, rw)
+    for boxes, rh, rw in resized_objects(data, spec):
+        anchors, cells = image_anchors(spec, rh, rw)
         ious = box_iou(boxes, anchors)
         for name, matched in assignments(boxes, anchors, cells, topks).items():
             t = totals.setdefault(name, {"objects": 0, "with_positive": 0, "positives": 0, "iou_sum": 0.0,

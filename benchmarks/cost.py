@@ -96,7 +96,7 @@ def main() -> None:
         rows.append(row)
 
     plain, plain_opt = build(replace(cfg, distill={"method": "none"}))
-    ms, _, peak = time_steps(lambda b, c: detection_step(plain.student, b.student_images, b.student_targets,
+    ms, _, peak = time_steps(lambda b, c: detection_step(plain.student_parts, b.student_images, b.student_targets,
                                                          plain_opt, None))
     record("plain_student_step", "plain student step", ms, peak)
     teacher = build_detector(teacher_spec(cfg, ds.num_classes)).to(device).eval()

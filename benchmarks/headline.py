@@ -102,7 +102,9 @@ def main() -> None:
     path = os.path.join(RESULTS, args.file)
     with open(path) as f:
         doc = json.load(f)
-    print(f"{doc['protocol']}; preset {doc['preset']}, {doc['synth_images']} synthetic images; metrics in %")
+    data = (f"{doc['synth_images']} synthetic images" if doc.get("dataset", "synth") == "synth"
+            else f"dataset {doc['dataset']}")
+    print(f"{doc['protocol']}; preset {doc['preset']}, {data}; metrics in %")
     print(table(rows(doc["variants"]), ["variant", "seeds", *KEYS, "scalekd AP_S minus this, per seed"]))
     doc["verdict"] = verdicts(doc["variants"])
     for target, line in doc["verdict"].items():

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, table, write_json  # noqa: E402
 from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
-from scalekd.data.convert import convert_yolo  # noqa: E402
+from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
@@ -66,37 +66,79 @@ def variant_config(base, name: str):
 
 
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
-KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "kit_ais_cars")
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+KIT = os.path.join(SHARED_DATA, "kit_ais_cars")
+VISDRONE = os.path.join(SHARED_DATA, "visdrone_sample")
 
 
-def kit_dataset(out: str, seed: int = 0, val_fraction: float = 0.25) -> str:
-    """KIT AIS cars converted from YOLO and split by image with a fixed seed."""
+def kit_dataset(out: str, seed: int = 0, val_fraction: float = 0.25, tile: int = 0) -> str:
+    """KIT AIS cars converted from YOLO and split by image with a fixed seed; ``tile`` > 0 cuts each split into
+    tiles of that side (``scalekd.data.convert.tile_coco``) after the split, so no source image is in both."""
     if os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
         return out
     if not os.path.isdir(KIT):
         raise SystemExit(f"KIT AIS data not found at {KIT} (../shared/data beside the checkout)")
     coco = convert_yolo(KIT, os.path.join(KIT, "aerial.names"))
-    ids = [im["id"] for im in coco["images"]]
-    random.Random(seed).shuffle(ids)
-    val_ids = set(ids[: max(1, int(len(ids) * val_fraction))])
-    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    for im in coco["images"]:
-        shutil.copyfile(os.path.join(KIT, im["file_name"]), os.path.join(out, "images", im["file_name"]))
-    for split, keep in (("train", lambda i: i not in val_ids), ("val", lambda i: i in val_ids)):
-        part = {"images": [im for im in coco["images"] if keep(im["id"])], "categories": coco["categories"],
-                "annotations": [a for a in coco["annotations"] if keep(a["image_id"])]}
+    train, val = _split_by_source(coco, lambda im: im["id"], seed, val_fraction)
+    for part in (train, val):
+        if tile:
+            part.update(tile_coco(part, KIT, os.path.join(out, "images"), tile))
+        else:
+            for im in part["images"]:
+                shutil.copyfile(os.path.join(KIT, im["file_name"]), os.path.join(out, "images", im["file_name"]))
+    return _write_splits(out, train, val)
+
+
+def visdrone_dataset(out: str, seed: int = 0, val_fraction: float = 0.2) -> str:
+    """The VisDrone sample converted with ``--patches 4`` (2 x 2 patches per image), split by source image."""
+    if os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
+        return out
+    if not os.path.isdir(VISDRONE):
+        raise SystemExit(f"VisDrone sample not found at {VISDRONE} (../shared/data beside the checkout)")
+    coco = convert_visdrone(VISDRONE, 4, os.path.join(out, "images"))
+    train, val = _split_by_source(coco, lambda im: im["file_name"].rsplit("_p", 1)[0], seed, val_fraction)
+    return _write_splits(out, train, val)
+
+
+def _split_by_source(coco: dict, source, seed: int, val_fraction: float) -> tuple[dict, dict]:
+    """(train, val) COCO dicts; every image of one source (``source(image)``) lands in the same split."""
+    sources = sorted({source(im) for im in coco["images"]})
+    random.Random(seed).shuffle(sources)
+    val_sources = set(sources[: max(1, int(len(sources) * val_fraction))])
+    parts = []
+    for in_val in (False, True):
+        ids = {im["id"] for im in coco["images"] if (source(im) in val_sources) == in_val}
+        parts.append({"images": [im for im in coco["images"] if im["id"] in ids], "categories": coco["categories"],
+                      "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]})
+    return parts[0], parts[1]
+
+
+def _write_splits(out: str, train: dict, val: dict) -> str:
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    for split, part in (("train", train), ("val", val)):
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(part, f)
     return out
+
+
+def dataset_root(dataset: str, args, base) -> str:
+    if dataset == "synth":
+        return ensure_synthetic(os.path.join(args.workdir, "synth-data"), args.synth_images, seed=0,
+                                size=2 * base.data.student_size)
+    if dataset == "kit":
+        return kit_dataset(os.path.join(args.workdir, f"kit-data-tile{args.kit_tile}"), tile=args.kit_tile)
+    return visdrone_dataset(os.path.join(args.workdir, "visdrone-data-patches4"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--datasets", nargs="+", default=["synth", "kit"], choices=["synth", "kit"])
+    ap.add_argument("--datasets", nargs="+", default=["synth", "kit"], choices=["synth", "kit", "visdrone"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--kit-tile", type=int, default=320, help="KIT: tiles of this side in px (0: whole images, "
+                    "where a 128 px student sees a car at ~3 px; 320: 6.5-26 px, median 10)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--workdir", default="runs/bench/quality")
     ap.add_argument("--out", default="quality.json", help="JSON name under benchmarks/results/ (chart beside it)")
@@ -121,10 +163,10 @@ def main() -> None:
     started = time.time()
     for dataset in args.datasets:
         base = load_config(preset=args.preset, overrides=args.overrides)
-        root = (ensure_synthetic(os.path.join(args.workdir, "synth-data"), args.synth_images, seed=0,
-                                 size=2 * base.data.student_size)
-                if dataset == "synth" else kit_dataset(os.path.join(args.workdir, "kit-data")))
-        runs: dict[str, list[dict]] = {v: [] for v in ["teacher", "warm", *args.variants]}
+        root = dataset_root(dataset, args, base)
+        # A run of plain students only (an assignment or loss study) trains no teacher.
+        needs_teacher = any(variant_config(base, v).distill.method != "none" for v in args.variants)
+        runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * needs_teacher + ["warm", *args.variants]}
         for seed in args.seeds:
             cfg = replace(base, data={"root": root}, train={"seed": seed})
             work = os.path.join(args.workdir, dataset, f"seed{seed}")
@@ -132,8 +174,8 @@ def main() -> None:
             stages_dir = first if args.shared_teacher else work
             models = {}
             for stage, name, given in (("teacher", "teacher", args.teacher_model), ("warmup", "warm", args.warm_model)):
-                if given:
-                    models[name] = given
+                if given or (name == "teacher" and not needs_teacher):
+                    models[name] = given or ""
                     continue
                 stage_cfg = replace(cfg, train={"seed": args.seeds[0]}) if args.shared_teacher else cfg
                 run_stage(StageRequest(stage, stage_cfg.to_dict(), root, os.path.join(stages_dir, stage)))
@@ -148,8 +190,8 @@ def main() -> None:
                 runs[result.name].append({**result.metrics, "params": result.parameters,
                                           "images_per_s": result.images_per_s})
             print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
-            if dataset == "synth":  # after every seed: a run cut short still leaves its finished seeds
-                write_headline(args, runs, time.time() - started)
+            # After every seed: a run cut short still leaves its finished seeds.
+            write_headline(args, runs, time.time() - started, dataset)
         rows = []
         for name, values in runs.items():
             row = {"model": name, "seeds": len(values), "params": values[0]["params"]}
@@ -177,8 +219,9 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
-    """benchmarks/results/<out>_headline.json: per variant, its per-seed metrics (%); ``headline.py`` pairs them."""
+def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: str = "synth") -> str:
+    """benchmarks/results/<out>_headline.json (``<out>_<dataset>_headline.json`` for a real dataset): per variant,
+    its per-seed metrics (%); ``headline.py`` pairs them."""
     variants = {}
     for name, values in runs.items():
         per_seed = [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0}, "params": v["params"]}
@@ -187,6 +230,8 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
     protocol = ("teacher and warm student shared, seeds vary distillation" if args.shared_teacher
                 else "every stage per seed")
     headline = args.headline or args.out.replace(".json", "_headline.json")
+    if dataset != "synth":
+        headline = headline.replace("_headline.json", f"_{dataset}_headline.json")
     previous = os.path.join(RESULTS, headline)
     if args.merge_headline and os.path.exists(previous):  # variants run by an earlier call on the same protocol
         with open(previous) as f:
@@ -200,7 +245,7 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float) -> str:
                 variants[variant] = {"per_seed": merged}
     doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
            "teacher_model": args.teacher_model, "warm_model": args.warm_model,
-           "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
+           "dataset": dataset, "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
     return write_json(headline, doc)
 
 

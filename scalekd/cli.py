@@ -76,8 +76,43 @@ def _refuse_to_overwrite(out: str, force: bool, folder: bool) -> None:
                           "--force to overwrite")
 
 
+def _data_convert(args) -> int:
+    """``scalekd data convert``: VisDrone or YOLO to COCO JSON, optionally as patches or tiles."""
+    from scalekd.data import convert
+
+    _refuse_to_overwrite(args.out, args.force, folder=False)
+    images_out = args.images_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "images")
+    if args.tile and args.patches != 1:
+        raise ConfigError("--tile", args.tile, "either --tile or --patches, not both")
+    visdrone = args.format == "visdrone"
+    source_images = os.path.join(args.src, "images") if visdrone else convert.yolo_image_dir(args.src)
+    if args.patches > 1 or args.tile:
+        if os.path.abspath(images_out) == os.path.abspath(source_images):
+            raise ConfigError("--images-out", images_out, "a folder other than the source's images (patches or tiles "
+                              "would be written among the originals)")
+        _refuse_to_overwrite(images_out, args.force, folder=True)
+    if visdrone:
+        coco = convert.convert_visdrone(args.src, args.patches, images_out if args.patches > 1 else None)
+    else:
+        if not args.names:
+            raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
+        if args.patches != 1:
+            raise ConfigError("--patches", args.patches, "VisDrone only; YOLO conversion takes --tile SIDE instead")
+        coco = convert.convert_yolo(args.src, args.names)
+    if args.tile:
+        coco = {**convert.tile_coco(coco, source_images, images_out, args.tile), "info": coco["info"]}
+    storage.write_text(args.out, json.dumps(coco))
+    report = coco["info"]["conversion"]
+    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    if report["dropped"]:
+        reasons = "; ".join(f"{n} {reason}" for reason, n in report["dropped"].items())
+        print(f"dropped {sum(report['dropped'].values())} labels: {reasons}; e.g. "
+              + " | ".join(report["examples"][:3]), file=sys.stderr)
+    return 0
+
+
 def cmd_data(args) -> int:
-    from scalekd.data import convert, stats, synth
+    from scalekd.data import stats, synth
 
     if args.data_command == "synth":
         _refuse_to_overwrite(args.out, args.force, folder=True)
@@ -88,29 +123,7 @@ def cmd_data(args) -> int:
             print(stats.format_stats(stats.dataset_stats(ann), f"{split}: {ann}"))
         return 0
     if args.data_command == "convert":
-        _refuse_to_overwrite(args.out, args.force, folder=False)
-        if args.format == "visdrone":
-            images_out = args.images_out or os.path.join(os.path.dirname(os.path.abspath(args.out)), "images")
-            if args.patches > 1 and os.path.abspath(images_out) == os.path.abspath(os.path.join(args.src, "images")):
-                raise ConfigError("--images-out", images_out, "a folder other than the source's images/ (patches "
-                                  "would be written among the originals)")
-            if args.patches > 1:
-                _refuse_to_overwrite(images_out, args.force, folder=True)
-            coco = convert.convert_visdrone(args.src, args.patches, images_out if args.patches > 1 else None)
-        else:
-            if not args.names:
-                raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
-            if args.patches != 1:
-                raise ConfigError("--patches", args.patches, "VisDrone only; YOLO conversion keeps whole images")
-            coco = convert.convert_yolo(args.src, args.names)
-        storage.write_text(args.out, json.dumps(coco))
-        report = coco["info"]["conversion"]
-        print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
-        if report["dropped"]:
-            reasons = "; ".join(f"{n} {reason}" for reason, n in report["dropped"].items())
-            print(f"dropped {sum(report['dropped'].values())} labels: {reasons}; e.g. "
-                  + " | ".join(report["examples"][:3]), file=sys.stderr)
-        return 0
+        return _data_convert(args)
     if args.data_command == "stats":
         result = stats.dataset_stats(args.annotations)
         if args.images:
@@ -272,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--names", help="YOLO class names file")
     q.add_argument("--patches", type=int, default=1, help="VisDrone: 4 = split each image into 2x2 patches")
-    q.add_argument("--images-out", help="where --patches writes patch images (default: OUT's folder/images)")
+    q.add_argument("--tile", type=int, default=0, metavar="SIDE",
+                   help="cut every image into tiles of at most SIDE x SIDE px (wide aerial strips: a car keeps its "
+                        "pixels instead of shrinking with the whole strip); boxes across a seam are clipped into "
+                        "each tile")
+    q.add_argument("--images-out", help="where --patches/--tile write their images (default: OUT's folder/images)")
     q.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts; with a config "
                                       "(--preset/--config/--set), the student's and teacher's anchor coverage")

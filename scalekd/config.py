@@ -23,6 +23,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
 METHODS = ("scalekd", "fitnet", "od", "pkd", "none")
 PAIRINGS = ("scale_aligned", "same_level")
 ASSIGNERS = ("max_iou", "atss")  # RetinaNet's anchor assignment (scalekd.models.parts.DetectorParts.match)
+BOX_LOSSES = ("l1", "giou")  # RetinaNet's box regression loss (torchvision's _box_loss)
 ONE_STAGE = ("retinanet", "fcos")
 # Paper, section 4.1: loss weights (alpha, beta, gamma) per detector family.
 PAPER_WEIGHTS = {"one_stage": (0.01, 0.2, 0.05), "two_stage": (0.07, 0.5, 0.2)}
@@ -93,6 +94,10 @@ class ModelConfig:
     # 1 gives mmdetection's ATSSAssigner (k anchors: the 9 of the nearest cell). Fewer candidates, a higher
     # threshold, fewer low-IoU positives (`scalekd data stats` reports coverage either way).
     atss_topk: int = 9
+    # RetinaNet's box loss, every stage: "l1" on the encoded deltas (torchvision's RetinaNet) or "giou" on the decoded
+    # boxes (torchvision's RetinaNet v2 recipe, ATSS's paper). GIoU is bounded, so the low-IoU positives that ATSS
+    # gives tiny objects cannot dominate it the way their large deltas dominate L1. FCOS always uses GIoU.
+    box_loss: str = "l1"
 
 
 @dataclass(frozen=True)
@@ -494,6 +499,9 @@ def validate(cfg: Config) -> None:
     _check(m.assigner == "max_iou" or m.detector == "retinanet", "model.assigner", m.assigner,
            "max_iou unless model.detector=retinanet (FCOS and Faster R-CNN keep their own assignment)")
     _check(m.atss_topk >= 1, "model.atss_topk", m.atss_topk, ">= 1 (candidate cells per level and object)")
+    _check(m.box_loss in BOX_LOSSES, "model.box_loss", m.box_loss, f"one of {BOX_LOSSES}")
+    _check(m.box_loss == "l1" or m.detector == "retinanet", "model.box_loss", m.box_loss,
+           "l1 unless model.detector=retinanet (FCOS trains with GIoU, Faster R-CNN with smooth L1, their own)")
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
     _check(k.method in METHODS, "distill.method", k.method, f"one of {METHODS}")
     for name in ("alpha", "beta", "gamma"):

@@ -416,3 +416,59 @@ def test_pipeline_scenes_keep_their_objects_pixel_sizes_at_any_scene_size():
     assert np.median(scaled) < 0.7 * np.median(kept)  # by default a 128 px scene shrinks its objects by half
     small = [s for s in kept if s <= 24]
     assert small and min(small) >= 8  # with object_scale=1 the small ones stay 8-24 px, 4-12 at a 64 px student
+
+
+def test_tiles_cover_a_wide_image_and_clip_boxes_into_each_tile_they_cross(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pixels = torch.arange(700 * 300 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(300, 700, 3)
+    Image.fromarray(pixels.numpy()).save(src / "wide.png")
+    coco = {"images": [{"id": 7, "file_name": "wide.png", "width": 700, "height": 300}],
+            "categories": [{"id": 1, "name": "car"}],
+            "annotations": [
+                {"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 20, 10], "area": 200, "iscrowd": 0},
+                # Across the seam of the first two tiles (x 0-320 and 190-510): in both, clipped in the first.
+                {"id": 2, "image_id": 7, "category_id": 1, "bbox": [300, 50, 40, 20], "area": 800, "iscrowd": 0},
+                {"id": 3, "image_id": 7, "category_id": 1, "bbox": [650, 200, 30, 30], "area": 900, "iscrowd": 1,
+                 "ignore": 1}]}
+    out = convert.tile_coco(coco, str(src), str(tmp_path / "tiles"), 320)
+    assert [(im["width"], im["height"]) for im in out["images"]] == [(320, 300)] * 3
+    assert {im["source_image_id"] for im in out["images"]} == {7}
+    by_tile = {}
+    for ann in out["annotations"]:
+        by_tile.setdefault(ann["image_id"], []).append(ann)
+    assert [a["bbox"] for a in by_tile[1]] == [[10, 10, 20, 10], [300, 50, 20, 20]]
+    assert [a["bbox"] for a in by_tile[2]] == [[110, 50, 40, 20]]
+    assert [(a["bbox"], a["iscrowd"], a.get("ignore")) for a in by_tile[3]] == [([270, 200, 30, 30], 1, 1)]
+    with Image.open(tmp_path / "tiles" / "wide_t2.png") as tile:  # the last tile is flush with the right edge
+        assert torch.equal(torch.from_numpy(np.array(tile)), pixels[:, 380:700])
+    with pytest.raises(DataError, match="tile side"):
+        convert.tile_coco(coco, str(src), str(tmp_path / "x"), 8)
+
+
+def test_yolo_conversion_into_tiles_and_bad_tile_requests_are_refused_losing_nothing(tmp_path, capsys):
+    from PIL import Image
+
+    from scalekd.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (700, 300)).save(src / "strip.png")
+    (src / "strip.txt").write_text("0 0.45 0.5 0.1 0.1\n")  # x 280-350: across the first seam
+    (tmp_path / "names").write_text("car\n")
+    base = ["data", "convert", "yolo", str(src), "--names", str(tmp_path / "names")]
+    assert main([*base, "--tile", "320", "--out", str(tmp_path / "tiles.json")]) == 0
+    coco = json.loads((tmp_path / "tiles.json").read_text())
+    assert [im["file_name"] for im in coco["images"]] == ["strip_t0.png", "strip_t1.png", "strip_t2.png"]
+    assert [a["image_id"] for a in coco["annotations"]] == [1, 2] and coco["info"]["conversion"]["kept"] == 1
+    assert (tmp_path / "images" / "strip_t2.png").exists()
+    capsys.readouterr()
+    for bad, words in ((["--tile", "320", "--images-out", str(src)], "--images-out"),
+                       (["--tile", "320", "--patches", "4"], "--tile"),
+                       (["--tile", "8", "--images-out", str(tmp_path / "small")], "tile side")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad.json")]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    assert sorted(os.listdir(src)) == ["strip.png", "strip.txt"] and not (tmp_path / "small").exists()

@@ -14,7 +14,7 @@ from scalekd.distill.pairing import pair_teacher_maps
 from scalekd.eval.predict import predict
 from scalekd.models.detectors import DetectorSpec, build_detector
 from scalekd.models.parts import DetectorParts, atss_match
-from scalekd.train.loop import student_spec, teacher_spec
+from scalekd.train.loop import StageRequest, student_spec, teacher_spec
 from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch
 
 P2_RETINANET = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2)
@@ -57,9 +57,9 @@ def test_atss_threshold_is_mean_plus_std_per_object_and_a_contested_anchor_goes_
 def test_atss_with_one_candidate_cell_per_level_keeps_fewer_low_overlap_positives_and_the_config_passes_k_on():
     # A 12 px box at stride 4 covers nine cells: with nine candidate cells each of their nine anchors is a candidate
     # and the threshold (mean + std over 81) is low; with one, only the nearest cell's anchors compete.
-    from scalekd.data.coverage import _anchors
+    from scalekd.data.coverage import image_anchors
 
-    anchors, cells = _anchors(P2_RETINANET, 128, 128)
+    anchors, cells = image_anchors(P2_RETINANET, 128, 128)
     box = torch.tensor([[58.0, 58.0, 70.0, 70.0]])
     wide, narrow = (atss_match(box, anchors, cells, k, low_quality=False) for k in (9, 1))
     assert 0 < (narrow == 0).sum() < (wide == 0).sum()
@@ -230,3 +230,26 @@ def test_teacher_ablations_keep_shapes_and_change_what_they_say(tiny_cfg):
     batch = tiny_batch(tiny_cfg)
     ratios = footprint_attention(distiller.eval(), batch.student_images, batch.teacher_images)
     assert len(ratios) == len(tiny_cfg.distill.csa.rates) and all(r > 1.0 for r in ratios)  # the bias localises
+
+
+def test_the_assigner_and_the_box_loss_reach_the_teacher_and_warmup_stages(tiny_cfg):
+    from scalekd.train.loop import build_stage, detection_step
+
+    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss", "box_loss": "giou"})
+    batch = tiny_batch(cfg)
+    for stage_name in ("teacher", "warmup"):
+        request = StageRequest(stage_name, cfg.to_dict(), cfg.data.root, "unused")
+        stage = build_stage(request, cfg, 4, torch.device("cpu"), 1)
+        assert stage.parts.assigner == "atss" and stage.model.head.regression_head._loss_type == "giou"
+    # The warm-up step's loss is the ATSS + GIoU loss of the same forward, not torchvision's max-IoU + L1 one.
+    head = stage.model.head.regression_head
+    head._loss_type = "l1"
+    other = DetectorParts(stage.model).forward_train(batch.student_images, batch.student_targets).losses
+    head._loss_type = "giou"
+    values = detection_step(stage.parts, batch.student_images, batch.student_targets, stage.opt, None)
+    assert float(values["det/bbox_regression"]) != pytest.approx(float(other["bbox_regression"].detach()), rel=1e-3)
+    assert all(torch.isfinite(v) for v in values.values())
+    with pytest.raises(ConfigError, match="model.box_loss"):
+        replace(tiny_cfg, model={"detector": "fcos", "box_loss": "giou"})
+    with pytest.raises(ConfigError, match="model.box_loss"):
+        replace(tiny_cfg, model={"box_loss": "smooth"})

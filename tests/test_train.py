@@ -238,3 +238,29 @@ def test_the_starting_models_are_inputs_of_the_distill_stage(tiny_cfg, tmp_path)
     keys = {inputs_key(StageRequest("distill", tiny_cfg.to_dict(), root, str(tmp_path / "d"),
                                     teacher=str(tmp_path / t / "model.pt"), student_init=warm)) for t in ("t", "t2")}
     assert len(keys) == 2
+
+
+def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
+    from scalekd.train.loop import inputs_key
+
+    def key(config: dict) -> str:
+        return inputs_key(StageRequest("warmup", config, tiny_cfg.data.root, "unused"))
+
+    before_box_loss = tiny_cfg.to_dict()
+    del before_box_loss["model"]["box_loss"]
+    assert key(before_box_loss) == key(tiny_cfg.to_dict())
+    assert key(replace(tiny_cfg, model={"box_loss": "giou"}).to_dict()) != key(tiny_cfg.to_dict())
+
+
+def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):
+    from scalekd.train.loop import build_stage
+
+    warm = ckpt.save_model(build_detector(student_spec(tiny_cfg, 4)), student_spec(tiny_cfg, 4), str(tmp_path), [],
+                           {})
+    plain = replace(tiny_cfg, distill={"method": "none"})
+    stage = build_stage(StageRequest("distill", plain.to_dict(), plain.data.root, "unused", student_init=warm),
+                        plain, 4, torch.device("cpu"), 1)
+    assert stage.distiller.teacher is None
+    with pytest.raises(TrainingError, match="needs --teacher"):
+        build_stage(StageRequest("distill", tiny_cfg.to_dict(), tiny_cfg.data.root, "unused", student_init=warm),
+                    tiny_cfg, 4, torch.device("cpu"), 1)

@@ -1,4 +1,5 @@
-"""Converters to COCO JSON: VisDrone2019-DET txt (optionally split into 4 patches) and YOLO txt."""
+"""Converters to COCO JSON: VisDrone2019-DET txt (optionally split into 4 patches) and YOLO txt; ``tile_coco``
+cuts a converted set into fixed-size tiles (wide aerial strips at a resolution where their objects stay visible)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import io
 import math
 import os
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from scalekd import storage
 from scalekd.data.coco import DataError, oriented_size
@@ -142,6 +143,52 @@ def _tiles(width: int, height: int, patches: int) -> list[tuple[int, int, int, i
     return [(0, 0, hw, hh), (hw, 0, width - hw, hh), (0, hh, hw, height - hh), (hw, hh, width - hw, height - hh)]
 
 
+def tile_coco(coco: dict, images_dir: str, images_out: str, side: int) -> dict:
+    """The same annotations on tiles of at most ``side`` x ``side`` px, spread evenly so each image is covered with
+    the fewest tiles (neighbours overlap where the image is not a multiple of ``side``).
+
+    Why: detectors resize a whole image to the student's size, so a 1764 x 430 aerial strip at a 128 px student
+    leaves a 25 px car at 3 px; tiles keep the object's scale at the cost of context. Boxes are clipped to each
+    tile (slivers dropped, as ``--patches``), an object across a seam is in both tiles, crowd and ignore flags are
+    kept, and every tile records its source image (``source_image_id``) so a split by image stays one."""
+    if side < 32:
+        raise DataError(f"tile side {side}: must be at least 32 px")
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    out = {"images": [], "annotations": [], "categories": coco["categories"]}
+    for image in coco["images"]:
+        stem, suffix = os.path.splitext(os.path.basename(image["file_name"]))
+        with Image.open(os.path.join(images_dir, image["file_name"])) as source:
+            img, fmt = ImageOps.exif_transpose(source), source.format or "PNG"  # sizes are the oriented ones
+            for index, tile in enumerate(_even_tiles(image["width"], image["height"], side)):
+                tx, ty, tw, th = tile
+                file_name = f"{stem}_t{index}{suffix}"
+                buf = io.BytesIO()
+                img.crop((tx, ty, tx + tw, ty + th)).save(buf, format=fmt, quality=95)
+                storage.write_bytes(storage.join(images_out, file_name), buf.getvalue())
+                tile_id = len(out["images"]) + 1
+                out["images"].append({"id": tile_id, "file_name": file_name, "width": tw, "height": th,
+                                      "source_image_id": image["id"]})
+                for ann in by_image.get(image["id"], []):
+                    clipped = _clip_to_tile(ann["bbox"], tile)
+                    if clipped:
+                        _add(out, tile_id, ann["category_id"], clipped, crowd=bool(ann.get("iscrowd")))
+                        if ann.get("ignore"):
+                            out["annotations"][-1]["ignore"] = 1
+    return out
+
+
+def _even_tiles(width: int, height: int, side: int) -> list[tuple[int, int, int, int]]:
+    def starts(length: int) -> list[int]:
+        count = max(1, math.ceil(length / side))
+        span = length - min(side, length)
+        return [round(i * span / (count - 1)) if count > 1 else 0 for i in range(count)]
+
+    tw, th = min(side, width), min(side, height)
+    return [(x, y, tw, th) for y in starts(height) for x in starts(width)]
+
+
 def _clip_to_tile(bbox: list[float], tile: tuple[int, int, int, int]) -> list[float] | None:
     x, y, w, h = bbox
     tx, ty, tw, th = tile
@@ -161,6 +208,12 @@ def _add(out: dict, image_id: int, category: int, bbox: list[float], crowd: bool
                                "area": round(bbox[2] * bbox[3], 2), "iscrowd": int(crowd)})
 
 
+def yolo_image_dir(src: str) -> str:
+    """Where a YOLO set's images are: ``src/images`` in the standard layout (beside ``src/labels``), else ``src``."""
+    standard = os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
+    return os.path.join(src, "images") if standard else src
+
+
 def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> dict:
     """COCO dict from YOLO labels (``class cx cy w h`` normalised to [0, 1]), either beside their images in ``src``
     or in the standard layout ``src/images/*`` + ``src/labels/*.txt``. Dropped labels are reported
@@ -175,9 +228,8 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
     out = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
     if not os.path.isdir(src):
         raise DataError(f"{src}: not a folder; give the folder with the images and their .txt labels")
-    standard = os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
-    image_dir = os.path.join(src, "images") if standard else src
-    label_dir = os.path.join(src, "labels") if standard else src
+    image_dir = yolo_image_dir(src)
+    label_dir = os.path.join(src, "labels") if image_dir != src else src
     image_files = images if images is not None else sorted(
         f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
     if not image_files:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 from torchvision.ops import box_iou
@@ -30,7 +31,7 @@ def _band_name(lo: float, hi: float) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
+def image_anchors(spec: DetectorSpec, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
     """Anchors of one padded image, as the detector generates them, and their cells per level. Cached: a
     dataset has few distinct image sizes."""
     div = spec.size_divisible
@@ -49,7 +50,7 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
             assigner: str = "max_iou", atss_topk: int = 9) -> torch.Tensor:
     """[K] bool: which of these boxes (xyxy, in the detector's input pixels) some anchor covers. With the ATSS
     assigner (RetinaNet), covered means at least one positive anchor, as ``DetectorParts.match`` assigns them."""
-    anchors, cells_per_level = _anchors(spec, height, width)
+    anchors, cells_per_level = image_anchors(spec, height, width)
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     if spec.detector == "retinanet" and assigner == "atss":
@@ -61,10 +62,9 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
     return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
 
 
-def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou",
-                    atss_topk: int = 9) -> dict[str, dict]:
-    """Per size band: objects and the percentage covered, for images resized as ``spec`` resizes them."""
-    counts = {_band_name(*b): [0, 0] for b in BANDS}
+def resized_objects(data: dict, spec: DetectorSpec) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Per image with objects: its boxes (xyxy) in the pixels ``spec``'s resize gives it, and that height and
+    width. Crowd boxes and ignore regions are left out: no anchor is meant to cover them."""
     boxes_by_image: dict = {}
     for ann in data["annotations"]:
         if ann.get("iscrowd", 0) or ann.get("ignore", 0):
@@ -77,7 +77,14 @@ def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou",
             continue
         rh, rw = resized_shape(image["height"], image["width"], spec.min_size, spec.max_size)
         scale = torch.tensor([rw / image["width"], rh / image["height"]] * 2)
-        boxes = torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale
+        yield torch.tensor(boxes_by_image[image["id"]], dtype=torch.float32) * scale, rh, rw
+
+
+def anchor_coverage(data: dict, spec: DetectorSpec, assigner: str = "max_iou",
+                    atss_topk: int = 9) -> dict[str, dict]:
+    """Per size band: objects and the percentage covered, for images resized as ``spec`` resizes them."""
+    counts = {_band_name(*b): [0, 0] for b in BANDS}
+    for boxes, rh, rw in resized_objects(data, spec):
         hits = covered(spec, boxes, rh, rw, assigner, atss_topk)
         sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
         for side, hit in zip(sides.tolist(), hits.tolist()):

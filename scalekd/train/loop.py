@@ -32,6 +32,7 @@ from scalekd.data.transforms import DualBatch, DualResolutionCollate
 from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
                                       student_update)
 from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
+from scalekd.models.parts import DetectorParts
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.memory_format import use_channels_last
 from scalekd.train.schedule import build_scheduler
@@ -181,16 +182,19 @@ _OTHER_STAGES = {
 }
 
 
-# Settings read only under another setting's value: left out otherwise, so that adding one (with its default)
-# does not retire the stages a user finished before it existed.
-_READ_ONLY_WHEN = {("model", "atss_topk"): ("model", "assigner", "atss")}
+# Settings left out of a stage's key when they cannot change its result, so that adding one (with its default)
+# does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS; the box loss at "l1"
+# is what every stage ran before the field existed.
+_LEFT_OUT_WHEN: dict[tuple[str, str], Callable[[dict], bool]] = {
+    ("model", "atss_topk"): lambda config: config.get("model", {}).get("assigner") != "atss",
+    ("model", "box_loss"): lambda config: config.get("model", {}).get("box_loss", "l1") == "l1",
+}
 
 
 def stage_inputs_config(stage: str, config: dict) -> dict:
     """The part of a stage's config that determines its result (``inputs_key``)."""
     other = _OTHER_STAGES.get(stage, {})
-    unread = {(section, name) for (section, name), (s, k, value) in _READ_ONLY_WHEN.items()
-              if config.get(s, {}).get(k) != value}
+    unread = {setting for setting, left_out in _LEFT_OUT_WHEN.items() if left_out(config)}
     out = {}
     for section, values in config.items():
         if section in other and other[section] is None:
@@ -251,14 +255,17 @@ class _Stage:
     scheduler: object
     assistant_opt: torch.optim.Optimizer | None
     opt: Optimizers
+    parts: DetectorParts  # the model's step-by-step forward and loss, with the configured assignment
 
 
 def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: torch.device, world: int) -> _Stage:
     spec = teacher_spec(cfg, num_classes) if request.stage == "teacher" else student_spec(cfg, num_classes)
     model = build_detector(spec)
+    if cfg.model.detector == "retinanet":  # torchvision reads its box loss from this attribute (its v2 recipe)
+        model.head.regression_head._loss_type = cfg.model.box_loss
     distiller = None
     if request.stage == "distill":
-        if not request.student_init or not request.teacher:
+        if not request.student_init or (not request.teacher and cfg.distill.method != "none"):
             raise TrainingError("the distill stage needs --teacher MODEL and --student MODEL (warm-up output)")
         warm, _ = ckpt.load_model(request.student_init, expect=spec)
         model.load_state_dict(warm.state_dict())
@@ -279,7 +286,9 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
         assistant_opt = torch.optim.Adam(distiller.assistant_parameters(), lr=cfg.distill.csa.lr,
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))
-    return _Stage(spec, model, distiller, student_opt, scheduler, assistant_opt, opt)
+    parts = (distiller.student_parts if distiller is not None
+             else DetectorParts(model, cfg.model.assigner, cfg.model.atss_topk))
+    return _Stage(spec, model, distiller, student_opt, scheduler, assistant_opt, opt, parts)
 
 
 def resume(stage: _Stage, request: StageRequest, key: str, kept: dict | None = None) -> int:
@@ -459,7 +468,7 @@ def _step(stage: _Stage, request: StageRequest, batch: DualBatch, iteration: int
             return stage.distiller.assistant_warmup_step(batch, stage.opt, autocast)
         if stage.distiller is not None:
             return stage.distiller.train_step(batch, stage.opt, autocast)
-        return detection_step(stage.model, batch.student_images, batch.student_targets, stage.opt, autocast)
+        return detection_step(stage.parts, batch.student_images, batch.student_targets, stage.opt, autocast)
     except NonFiniteLossError as exc:
         good = ckpt.latest_checkpoint(request.out)
         raise TrainingError(f"stage {request.stage}, iteration {iteration}: loss term '{exc.term}' is "
@@ -475,14 +484,15 @@ def _inject_fault(request: StageRequest, rank: int, done: int) -> None:
         os._exit(17)
 
 
-def detection_step(model: nn.Module, images: list, targets: list, opt: Optimizers,
+def detection_step(parts: DetectorParts, images: list, targets: list, opt: Optimizers,
                    autocast: torch.dtype | None) -> dict:
-    """A plain supervised step: the detector's own loss (teacher and warm-up stages)."""
+    """A plain supervised step: the detector's own loss (teacher and warm-up stages), assigned as the distill stage
+    assigns it (``DetectorParts``: ``model.assigner`` reaches every stage, not only distillation)."""
     amp = autocast_context(autocast)
     with amp:
-        losses = model(images, targets)
+        losses = parts.forward_train(images, targets).losses
     terms = {f"det/{k}": v for k, v in losses.items()}
     check_finite(terms)
     total = sum(v.float() for v in losses.values())
-    student_update(total, list(model.parameters()), opt)
+    student_update(total, list(parts.model.parameters()), opt)
     return {**{k: v.detach() for k, v in terms.items()}, "loss/total": total.detach()}
