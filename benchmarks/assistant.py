@@ -33,8 +33,9 @@ from scalekd.train import checkpoint as ckpt  # noqa: E402
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 
 
-def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[str, dict]:
-    """Metrics of the distilled student and of its assistant, from the stage's last checkpoint."""
+def evaluate_pair(distill_dir: str, teacher_uri: str) -> dict[str, dict]:
+    """Metrics of the distilled student and of its assistant, from the stage's last checkpoint, on the val split of
+    the data that stage trained on (its config's ``data.root``)."""
     state = ckpt.load(ckpt.latest_checkpoint(distill_dir))
     cfg = config_from_dict(state["config"])
     student = build_detector(DetectorSpec(**state["spec"]))
@@ -45,7 +46,7 @@ def evaluate_pair(distill_dir: str, teacher_uri: str, data_root: str) -> dict[st
         distiller.load_distillation_state(state["distiller"])
     except ValueError as exc:
         raise SystemExit(f"{distill_dir}: {exc}") from None
-    dataset = dataset_from_root(data_root, cfg.data.val_split)
+    dataset = dataset_from_root(cfg.data.root, cfg.data.val_split)
     out = {}
     assisted = AssistedDetector(distiller)
     models = [("student", student, "intact", "intact")] + [
@@ -80,19 +81,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="assistant.json")
     args = ap.parse_args()
-    data_root = os.path.join(args.workdir, f"{args.dataset}-data")
     teacher = os.path.join(args.workdir, args.dataset, f"seed{args.seeds[0]}", "teacher", "model.pt")
     results, rows = {}, []
     for variant in args.variants:
         runs = [evaluate_pair(os.path.join(args.workdir, args.dataset, f"seed{seed}", f"distill-{variant}"),
-                              teacher, data_root) for seed in args.seeds]
+                              teacher) for seed in args.seeds]
         results[variant] = runs
         for name in ("student", "assistant", *(f"assistant_{how}" for how in TEACHER_ABLATIONS[1:]),
                      "assistant_student_permuted"):
             row = {"variant": variant, "model": name}
             for k in KEYS:
-                xs = [100 * r[name][k] for r in runs]
-                row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}"
+                xs = [100 * r[name][k] for r in runs if r[name][k] >= 0]  # -1: no object of that size
+                row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}" if xs else "-"
             rows.append(row)
         footprint = [statistics.mean(g) for g in zip(*(r["footprint_attention_vs_uniform"] for r in runs))]
         rows.append({"variant": variant, "model": "own-cell attention / uniform, per head group",
