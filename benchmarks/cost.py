@@ -65,7 +65,7 @@ def main() -> None:
         if cfg.train.channels_last is True:
             d.to(memory_format=torch.channels_last)
         opt = Optimizers(torch.optim.SGD(d.student_parameters(), lr=0.005, momentum=0.9),
-                         torch.optim.Adam(d.assistant_parameters(), lr=3e-4) if d.csa is not None else None)
+                         torch.optim.Adam(d.assistant_param_groups(), lr=3e-4) if d.csa is not None else None)
         return d, opt
 
     def time_steps(step) -> tuple[float, dict, float]:

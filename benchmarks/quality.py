@@ -53,6 +53,11 @@ VARIANTS = {
     "plain_attention": {"csa": {"attention": "plain"}},
     "no_locality": {"csa": {"locality": "none", "zero_init_output": False}},
     "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
+    # How much of what the assistant passes on survives its training on the ground truth: its own head frozen (only
+    # the attention trains), or nothing trained at all (a 1e-12 rate and no warm-up: it stays the teacher's
+    # scale-aligned predictions, so the student learns OD's targets plus SDF's features).
+    "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
+    "assistant_untrained": {"csa": {"lr": 1e-12, "warmup_iterations": 0}},
 }
 PAIRED = ("plain", "scalekd_no_teacher", "fitnet", "od", "pkd", "scalekd_paper")
 

@@ -121,6 +121,9 @@ class CSAConfig:
     # is on the student's grid (rate 1 = the student's cells); with same_level it is 2x finer (the paper: 2, 4).
     rates: tuple[int, ...] = (1, 2)
     lr: float = 3e-4
+    # Not in the paper: the learning rate of the assistant's own head (head=own); None: lr, 0: frozen, so an
+    # assistant that starts as the teacher can change the teacher's predictions only through the attention.
+    head_lr: float | None = None
     weight_decay: float = 1e-4
     # Recompute the assistant's predictions after its step for the student's targets (a third pass through
     # the head, +15-18% per iteration on CPU) or use the ones its step was computed from (one Adam step older).
@@ -533,6 +536,8 @@ def validate(cfg: Config) -> None:
     _check(m.fpn_channels % c.heads == 0, "distill.csa.heads", c.heads,
            f"must divide model.fpn_channels ({m.fpn_channels})")
     _check(c.lr > 0, "distill.csa.lr", c.lr, "> 0")
+    _check(c.head_lr is None or c.head_lr >= 0, "distill.csa.head_lr", c.head_lr,
+           ">= 0 (0: the assistant's own head frozen), or null for distill.csa.lr")
     _check(c.weight_decay >= 0, "distill.csa.weight_decay", c.weight_decay, ">= 0")
     _check(c.keys_from in ("teacher", "student"), "distill.csa.keys_from", c.keys_from,
            "teacher (the method) or student (a control without the teacher)")

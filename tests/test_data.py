@@ -449,6 +449,30 @@ def test_tiles_cover_a_wide_image_and_clip_boxes_into_each_tile_they_cross(tmp_p
         convert.tile_coco(coco, str(src), str(tmp_path / "x"), 8)
 
 
+def test_tiles_are_cut_upright_keep_sub_folders_and_an_unreadable_image_is_named(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for folder in ("a", "b"):
+        (src / folder).mkdir(parents=True)
+    # EXIF orientation 6 (rotate 90 degrees): stored 40 x 100, shown 100 x 40, which is the size we record.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 100), (200, 10, 10)).save(src / "a" / "x.jpg", exif=exif)
+    Image.new("RGB", (100, 40), (10, 200, 10)).save(src / "b" / "x.jpg")
+    coco = {"images": [{"id": 1, "file_name": "a/x.jpg", "width": 100, "height": 40},
+                       {"id": 2, "file_name": "b/x.jpg", "width": 100, "height": 40}],
+            "categories": [{"id": 1, "name": "car"}], "annotations": []}
+    out = convert.tile_coco(coco, str(src), str(tmp_path / "tiles"), 64)
+    assert [im["file_name"] for im in out["images"]] == ["a/x_t0.jpg", "a/x_t1.jpg", "b/x_t0.jpg", "b/x_t1.jpg"]
+    for name in ("a/x_t0.jpg", "b/x_t1.jpg"):
+        with Image.open(tmp_path / "tiles" / name) as tile:
+            assert tile.size == (64, 40)
+    (src / "b" / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="x.jpg: cannot read image"):
+        convert.tile_coco(coco, str(src), str(tmp_path / "again"), 64)
+
+
 def test_yolo_conversion_into_tiles_and_bad_tile_requests_are_refused_losing_nothing(tmp_path, capsys):
     from PIL import Image
 

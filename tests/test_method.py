@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scalekd.config import replace
+from scalekd.config import ConfigError, replace
 from scalekd.distill.assisted import AssistedDetector
 from scalekd.distill.csa import CrossScaleAttention
 from scalekd.distill.distiller import Distiller
@@ -233,6 +233,23 @@ def test_the_assistants_warmup_step_moves_the_assistant_and_nothing_of_the_stude
     assert changed(before_csa, distiller.csa) and changed(before_own, distiller.assistant_head)
     assert not changed(before_student, distiller.student)
     assert logs and all(k.startswith("assistant/") for k in logs if k != "loss/total")
+
+
+def test_a_frozen_assistant_head_stays_the_teachers_and_only_the_attention_trains(tiny_cfg):
+    cfg = replace(tiny_cfg, distill={"csa": {"starts_as": "teacher", "head_lr": 0.0}})
+    distiller, opt = distiller_with_optimizers(cfg)
+    head = distiller.assistant_head
+    assert not any(p.requires_grad for p in head.parameters())
+    assert {id(p) for p in distiller.assistant_parameters()} == {id(p) for p in distiller.csa.parameters()}
+    before_head, before_csa = snapshot(head), snapshot(distiller.csa)
+    for _ in range(2):  # the zero-initialised projection moves first, then the rest of the attention
+        distiller.assistant_warmup_step(tiny_batch(cfg), opt)
+    assert not changed(before_head, head) and changed(before_csa, distiller.csa)
+    slow = replace(cfg, distill={"csa": {"head_lr": 1e-5}})
+    groups = Distiller(*build_pair(slow), slow).assistant_param_groups()
+    assert [g.get("lr") for g in groups] == [None, 1e-5]  # the CSA at the optimizer's lr (csa.lr), the head slower
+    with pytest.raises(ConfigError, match="distill.csa.head_lr"):
+        replace(cfg, distill={"csa": {"head_lr": -1e-4}})
 
 
 @pytest.mark.parametrize("detector", ("retinanet", "fcos"))

@@ -214,6 +214,12 @@ def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     assert key("teacher", replace(tiny_cfg, model={"atss_topk": 1})) == key("teacher", tiny_cfg)
     atss = replace(tiny_cfg, model={"assigner": "atss"})
     assert key("teacher", replace(atss, model={"atss_topk": 1})) != key("teacher", atss)
+    # The assistant head's own rate, a nested setting: absent or null keys the same; a value counts.
+    without_head_lr = tiny_cfg.to_dict()
+    del without_head_lr["distill"]["csa"]["head_lr"]
+    assert inputs_key(StageRequest("distill", without_head_lr, tiny_cfg.data.root, "unused")) == key("distill",
+                                                                                                    tiny_cfg)
+    assert key("distill", replace(tiny_cfg, distill={"csa": {"head_lr": 0.0}})) != key("distill", tiny_cfg)
 
 
 def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):

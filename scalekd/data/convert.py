@@ -110,26 +110,20 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
                     continue
                 (ignores if category in (0, 11) else objects).append((bbox, category, f"{path}:{lineno}"))
         tiles = _tiles(width, height, patches)
-        for t_index, (tx, ty, tw, th) in enumerate(tiles):
+        source = _read_upright(image_path) if patches > 1 else None
+        for t_index, tile in enumerate(tiles):
             image_id = len(out["images"]) + 1
             file_name = os.path.basename(image_path)
-            if patches > 1:
+            if source is not None:
                 stem, suffix = os.path.splitext(file_name)
                 file_name = f"{stem}_p{t_index}{suffix}"
-                with Image.open(image_path) as img:
-                    buf = io.BytesIO()
-                    img.crop((tx, ty, tx + tw, ty + th)).save(buf, format=img.format or "PNG")
-                storage.write_bytes(storage.join(images_out, file_name), buf.getvalue())
-            out["images"].append({"id": image_id, "file_name": file_name, "width": tw, "height": th})
+                _save_crop(source, tile, storage.join(images_out, file_name))
+            out["images"].append({"id": image_id, "file_name": file_name, "width": tile[2], "height": tile[3]})
             for bbox, category, _where in objects:
-                clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
-                if clipped:
-                    _add(out, image_id, category, clipped, crowd=False)
-            for bbox, _, _where in ignores:
-                clipped = _clip_to_tile(bbox, (tx, ty, tw, th))
-                if clipped:  # an ignored region ignores every class (COCOeval matches crowd per class)
-                    for cat in range(1, len(VISDRONE_NAMES) + 1):
-                        _add(out, image_id, cat, clipped, crowd=True)
+                _add_clipped(out, image_id, category, bbox, tile, crowd=False)
+            for bbox, _, _where in ignores:  # an ignored region ignores every class (COCOeval: crowd per class)
+                for cat in range(1, len(VISDRONE_NAMES) + 1):
+                    _add_clipped(out, image_id, cat, bbox, tile, crowd=True)
         for bbox, _category, where in objects:  # in no tile (outside the image, or a sliver in every tile)
             if not any(_clip_to_tile(bbox, tile) for tile in tiles):
                 report.drop("outside the image or a sliver after clipping", where)
@@ -158,24 +152,20 @@ def tile_coco(coco: dict, images_dir: str, images_out: str, side: int) -> dict:
         by_image.setdefault(ann["image_id"], []).append(ann)
     out = {"images": [], "annotations": [], "categories": coco["categories"]}
     for image in coco["images"]:
-        stem, suffix = os.path.splitext(os.path.basename(image["file_name"]))
-        with Image.open(os.path.join(images_dir, image["file_name"])) as source:
-            img, fmt = ImageOps.exif_transpose(source), source.format or "PNG"  # sizes are the oriented ones
-            for index, tile in enumerate(_even_tiles(image["width"], image["height"], side)):
-                tx, ty, tw, th = tile
-                file_name = f"{stem}_t{index}{suffix}"
-                buf = io.BytesIO()
-                img.crop((tx, ty, tx + tw, ty + th)).save(buf, format=fmt, quality=95)
-                storage.write_bytes(storage.join(images_out, file_name), buf.getvalue())
-                tile_id = len(out["images"]) + 1
-                out["images"].append({"id": tile_id, "file_name": file_name, "width": tw, "height": th,
-                                      "source_image_id": image["id"]})
-                for ann in by_image.get(image["id"], []):
-                    clipped = _clip_to_tile(ann["bbox"], tile)
-                    if clipped:
-                        _add(out, tile_id, ann["category_id"], clipped, crowd=bool(ann.get("iscrowd")))
-                        if ann.get("ignore"):
-                            out["annotations"][-1]["ignore"] = 1
+        # Tiles keep the source's sub-folder, so two images with one stem in different folders cannot collide.
+        stem, suffix = os.path.splitext(image["file_name"])
+        source = _read_upright(os.path.join(images_dir, image["file_name"]))
+        for index, tile in enumerate(_even_tiles(image["width"], image["height"], side)):
+            file_name = f"{stem}_t{index}{suffix}"
+            _save_crop(source, tile, storage.join(images_out, file_name))
+            tile_id = len(out["images"]) + 1
+            out["images"].append({"id": tile_id, "file_name": file_name, "width": tile[2], "height": tile[3],
+                                  "source_image_id": image["id"]})
+            for ann in by_image.get(image["id"], []):
+                crowd = bool(ann.get("iscrowd"))
+                added = _add_clipped(out, tile_id, ann["category_id"], ann["bbox"], tile, crowd)
+                if added and ann.get("ignore"):
+                    out["annotations"][-1]["ignore"] = 1
     return out
 
 
@@ -206,6 +196,35 @@ def _add(out: dict, image_id: int, category: int, bbox: list[float], crowd: bool
     out["annotations"].append({"id": len(out["annotations"]) + 1, "image_id": image_id,
                                "category_id": category, "bbox": [round(v, 2) for v in bbox],
                                "area": round(bbox[2] * bbox[3], 2), "iscrowd": int(crowd)})
+
+
+def _add_clipped(out: dict, image_id: int, category: int, bbox: list[float], tile: tuple[int, int, int, int],
+                 crowd: bool) -> bool:
+    """Add ``bbox`` clipped to ``tile`` in the tile's pixels; False (nothing added) for a sliver or a miss."""
+    clipped = _clip_to_tile(bbox, tile)
+    if clipped:
+        _add(out, image_id, category, clipped, crowd)
+    return bool(clipped)
+
+
+def _read_upright(path: str) -> Image.Image:
+    """The image decoded and upright (EXIF orientation applied, as the sizes we record are), keeping its format
+    name; an unreadable file is a DataError that names it."""
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as source:
+            upright = ImageOps.exif_transpose(source)  # a decoded copy
+            upright.format = source.format or "PNG"
+            return upright
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
+
+
+def _save_crop(image: Image.Image, tile: tuple[int, int, int, int], uri: str) -> None:
+    """Write ``tile`` (x, y, w, h) of ``image`` to ``uri`` in the source's format (JPEG at quality 95)."""
+    tx, ty, tw, th = tile
+    buf = io.BytesIO()
+    image.crop((tx, ty, tx + tw, ty + th)).save(buf, format=image.format, quality=95)
+    storage.write_bytes(uri, buf.getvalue())
 
 
 def yolo_image_dir(src: str) -> str:

@@ -138,7 +138,7 @@ class Distiller(nn.Module):
                 # head to learn to read them.
                 source = self.teacher_parts if self.starts_as_teacher else self.student_parts
                 self.assistant_head = copy.deepcopy(source.prediction_head())
-                self.assistant_head.requires_grad_(True)
+                self.assistant_head.requires_grad_(k.csa.head_lr != 0)
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
@@ -175,11 +175,18 @@ class Distiller(nn.Module):
         return params
 
     def assistant_parameters(self) -> list[nn.Parameter]:
-        """What the assistant optimizer steps: the CSA, and its own head where it has one."""
-        params = list(self.csa.parameters()) if self.csa is not None else []
-        if self.assistant_head is not None:
-            params += list(self.assistant_head.parameters())
-        return params
+        """What the assistant optimizer steps: the CSA, and its own head where it has one that trains."""
+        return [p for group in self.assistant_param_groups() for p in group["params"]]
+
+    def assistant_param_groups(self) -> list[dict]:
+        """The assistant optimizer's groups: the CSA at ``csa.lr``, its own head at ``csa.head_lr`` (left out
+        when 0: frozen)."""
+        c = self.cfg.distill.csa
+        groups = [{"params": list(self.csa.parameters())}] if self.csa is not None else []
+        if self.assistant_head is not None and c.head_lr != 0:
+            groups.append({"params": list(self.assistant_head.parameters()),
+                           "lr": c.lr if c.head_lr is None else c.head_lr})
+        return groups
 
     # ------------------------------------------------------------------------------------------------
     def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None,

@@ -182,28 +182,42 @@ _OTHER_STAGES = {
 }
 
 
-# Settings left out of a stage's key when they cannot change its result, so that adding one (with its default)
-# does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS; the box loss at "l1"
-# is what every stage ran before the field existed.
-_LEFT_OUT_WHEN: dict[tuple[str, str], Callable[[dict], bool]] = {
+# Settings (paths into the config) left out of a stage's key when they cannot change its result, so that adding one
+# (with its default) does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS;
+# the box loss at "l1" and the assistant's head at the CSA's rate are what every stage ran before the fields existed.
+_LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("model", "atss_topk"): lambda config: config.get("model", {}).get("assigner") != "atss",
     ("model", "box_loss"): lambda config: config.get("model", {}).get("box_loss", "l1") == "l1",
+    ("distill", "csa", "head_lr"): lambda config: config.get("distill", {}).get("csa", {}).get("head_lr") is None,
 }
 
 
 def stage_inputs_config(stage: str, config: dict) -> dict:
     """The part of a stage's config that determines its result (``inputs_key``)."""
     other = _OTHER_STAGES.get(stage, {})
-    unread = {setting for setting, left_out in _LEFT_OUT_WHEN.items() if left_out(config)}
     out = {}
     for section, values in config.items():
         if section in other and other[section] is None:
             continue
         if isinstance(values, dict):
             dropped = _NOT_INPUTS.get(section, ()) + other.get(section, ())
-            values = {k: v for k, v in values.items() if k not in dropped and (section, k) not in unread}
+            values = {k: v for k, v in values.items() if k not in dropped}
         out[section] = values
+    for path, left_out in _LEFT_OUT_WHEN.items():
+        if left_out(config):
+            out = _without(out, path)
     return out
+
+
+def _without(config: dict, path: tuple[str, ...]) -> dict:
+    """A copy of ``config`` without the setting at ``path`` (unchanged where it is absent)."""
+    head, *rest = path
+    if head not in config:
+        return config
+    if not rest:
+        return {k: v for k, v in config.items() if k != head}
+    inner = config[head]
+    return {**config, head: _without(inner, tuple(rest)) if isinstance(inner, dict) else inner}
 
 
 def inputs_key(request: StageRequest) -> str:
@@ -283,7 +297,7 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
                                 cfg.train.lr_steps, cfg.train.lr_gamma)
     assistant_opt = None
     if distiller is not None and distiller.csa is not None:
-        assistant_opt = torch.optim.Adam(distiller.assistant_parameters(), lr=cfg.distill.csa.lr,
+        assistant_opt = torch.optim.Adam(distiller.assistant_param_groups(), lr=cfg.distill.csa.lr,
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))
     parts = (distiller.student_parts if distiller is not None
