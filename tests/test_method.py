@@ -248,6 +248,10 @@ def test_a_frozen_assistant_head_stays_the_teachers_and_only_the_attention_train
     slow = replace(cfg, distill={"csa": {"head_lr": 1e-5}})
     groups = Distiller(*build_pair(slow), slow).assistant_param_groups()
     assert [g.get("lr") for g in groups] == [None, 1e-5]  # the CSA at the optimizer's lr (csa.lr), the head slower
+    # At the CSA's rate (the default) one group, as the checkpoints saved before csa.head_lr existed hold.
+    same = Distiller(*build_pair(tiny_cfg), tiny_cfg)
+    assert len(same.assistant_param_groups()) == 1 and len(same.assistant_parameters()) == len(
+        list(same.csa.parameters())) + len(list(same.assistant_head.parameters()))
     with pytest.raises(ConfigError, match="distill.csa.head_lr"):
         replace(cfg, distill={"csa": {"head_lr": -1e-4}})
 

@@ -30,7 +30,10 @@ benchmark an assistant that started as the student stayed a weaker detector than
 al.'s plain output distillation from that teacher beat ScaleKD; with another (weaker) teacher, starting from the
 teacher was worth +4 AP_S over starting from the student and beat OD by +5.7 (README, Results). Measured on that
 run: the trained assistant ignored its queries (shuffling the student's cells left its AP unchanged), so it acts as
-the teacher's head training on the ground truth, not as a cross-scale attention; an open problem.
+the teacher's head training on the ground truth, not as a cross-scale attention; an open problem. On real aerial
+tiles (KIT AIS) whose training set the teacher had learnt, that training only sharpened the teacher's scores and
+the student kept less of the teacher's gain the more the assistant trained (``distill.csa.head_lr=0`` trains the
+attention alone; README, Results, "What the assistant's targets lose").
 """
 
 from __future__ import annotations

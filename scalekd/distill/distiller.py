@@ -179,13 +179,18 @@ class Distiller(nn.Module):
         return [p for group in self.assistant_param_groups() for p in group["params"]]
 
     def assistant_param_groups(self) -> list[dict]:
-        """The assistant optimizer's groups: the CSA at ``csa.lr``, its own head at ``csa.head_lr`` (left out
-        when 0: frozen)."""
+        """The assistant optimizer's groups: the CSA at ``csa.lr`` with its own head where that trains at the same
+        rate (one group, the layout of checkpoints saved before ``csa.head_lr`` existed), else the head in a
+        group of its own at ``csa.head_lr``, or left out when that is 0 (frozen)."""
         c = self.cfg.distill.csa
         groups = [{"params": list(self.csa.parameters())}] if self.csa is not None else []
-        if self.assistant_head is not None and c.head_lr != 0:
-            groups.append({"params": list(self.assistant_head.parameters()),
-                           "lr": c.lr if c.head_lr is None else c.head_lr})
+        if self.assistant_head is None or c.head_lr == 0 or not groups:
+            return groups
+        head = list(self.assistant_head.parameters())
+        if c.head_lr is None:
+            groups[0]["params"] += head
+        else:
+            groups.append({"params": head, "lr": c.head_lr})
         return groups
 
     # ------------------------------------------------------------------------------------------------
