@@ -33,9 +33,8 @@ from scalekd.train import checkpoint as ckpt  # noqa: E402
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 
 
-def evaluate_pair(distill_dir: str, teacher_uri: str) -> dict[str, dict]:
-    """Metrics of the distilled student and of its assistant, from the stage's last checkpoint, on the val split of
-    the data that stage trained on (its config's ``data.root``)."""
+def load_distiller(distill_dir: str, teacher_uri: str) -> Distiller:
+    """The distill stage's student, SDF, CSA and assistant head from its last checkpoint, with its teacher."""
     state = ckpt.load(ckpt.latest_checkpoint(distill_dir))
     cfg = config_from_dict(state["config"])
     student = build_detector(DetectorSpec(**state["spec"]))
@@ -46,6 +45,14 @@ def evaluate_pair(distill_dir: str, teacher_uri: str) -> dict[str, dict]:
         distiller.load_distillation_state(state["distiller"])
     except ValueError as exc:
         raise SystemExit(f"{distill_dir}: {exc}") from None
+    return distiller
+
+
+def evaluate_pair(distill_dir: str, teacher_uri: str) -> dict[str, dict]:
+    """Metrics of the distilled student and of its assistant, from the stage's last checkpoint, on the val split of
+    the data that stage trained on (its config's ``data.root``)."""
+    distiller = load_distiller(distill_dir, teacher_uri)
+    cfg, student = distiller.cfg, distiller.student
     dataset = dataset_from_root(cfg.data.root, cfg.data.val_split)
     out = {}
     assisted = AssistedDetector(distiller)

@@ -22,29 +22,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.assistant import load_distiller  # noqa: E402
 from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.config import config_from_dict  # noqa: E402
 from scalekd.data.coco import dataset_from_root  # noqa: E402
 from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
 from scalekd.distill.distiller import Distiller  # noqa: E402
-from scalekd.models.detectors import DetectorSpec, build_detector  # noqa: E402
-from scalekd.train import checkpoint as ckpt  # noqa: E402
 
 COLUMNS = ("teacher_fg", "assistant_fg", "teacher_bg", "assistant_bg", "teacher_bg_above_0.05",
            "assistant_bg_above_0.05", "logit_gap_fg", "logit_gap_bg")
 
 
-def load_distiller(distill_dir: str, teacher_uri: str) -> Distiller:
-    """The distill stage's student, SDF, CSA and assistant head from its last checkpoint, with its teacher."""
-    state = ckpt.load(ckpt.latest_checkpoint(distill_dir))
-    cfg = config_from_dict(state["config"])
+def load_scalekd_distiller(distill_dir: str, teacher_uri: str) -> Distiller:
+    """``assistant.load_distiller``, refused for a stage without a one-stage assistant."""
+    distiller = load_distiller(distill_dir, teacher_uri)
+    cfg = distiller.cfg
     if cfg.distill.method != "scalekd" or not cfg.distill.csa.enabled or not cfg.one_stage:
         raise SystemExit(f"{distill_dir}: not a one-stage ScaleKD stage with an assistant")
-    student = build_detector(DetectorSpec(**state["spec"]))
-    student.load_state_dict(state["model"])
-    teacher, _ = ckpt.load_model(teacher_uri)
-    distiller = Distiller(student, teacher, cfg)
-    distiller.load_distillation_state(state["distiller"])
     return distiller.eval()
 
 
@@ -93,7 +86,7 @@ def main() -> None:
         name, sep, stage_dir = given.partition("=")
         if not sep or not os.path.isdir(stage_dir):
             ap.error(f"--stages {given}: expected NAME=DIR with DIR a distill stage's output")
-        gap = target_gap(load_distiller(stage_dir, args.teacher), args.images)
+        gap = target_gap(load_scalekd_distiller(stage_dir, args.teacher), args.images)
         rows.append({"stage": name, "dir": stage_dir, **{k: round(v, 5) for k, v in gap.items()}})
         print(f"{name}: done", flush=True)
     print(table(rows, ["stage", *COLUMNS]))
