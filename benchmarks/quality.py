@@ -58,6 +58,10 @@ VARIANTS = {
     # scale-aligned predictions, so the student learns OD's targets plus SDF's features).
     "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
     "assistant_untrained": {"csa": {"lr": 1e-12, "warmup_iterations": 0}},
+    # Between the two: the assistant trains on the ground truth and is distilled from the teacher's own predictions
+    # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
+    "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},
+    "assistant_teacher_anchored_5": {"csa": {"teacher_anchor": 5.0}},
 }
 PAIRED = ("plain", "scalekd_no_teacher", "fitnet", "od", "pkd", "scalekd_paper")
 

@@ -147,6 +147,13 @@ class CSAConfig:
     # assistant's own head and teacher_scale 2; "auto" (default): teacher where those hold, else student. The
     # no-teacher control (keys_from=student) starts as the student.
     starts_as: str = "auto"
+    # Not in the paper: the weight of a second term in the assistant's own loss, the output distillation (beta's
+    # classification and gamma's box terms, as OD gives a student) from the 2x teacher's predictions on the student's
+    # anchors. 0 (default): the ground truth alone. An assistant that starts as a teacher which knows its training
+    # images by heart sharpens towards the ground truth and passes on less than the teacher (KIT, README); this keeps
+    # it near the teacher's graded scores unless the ground truth pays for the move. Needs the teacher's predictions
+    # on the student's anchors (as starts_as=teacher) and keys from the teacher (the control must not see it).
+    teacher_anchor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -547,6 +554,11 @@ def validate(cfg: Config) -> None:
     _check(c.starts_as != "teacher" or cfg.teacher_start_possible, "distill.csa.starts_as", c.starts_as,
            "student, or teacher with distill.pairing=scale_aligned, a one-stage detector, distill.csa.head=own and "
            "data.teacher_scale=2 (the teacher's P_{l+1} head then predicts on the student's anchors)")
+    _check(c.teacher_anchor >= 0, "distill.csa.teacher_anchor", c.teacher_anchor, ">= 0 (0: ground truth alone)")
+    _check(c.teacher_anchor == 0 or (cfg.teacher_start_possible and c.keys_from == "teacher"),
+           "distill.csa.teacher_anchor", c.teacher_anchor,
+           "0 unless distill.csa.keys_from=teacher, distill.pairing=scale_aligned, a one-stage detector, "
+           "distill.csa.head=own and data.teacher_scale=2 (the teacher's own predictions on the student's anchors)")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):

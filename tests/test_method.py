@@ -257,6 +257,43 @@ def test_a_frozen_assistant_head_stays_the_teachers_and_only_the_attention_train
 
 
 @pytest.mark.parametrize("detector", ("retinanet", "fcos"))
+def test_the_teacher_anchor_pulls_the_assistant_back_to_the_teachers_own_predictions(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"teacher_anchor": 1.0}})
+    distiller, opt = distiller_with_optimizers(cfg)
+    assert distiller.starts_as_teacher
+    batch = tiny_batch(cfg)
+    out = distiller.student_parts.forward_train(batch.student_images, batch.student_targets)
+    _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
+    params = distiller.assistant_parameters()
+
+    def anchor_grad_norm() -> float:
+        preds = distiller.student_parts.predict(distiller.assistant_maps(out.fpn, teacher_maps), out.fpn_names,
+                                                out.context, distiller.assistant_head)
+        terms = distiller._teacher_anchor_losses(preds, out, teacher_maps)
+        assert {"kd/cls", "kd/bbox"} <= set(terms)
+        grads = torch.autograd.grad(sum(terms.values()), params, allow_unused=True)
+        return float(sum(g.abs().sum() for g in grads if g is not None))
+
+    # The assistant starts as exactly the teacher's predictions: the anchor is at its minimum and pulls nowhere...
+    assert anchor_grad_norm() < 1e-5
+    with torch.no_grad():  # ...and once the assistant's head has moved away, it pulls back.
+        for p in distiller.assistant_head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert anchor_grad_norm() > 1e-3
+    logs = distiller.assistant_warmup_step(batch, opt)
+    assert {"assistant/kd/cls", "assistant/kd/bbox"} <= set(logs)
+
+
+@pytest.mark.parametrize("overrides", [{"csa": {"teacher_anchor": -0.5}},
+                                       {"csa": {"teacher_anchor": 1.0, "keys_from": "student"}},
+                                       {"csa": {"teacher_anchor": 1.0}, "pairing": "same_level"},
+                                       {"csa": {"teacher_anchor": 1.0, "head": "shared"}}])
+def test_a_teacher_anchor_without_the_teachers_predictions_on_the_students_anchors_is_refused(tiny_cfg, overrides):
+    with pytest.raises(ConfigError, match="distill.csa.teacher_anchor"):
+        replace(tiny_cfg, distill=overrides)
+
+
+@pytest.mark.parametrize("detector", ("retinanet", "fcos"))
 def test_an_assistant_that_adds_nothing_detects_exactly_what_the_student_does(tiny_cfg, detector):
     cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"starts_as": "student"}})
     distiller, _ = distiller_with_optimizers(cfg)

@@ -220,6 +220,11 @@ def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     assert inputs_key(StageRequest("distill", without_head_lr, tiny_cfg.data.root, "unused")) == key("distill",
                                                                                                     tiny_cfg)
     assert key("distill", replace(tiny_cfg, distill={"csa": {"head_lr": 0.0}})) != key("distill", tiny_cfg)
+    without_anchor = tiny_cfg.to_dict()
+    del without_anchor["distill"]["csa"]["teacher_anchor"]
+    assert inputs_key(StageRequest("distill", without_anchor, tiny_cfg.data.root, "unused")) == key("distill",
+                                                                                                   tiny_cfg)
+    assert key("distill", replace(tiny_cfg, distill={"csa": {"teacher_anchor": 0.5}})) != key("distill", tiny_cfg)
 
 
 def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):

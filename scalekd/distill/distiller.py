@@ -128,6 +128,7 @@ class Distiller(nn.Module):
         self.assistant_head = None
         # Read once here, not on every assistant pass (config.Config.assistant_starts_as_teacher).
         self.starts_as_teacher = cfg.assistant_starts_as_teacher
+        self.teacher_anchor = cfg.distill.csa.teacher_anchor
         if self.method == "scalekd" and k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
                                            k.csa.positional, k.csa.locality, k.csa.zero_init_output)
@@ -229,7 +230,7 @@ class Distiller(nn.Module):
                     terms["kd/feat"] = L.pkd_loss([s.float() for s in student_out.fpn], [t.float() for t in paired])
             with phase("losses"):
                 if target_preds is not None:
-                    terms.update(self._output_losses(student_out, target_preds))
+                    terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
         weights = {"kd/feat": self.alpha, "kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
         check_finite(terms)
         with phase("student_backward_step"):
@@ -295,9 +296,15 @@ class Distiller(nn.Module):
             with phase("assistant_head"):
                 preds = parts.predict(assistant_maps, student_out.fpn_names, ctx, self.assistant_head)
                 assistant_losses = parts.loss(preds, ctx)
+            weights = {}
+            if self.teacher_anchor:
+                with phase("assistant_teacher_anchor"):
+                    assistant_losses.update(self._teacher_anchor_losses(preds, student_out, teacher_maps))
+                weights = {"kd/cls": self.teacher_anchor * self.beta, "kd/ctr": self.teacher_anchor * self.beta,
+                           "kd/bbox": self.teacher_anchor * self.gamma}
         check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
         with phase("assistant_backward_step"):
-            assistant_total = sum(v.float() for v in assistant_losses.values())
+            assistant_total = sum(weights.get(k, 1.0) * v.float() for k, v in assistant_losses.items())
             csa_params = self.assistant_parameters()
             opt.assistant.zero_grad(set_to_none=True)
             # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
@@ -312,9 +319,19 @@ class Distiller(nn.Module):
         logs = {f"assistant/{k}": v.detach() for k, v in assistant_losses.items()}
         return {k: v.detach() for k, v in preds.items()}, logs
 
-    def _output_losses(self, student_out: Forward, target: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _teacher_anchor_losses(self, preds: dict[str, Tensor], student_out: Forward,
+                               teacher_maps: list[Tensor]) -> dict[str, Tensor]:
+        """``distill.csa.teacher_anchor`` (not in the paper): the assistant's predictions distilled towards the
+        2x teacher's own on the student's anchors (OD's targets), with the student's output-distillation terms."""
+        with torch.no_grad():
+            teacher_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
+        return self._output_losses(preds, student_out.context, teacher_preds)
+
+    def _output_losses(self, pred: dict[str, Tensor], ctx, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The output distillation of ``pred`` (the student's, or the assistant's when anchored) towards
+        ``target`` on the student's anchors or proposals (``ctx``): unweighted kd/cls (kd/ctr) and kd/bbox."""
         k = self.cfg.distill
-        parts, ctx, pred = self.student_parts, student_out.context, student_out.predictions
+        parts = self.student_parts
         if parts.one_stage:
             fg, gt_reg = parts.dense_regression_targets(ctx)
             cls = L.soft_sigmoid_loss(pred["cls_logits"].float(), target["cls_logits"].float(), k.temperature,

@@ -184,11 +184,14 @@ _OTHER_STAGES = {
 
 # Settings (paths into the config) left out of a stage's key when they cannot change its result, so that adding one
 # (with its default) does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS;
-# the box loss at "l1" and the assistant's head at the CSA's rate are what every stage ran before the fields existed.
+# the box loss at "l1", the assistant's head at the CSA's rate and no teacher anchor are what every stage ran before
+# the fields existed.
 _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("model", "atss_topk"): lambda config: config.get("model", {}).get("assigner") != "atss",
     ("model", "box_loss"): lambda config: config.get("model", {}).get("box_loss", "l1") == "l1",
     ("distill", "csa", "head_lr"): lambda config: config.get("distill", {}).get("csa", {}).get("head_lr") is None,
+    ("distill", "csa", "teacher_anchor"):
+        lambda config: not config.get("distill", {}).get("csa", {}).get("teacher_anchor", 0.0),
 }
 
 
