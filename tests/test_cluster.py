@@ -131,7 +131,7 @@ def test_a_pipeline_component_runs_its_stage_as_a_job_on_the_cluster(cluster, s3
     components, the teacher submitted to the cluster. Every training component calls the same
     ``scalekd.stages.train``, so one stands for all (the whole pipeline runs end to end in test_pipeline, on the
     local Ray; the distill stage runs as a job across two nodes in the node-loss test). One job instead of the
-    whole pipeline's four: this test was 3.7 of the suite's 16 minutes."""
+    whole pipeline's four: the whole pipeline here was 224 s of the suite's 16 minutes."""
     from kfp import dsl, local
 
     from components.config import resolve_config
