@@ -54,7 +54,7 @@ def target_gap(distiller: Distiller, images: int) -> dict[str, float]:
         batch = collate([dataset[i] for i in range(start, start + 4)])
         out = parts.forward_train(batch.student_images, batch.student_targets)
         _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
-        teacher = distiller.teacher_parts.predict(teacher_maps, out.fpn_names, out.context)["cls_logits"]
+        teacher = distiller.teacher_predictions(teacher_maps, out)["cls_logits"]
         assistant_maps = distiller.assistant_maps(out.fpn, teacher_maps)
         assistant = parts.predict(assistant_maps, out.fpn_names, out.context, distiller.assistant_head)["cls_logits"]
         fg = torch.stack([m >= 0 for m in out.context.matched_idxs])

@@ -109,6 +109,8 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.method = k.method
         self.alpha, self.beta, self.gamma = cfg.loss_weights()
+        # The output-distillation terms' weights, for the student and (times teacher_anchor) the anchored assistant.
+        self.output_weights = {"kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
         self.student = student
         self.student_parts = DetectorParts(student, cfg.model.assigner, cfg.model.atss_topk)
         # The teacher is frozen and kept out of this module's state_dict and parameters().
@@ -216,8 +218,8 @@ class Distiller(nn.Module):
         elif self.method == "od":
             # Same-level OD runs the teacher at the student's size (Chen et al.); scale-aligned OD reads the 2x
             # teacher's P_{l+1} outputs, which are predictions on the student's own anchors.
-            with torch.no_grad(), amp:
-                target_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
+            with amp:
+                target_preds = self.teacher_predictions(teacher_maps, student_out)
         with amp:
             with phase("sdf"):
                 if self.sdf is not None:
@@ -231,7 +233,7 @@ class Distiller(nn.Module):
             with phase("losses"):
                 if target_preds is not None:
                     terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
-        weights = {"kd/feat": self.alpha, "kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
+        weights = {"kd/feat": self.alpha, **self.output_weights}
         check_finite(terms)
         with phase("student_backward_step"):
             total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
@@ -300,8 +302,7 @@ class Distiller(nn.Module):
             if self.teacher_anchor:
                 with phase("assistant_teacher_anchor"):
                     assistant_losses.update(self._teacher_anchor_losses(preds, student_out, teacher_maps))
-                weights = {"kd/cls": self.teacher_anchor * self.beta, "kd/ctr": self.teacher_anchor * self.beta,
-                           "kd/bbox": self.teacher_anchor * self.gamma}
+                weights = {name: self.teacher_anchor * w for name, w in self.output_weights.items()}
         check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
         with phase("assistant_backward_step"):
             assistant_total = sum(weights.get(k, 1.0) * v.float() for k, v in assistant_losses.items())
@@ -323,9 +324,13 @@ class Distiller(nn.Module):
                                teacher_maps: list[Tensor]) -> dict[str, Tensor]:
         """``distill.csa.teacher_anchor`` (not in the paper): the assistant's predictions distilled towards the
         2x teacher's own on the student's anchors (OD's targets), with the student's output-distillation terms."""
-        with torch.no_grad():
-            teacher_preds = self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
-        return self._output_losses(preds, student_out.context, teacher_preds)
+        return self._output_losses(preds, student_out.context, self.teacher_predictions(teacher_maps, student_out))
+
+    @torch.no_grad()
+    def teacher_predictions(self, teacher_maps: list[Tensor], student_out: Forward) -> dict[str, Tensor]:
+        """OD's targets: the teacher's head on its paired maps, read on the student's anchors or proposals (with
+        scale-aligned pairing, the 2x teacher's P_{l+1} predictions, which are on the student's own anchors)."""
+        return self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
 
     def _output_losses(self, pred: dict[str, Tensor], ctx, target: dict[str, Tensor]) -> dict[str, Tensor]:
         """The output distillation of ``pred`` (the student's, or the assistant's when anchored) towards
