@@ -1,8 +1,10 @@
 """The issue-12 targets, judged from the headline file ``benchmarks/results/quality_headline.json`` (written by
 ``quality.py`` after every seed): a table of every variant (mean ± std over its seeds, the AP_S difference to the
 default recipe paired by seed) and one verdict line per target. Adds the verdict to the file.
+``--ours`` judges another variant by the same targets (e.g. an option not in the default recipe); its verdict is
+written under its own key, never in the default's place.
 
-    python benchmarks/headline.py [--file quality_headline.json]
+    python benchmarks/headline.py [--file quality_headline.json] [--ours scalekd]
 """
 
 from __future__ import annotations
@@ -30,24 +32,24 @@ def _paired(ours: list[dict], theirs: list[dict], key: str = "AP_S") -> list[flo
     return [round(r[key] - by_seed[r["seed"]][key], 2) for r in ours if r["seed"] in by_seed and key in r]
 
 
-def rows(variants: dict) -> list[dict]:
-    ours = variants.get("scalekd", {}).get("per_seed", [])
+def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
+    ours = variants.get(ours_name, {}).get("per_seed", [])
     out = []
     for name, entry in variants.items():
         runs = entry["per_seed"]
         row = {"variant": name, "seeds": len(runs)}
         row.update({k: _mean_std([r[k] for r in runs if k in r]) for k in KEYS})
-        if name != "scalekd":
+        if name != ours_name:
             diffs = _paired(ours, runs)
-            row["scalekd AP_S minus this, per seed"] = ", ".join(f"{d:+.2f}" for d in diffs)
+            row[f"{ours_name} AP_S minus this, per seed"] = ", ".join(f"{d:+.2f}" for d in diffs)
         out.append(row)
     return out
 
 
-def verdicts(variants: dict) -> dict[str, str]:
-    """One line per target of issue 12; 'not assessed' where a variant did not run."""
+def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
+    """One line per target of issue 12 for ``ours_name``; 'not assessed' where a variant did not run."""
     get = lambda name: variants.get(name, {}).get("per_seed", [])  # noqa: E731
-    ours, plain, control = get("scalekd"), get("plain"), get("scalekd_no_teacher")
+    ours, plain, control = get(ours_name), get("plain"), get("scalekd_no_teacher")
     out = {}
     if ours and plain:
         gains = _paired(ours, plain)
@@ -75,7 +77,7 @@ def verdicts(variants: dict) -> dict[str, str]:
     return out
 
 
-def chart(variants: dict, path: str) -> None:
+def chart(variants: dict, path: str, title: str) -> None:
     """AP_S per variant: the seeds' mean, their spread as error bars, the seed count under each bar."""
     import matplotlib
 
@@ -90,7 +92,7 @@ def chart(variants: dict, path: str) -> None:
     ax.set_xticks(range(len(names)), [f"{n}\n({len(v)} seeds)" for n, v in zip(names, values)], rotation=45,
                   ha="right", fontsize=8)
     ax.set_ylabel("AP_S (%)")
-    ax.set_title("AP_S per variant (synthetic, 200 val images)")
+    ax.set_title(f"AP_S per variant ({title})")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -98,6 +100,7 @@ def chart(variants: dict, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--file", default="quality_headline.json")
+    ap.add_argument("--ours", default="scalekd", help="the variant judged by the targets (default: the default recipe)")
     args = ap.parse_args()
     path = os.path.join(RESULTS, args.file)
     with open(path) as f:
@@ -105,13 +108,18 @@ def main() -> None:
     data = (f"{doc['synth_images']} synthetic images" if doc.get("dataset", "synth") == "synth"
             else f"dataset {doc['dataset']}")
     print(f"{doc['protocol']}; preset {doc['preset']}, {data}; metrics in %")
-    print(table(rows(doc["variants"]), ["variant", "seeds", *KEYS, "scalekd AP_S minus this, per seed"]))
-    doc["verdict"] = verdicts(doc["variants"])
-    for target, line in doc["verdict"].items():
+    if args.ours not in doc["variants"]:
+        raise SystemExit(f"{args.file} has no variant {args.ours!r}; it has {', '.join(doc['variants'])}")
+    columns = ["variant", "seeds", *KEYS, f"{args.ours} AP_S minus this, per seed"]
+    print(table(rows(doc["variants"], args.ours), columns))
+    key = "verdict" if args.ours == "scalekd" else f"verdict_{args.ours}"
+    doc[key] = verdicts(doc["variants"], args.ours)
+    print(f"targets judged for {args.ours}:")
+    for target, line in doc[key].items():
         print(f"{target}: {line}")
     with open(path, "w") as f:
         f.write(storage.json_text(doc, indent=2))
-    chart(doc["variants"], path.replace(".json", "_ap_s.png"))
+    chart(doc["variants"], path.replace(".json", "_ap_s.png"), data)
 
 
 if __name__ == "__main__":

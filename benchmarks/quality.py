@@ -210,8 +210,7 @@ def main() -> None:
                 row[f"{k}_mean"] = statistics.mean(xs) if xs else None
             rows.append(row)
         summary[dataset] = {"rows": rows, "runs": runs}
-        protocol = ("teacher and warm student shared, seeds vary distillation" if args.shared_teacher
-                    else "every stage per seed")
+        protocol = _protocol(args)
         summary[dataset]["protocol"] = protocol
         print(f"\n{dataset} ({args.preset} preset, seeds {args.seeds}, {protocol}); metrics in %, mean ± std")
         print(table(rows, ["model", *KEYS, "params"]))
@@ -236,8 +235,7 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
         per_seed = [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0}, "params": v["params"]}
                     for seed, v in zip(args.seeds, values)]
         variants[name] = {"per_seed": per_seed}
-    protocol = ("teacher and warm student shared, seeds vary distillation" if args.shared_teacher
-                else "every stage per seed")
+    protocol = _protocol(args)
     headline = args.headline or args.out.replace(".json", "_headline.json")
     if dataset != "synth":
         headline = headline.replace("_headline.json", f"_{dataset}_headline.json")
@@ -256,6 +254,15 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
            "teacher_model": args.teacher_model, "warm_model": args.warm_model,
            "dataset": dataset, "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
     return write_json(headline, doc)
+
+
+def _protocol(args) -> str:
+    """What the seeds vary: a teacher and warm student given by file (or shared) leave only the distillation."""
+    if args.teacher_model and args.warm_model:
+        return "teacher and warm student given, seeds vary distillation"
+    if args.shared_teacher:
+        return "teacher and warm student shared, seeds vary distillation"
+    return "every stage per seed"
 
 
 def _verdict(rows: list[dict], runs: dict[str, list[dict]], variant: str = "scalekd") -> str:

@@ -1,4 +1,4 @@
-"""The tune pipeline: config -> data -> teacher -> warm student -> Ray Tune over alpha/beta/gamma."""
+"""The tune pipeline: config -> data -> teacher -> warm student -> Ray Tune over alpha/beta/gamma (or ``space``)."""
 
 from kfp import dsl
 
@@ -16,7 +16,7 @@ def build(cluster: bool):
     @dsl.pipeline(name="scalekd-tune", description="Ray Tune over the ScaleKD loss weights (ASHA on AP_S)")
     def tuning(dataset_uri: str = "", workdir: str = "runs/tune-pipeline", preset: str = "demo",
                synth_images: int = 240, trials: int = 8, rungs: int = 2, metric: str = "AP_S",
-               ray_address: str = "", workers: int = 0, overrides: list = []):  # noqa: B006
+               space: str = "", ray_address: str = "", workers: int = 0, overrides: list = []):  # noqa: B006
         config = wrap(resolve_config(
             preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0,
             teacher_iterations=0, warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0,
@@ -26,6 +26,6 @@ def build(cluster: bool):
         teacher = wrap(train_teacher(config=config, dataset=data, workdir=workdir).set_caching_options(False))
         student = wrap(warmup_student(config=config, dataset=data, workdir=workdir).set_caching_options(False))
         wrap(tune(config=config, dataset=data, teacher=teacher.outputs["teacher"], student=student.outputs["student"],
-                  workdir=workdir, trials=trials, rungs=rungs, metric=metric).set_caching_options(False))
+                  workdir=workdir, trials=trials, rungs=rungs, metric=metric, space=space).set_caching_options(False))
 
     return tuning

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics JSON to put in the model card")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("tune", help="Ray Tune over alpha/beta/gamma with ASHA on validation AP_S")
+    p = sub.add_parser("tune", help="Ray Tune over alpha/beta/gamma (and teacher_anchor) with ASHA on validation AP_S")
     _config_args(p)
     p.add_argument("--data")
     p.add_argument("--teacher", required=True)
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--rungs", type=int, default=2, help="validation reports per trial (ASHA rungs)")
     p.add_argument("--metric", default="AP_S")
-    p.add_argument("--space", help="e.g. 'alpha=0.001:0.1,beta=0.05:1,gamma=0.01:0.5' (log-uniform)")
+    p.add_argument("--space", help="e.g. 'alpha=0.001:0.1,beta=0.05:1,gamma=0.01:0.5' (log-uniform ranges) and "
+                   "'teacher_anchor=0|5' (a choice); default: alpha, beta, gamma from 1/4 to 4x the paper's")
     p.add_argument("--workers", type=int)
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=cmd_tune)

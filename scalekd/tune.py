@@ -1,8 +1,11 @@
-"""Ray Tune over the loss weights alpha, beta, gamma: each trial a short distillation from the warm
-student, reporting a validation metric (AP_S by default) at each rung for ASHA to stop weak trials.
+"""Ray Tune over the loss weights alpha, beta, gamma (and the assistant's ``teacher_anchor``): each trial a short
+distillation from the warm student, reporting a validation metric (AP_S by default) at each rung for ASHA to stop
+weak trials.
 
 Distillation losses can sit orders of magnitude above or below the detection loss on a new dataset;
-this search is the documented answer (DESIGN.md, "Loss scales").
+this search is the documented answer (DESIGN.md, "Loss scales"). ``teacher_anchor`` (not in the paper) is in the
+space because whether it pays depends on the data (README, Results: it helps on KIT AIS cars and costs on the
+synthetic set), so a user settles it on their own validation set.
 """
 
 from __future__ import annotations
@@ -11,35 +14,44 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scalekd import storage
 from scalekd.config import Config, ConfigError, replace
 
 log = logging.getLogger(__name__)
 WEIGHTS = ("alpha", "beta", "gamma")
+# What a search may vary, and where each lives under ``distill``.
+SEARCHABLE = {"alpha": ("alpha",), "beta": ("beta",), "gamma": ("gamma",), "teacher_anchor": ("csa", "teacher_anchor")}
 
 
 @dataclass(frozen=True)
 class TuneSpace:
-    """Log-uniform ranges (low, high) per loss weight."""
+    """Log-uniform ranges (low, high) and finite choices (values sampled uniformly), per searchable name."""
 
     ranges: dict
+    choices: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> TuneSpace:
-        ranges = {}
+        """``alpha=0.001:0.1`` is a log-uniform range, ``teacher_anchor=0|1|5`` a choice; comma-separated."""
+        ranges, choices = {}, {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             name, _, bounds = item.partition("=")
             low, sep, high = bounds.partition(":")
-            if name not in WEIGHTS or not sep:
-                raise ConfigError(f"tune.space.{name or '?'}", item, "entries look like alpha=0.001:0.1 "
-                                  f"for {', '.join(WEIGHTS)}")
+            if name not in SEARCHABLE or not (sep or "|" in bounds):
+                raise ConfigError(f"tune.space.{name or '?'}", item, "entries look like alpha=0.001:0.1 (log-uniform) "
+                                  f"or teacher_anchor=0|5 (a choice), for {', '.join(SEARCHABLE)}")
+            if name in ranges or name in choices:
+                raise ConfigError(f"tune.space.{name}", item, "each name once")
             try:
-                ranges[name] = (float(low), float(high))
+                if sep:
+                    ranges[name] = (float(low), float(high))
+                else:
+                    choices[name] = tuple(float(v) for v in bounds.split("|"))
             except ValueError:
-                raise ConfigError(f"tune.space.{name}", bounds, "two numbers, low:high") from None
-        space = cls(ranges)
+                raise ConfigError(f"tune.space.{name}", bounds, "numbers: low:high, or a|b|c") from None
+        space = cls(ranges, choices)
         space.validate()
         return space
 
@@ -48,13 +60,38 @@ class TuneSpace:
         """Each weight from its paper value / factor to x factor."""
         return cls({n: (v / factor, v * factor) for n, v in zip(WEIGHTS, cfg.loss_weights())})
 
-    def validate(self) -> None:
-        if not self.ranges:
-            raise ConfigError("tune.space", self.ranges, "at least one of alpha, beta, gamma")
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.ranges, *self.choices)
+
+    def validate(self, cfg: Config | None = None) -> None:
+        """The space's own shape; with ``cfg``, also that every choice makes a valid config (e.g. no teacher anchor
+        for the no-teacher control), so a bad search fails here, not in its trials."""
+        if not self.names:
+            raise ConfigError("tune.space", self.ranges, f"at least one of {', '.join(SEARCHABLE)}")
         for name, (low, high) in self.ranges.items():
             if not (low > 0 and high > low and math.isfinite(high)):
                 raise ConfigError(f"tune.space.{name}", [low, high],
                                   "a log-uniform range needs 0 < low < high (finite)")
+        for name, values in self.choices.items():
+            if len(set(values)) < 2 or not all(math.isfinite(v) and v >= 0 for v in values):
+                raise ConfigError(f"tune.space.{name}", list(values), "a choice of two or more finite values >= 0")
+        if cfg is not None:
+            for name, values in (*self.ranges.items(), *self.choices.items()):
+                for value in values:  # a range's two ends, every choice
+                    replace(cfg, distill=distill_overrides({name: value}))
+
+
+def distill_overrides(params: dict) -> dict:
+    """The ``distill`` section's overrides for the searched names among ``params`` (nested where they live)."""
+    out: dict = {}
+    for name, path in SEARCHABLE.items():
+        if name in params and params[name] is not None:
+            section = out
+            for key in path[:-1]:
+                section = section.setdefault(key, {})
+            section[path[-1]] = params[name]
+    return out
 
 
 def rung_stops(cfg: Config, rungs: int) -> list[tuple[int, int]]:
@@ -78,7 +115,7 @@ def _trial(params: dict) -> None:
     from scalekd.train.loop import StageRequest, run_stage
 
     base = params["_base"]
-    cfg = replace(config_from_dict(base["config"]), distill={n: params[n] for n in WEIGHTS if n in params})
+    cfg = replace(config_from_dict(base["config"]), distill=distill_overrides(params))
     out = storage.join(base["out"], "trials", tune.get_context().get_trial_id())
     val = dataset_from_root(base["data"], cfg.data.val_split)
     for stop, student_iterations in rung_stops(cfg, base["rungs"]):
@@ -86,13 +123,13 @@ def _trial(params: dict) -> None:
                                student_init=base["student"], stop_at=stop))
         result = evaluate_model("trial", storage.join(out, "model.pt"), val, cfg, speed_images=1)
         tune.report({**result.metrics, "iteration": student_iterations,
-                     **{n: params[n] for n in WEIGHTS if n in params}})
+                     **{n: params[n] for n in SEARCHABLE if n in params}})
 
 
 def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space: TuneSpace, trials: int = 8,
              metric: str = "AP_S", rungs: int = 2, cpus_per_trial: int = 1) -> dict:
     """Run (or resume) the search; writes results.json, results.md and best.yaml under ``out``."""
-    space.validate()
+    space.validate(cfg)
     if trials < 1 or rungs < 1:
         raise ConfigError("tune.trials" if trials < 1 else "tune.rungs", trials if trials < 1 else rungs, ">= 1")
     from ray import tune
@@ -114,6 +151,7 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
         param_space = {n: tune.loguniform(lo, hi) for n, (lo, hi) in space.ranges.items()}
+        param_space.update({n: tune.choice(list(values)) for n, values in space.choices.items()})
         param_space["_base"] = base
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=1, reduction_factor=2)
         tuner = tune.Tuner(
@@ -121,26 +159,35 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
             tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=trials, scheduler=scheduler,
                                         max_concurrent_trials=max(1, (os.cpu_count() or 1) // cpus_per_trial)),
             run_config=tune.RunConfig(name=name, storage_path=experiment_dir, verbose=0))
-    grid = tuner.fit()
+    rows = _trial_rows(tuner.fit(), metric, space.names)
+    best = rows[0]
+    best_cfg = replace(cfg, distill=distill_overrides(best))
+    storage.write_text(storage.join(out, "best.yaml"), best_cfg.to_yaml())
+    storage.write_json(storage.join(out, "results.json"), {"metric": metric, "trials": rows})
+    table = results_table(rows, metric, space.names)
+    storage.write_text(storage.join(out, "results.md"), table + "\n")
+    log.info("tune results:\n%s", table)
+    return {"best": {n: best[n] for n in space.names}, metric: best[metric], "trials": len(rows),
+            "best_config": storage.join(out, "best.yaml"), "table": json.loads(json.dumps(rows))}
+
+
+def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:
+    """One row per trial that reported ``metric`` (its last report), best first."""
     rows = []
     for result in grid:
         if result.metrics and metric in result.metrics:
-            rows.append({**{n: result.metrics.get(n) for n in WEIGHTS}, metric: result.metrics[metric],
+            rows.append({**{n: result.metrics.get(n) for n in names}, metric: result.metrics[metric],
                          "AP": result.metrics.get("AP"), "iteration": result.metrics.get("iteration"),
                          "path": result.path})
     if not rows:
         errors = [str(r.error) for r in grid if r.error]
         raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")
-    rows.sort(key=lambda r: r[metric], reverse=True)
-    best = rows[0]
-    best_cfg = replace(cfg, distill={n: best[n] for n in WEIGHTS if best.get(n) is not None})
-    storage.write_text(storage.join(out, "best.yaml"), best_cfg.to_yaml())
-    storage.write_json(storage.join(out, "results.json"), {"metric": metric, "trials": rows})
-    header = f"| alpha | beta | gamma | {metric} | AP | iterations |\n|---|---|---|---|---|---|\n"
-    table = header + "\n".join(
-        f"| {r['alpha']:.4g} | {r['beta']:.4g} | {r['gamma']:.4g} | {100 * r[metric]:.2f} | "
+    return sorted(rows, key=lambda r: r[metric], reverse=True)
+
+
+def results_table(rows: list[dict], metric: str, names: tuple[str, ...]) -> str:
+    """Markdown: the searched values, the metric and AP (in %) and the student's iterations, per trial."""
+    header = f"| {' | '.join(names)} | {metric} | AP | iterations |\n|{'---|' * (len(names) + 3)}\n"
+    return header + "\n".join(
+        f"| {' | '.join('-' if r[n] is None else f'{r[n]:.4g}' for n in names)} | {100 * r[metric]:.2f} | "
         f"{100 * (r['AP'] or 0):.2f} | {r['iteration']} |" for r in rows)
-    storage.write_text(storage.join(out, "results.md"), table + "\n")
-    log.info("tune results:\n%s", table)
-    return {"best": {n: best[n] for n in WEIGHTS}, metric: best[metric], "trials": len(rows),
-            "best_config": storage.join(out, "best.yaml"), "table": json.loads(json.dumps(rows))}

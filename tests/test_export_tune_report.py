@@ -10,7 +10,7 @@ from scalekd.config import ConfigError, replace
 from scalekd.export import ExportError, compare, export_model
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.loop import StageRequest, run_stage
-from scalekd.tune import TuneSpace, rung_stops, run_tune
+from scalekd.tune import TuneSpace, distill_overrides, results_table, rung_stops, run_tune
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +73,22 @@ def test_export_refuses_a_non_model_file(tmp_path, synth_root):
 def test_tiny_tune_search_writes_a_usable_best_config(trained, tmp_path, synth_root):
     cfg, root = trained
     out = str(tmp_path / "tune")
+    space = TuneSpace(TuneSpace.around_paper(cfg).ranges, {"teacher_anchor": (0.0, 2.0)})
     best = run_tune(cfg, str(root / "teacher" / "model.pt"), str(root / "warmup" / "model.pt"), synth_root, out,
-                    TuneSpace.around_paper(cfg), trials=2, rungs=2)
+                    space, trials=2, rungs=2)
     assert best["trials"] == 2
     from scalekd.config import load_config
 
     tuned = load_config(os.path.join(out, "best.yaml"))
     assert tuned.distill.alpha == pytest.approx(best["best"]["alpha"])
-    lo, hi = TuneSpace.around_paper(cfg).ranges["alpha"]
+    assert tuned.distill.csa.teacher_anchor == best["best"]["teacher_anchor"] in (0.0, 2.0)
+    lo, hi = space.ranges["alpha"]
     assert lo <= tuned.distill.alpha <= hi
     rows = json.load(open(os.path.join(out, "results.json")))
     assert rows["metric"] == "AP_S"
+    assert all(r["teacher_anchor"] in (0.0, 2.0) for r in rows["trials"])
     assert max(r["iteration"] for r in rows["trials"]) == cfg.train.distill_iterations  # the student's, all of them
+    assert open(os.path.join(out, "results.md")).readline().startswith("| alpha | beta | gamma | teacher_anchor |")
 
 
 def test_tune_rungs_split_the_students_iterations_after_the_assistants_warmup(tiny_cfg):
@@ -93,11 +97,38 @@ def test_tune_rungs_split_the_students_iterations_after_the_assistants_warmup(ti
     assert rung_stops(replace(cfg, distill={"method": "fitnet"}), 3) == [(100, 100), (200, 200), (300, 300)]
 
 
-@pytest.mark.parametrize("text, words", [("alpha=0.1:0.01", "0 < low < high"), ("alpha=-1:2", "0 < low < high"),
-                                         ("delta=0.1:1", "entries look like"), ("alpha=a:b", "two numbers")])
+@pytest.mark.parametrize("text, words", [
+    ("alpha=0.1:0.01", "0 < low < high"), ("alpha=-1:2", "0 < low < high"), ("alpha=0.1:inf", "0 < low < high"),
+    ("alpha=nan:1", "0 < low < high"), ("delta=0.1:1", "entries look like"), ("alpha=0.1", "entries look like"),
+    ("alpha=a:b", "numbers"), ("teacher_anchor=a|b", "numbers"), ("teacher_anchor=1|", "numbers"),
+    ("teacher_anchor=-1|5", "finite values >= 0"), ("teacher_anchor=nan|5", "finite values >= 0"),
+    ("teacher_anchor=inf|5", "finite values >= 0"), ("teacher_anchor=5|5", "two or more"),
+    ("alpha=0.1:1,alpha=0.2:2", "each name once"), ("alpha=0.1:1,alpha=1|2", "each name once"), ("", "at least one"),
+])
 def test_invalid_search_space_is_rejected(text, words):
     with pytest.raises(ConfigError, match=words):
         TuneSpace.parse(text)
+
+
+def test_a_search_space_parses_ranges_and_choices_into_the_configs_own_fields(tiny_cfg):
+    space = TuneSpace.parse("alpha=0.01:1, teacher_anchor=0|5")
+    assert space.ranges == {"alpha": (0.01, 1.0)} and space.choices == {"teacher_anchor": (0.0, 5.0)}
+    assert space.names == ("alpha", "teacher_anchor")
+    tuned = replace(tiny_cfg, distill=distill_overrides({"alpha": 0.5, "teacher_anchor": 5.0, "other": 1}))
+    assert (tuned.distill.alpha, tuned.distill.csa.teacher_anchor) == (0.5, 5.0)
+    assert results_table([{"alpha": 0.5, "teacher_anchor": None, "AP_S": 0.25, "AP": 0.1, "iteration": 4}],
+                         "AP_S", space.names).splitlines()[-1] == "| 0.5 | - | 25.00 | 10.00 | 4 |"
+
+
+def test_a_search_space_the_config_refuses_fails_before_any_trial(tiny_cfg):
+    """The teacher anchor has no teacher to anchor to in the no-teacher control: refused by the config's own rule."""
+    control = replace(tiny_cfg, distill={"csa": {"keys_from": "student"}})
+    space = TuneSpace.parse("teacher_anchor=0|5")
+    space.validate(tiny_cfg)
+    with pytest.raises(ConfigError, match="distill.csa.teacher_anchor"):
+        space.validate(control)
+    with pytest.raises(ConfigError, match="distill.csa.teacher_anchor"):
+        run_tune(control, "t.pt", "s.pt", "data", "out", space)
 
 
 def test_report_has_table_charts_and_drawn_examples(trained, tmp_path, synth_root):

@@ -187,12 +187,18 @@ _OTHER_STAGES = {
 # the box loss at "l1", the assistant's head at the CSA's rate and no teacher anchor are what every stage ran before
 # the fields existed.
 _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
-    ("model", "atss_topk"): lambda config: config.get("model", {}).get("assigner") != "atss",
-    ("model", "box_loss"): lambda config: config.get("model", {}).get("box_loss", "l1") == "l1",
-    ("distill", "csa", "head_lr"): lambda config: config.get("distill", {}).get("csa", {}).get("head_lr") is None,
-    ("distill", "csa", "teacher_anchor"):
-        lambda config: not config.get("distill", {}).get("csa", {}).get("teacher_anchor", 0.0),
+    ("model", "atss_topk"): lambda config: _setting(config, "model", "assigner") != "atss",
+    ("model", "box_loss"): lambda config: _setting(config, "model", "box_loss") in (None, "l1"),
+    ("distill", "csa", "head_lr"): lambda config: _setting(config, "distill", "csa", "head_lr") is None,
+    ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
 }
+
+
+def _setting(config: dict, *path: str):
+    """The value at ``path`` in a config dict, None where any part of it is absent."""
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
 
 
 def stage_inputs_config(stage: str, config: dict) -> dict:

@@ -34,8 +34,19 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     # A short private temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp = os.environ.get("SCALEKD_RAY_TMP") or tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp,
-             log_to_driver=True, configure_logging=False)
+    # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner polls to free a dead
+    # controller's resources (without it, that safety net fails with a warning every few seconds). On 127.0.0.1
+    # and a free port, never 8265: another job's cluster on this machine may want it. About 3 s of start-up.
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), _temp_dir=temp, log_to_driver=True, configure_logging=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RayTrainHooks(StageHooks):
