@@ -53,3 +53,12 @@ def test_channels_last_accepts_true_false_or_auto_only(value):
     assert load_config().train.channels_last == "auto"
     with pytest.raises(ConfigError, match="train.channels_last"):
         load_config(overrides=[f"train.channels_last={value}"])
+
+
+def test_the_layout_probe_leaves_the_callers_random_stream_alone():
+    """The probe runs inside the first stage on a machine, after that stage seeded torch: reseeding there made the
+    stage's data order and initial weights depend on whether the cache existed."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    memory_format.yardstick_step_seconds(False, steps=1)
+    assert torch.equal(before, torch.get_rng_state())

@@ -6,7 +6,6 @@ The detectors' own transforms are built with the same min/max sizes, so they do 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +75,9 @@ class DualResolutionCollate:
     def __call__(self, samples: list[tuple[torch.Tensor, dict]]) -> DualBatch:
         s_imgs, s_tgts, t_imgs, t_tgts = [], [], [], []
         for image, target in samples:
-            if self.hflip_prob > 0 and random.random() < self.hflip_prob:
+            # torch's generator, which run_stage seeds from train.seed (and DataLoader seeds per worker): Python's
+            # `random` was never seeded, so flips, and with them every run, differed between runs of one seed.
+            if self.hflip_prob > 0 and float(torch.rand(())) < self.hflip_prob:
                 image, target = hflip(image, target)
             sh, sw = resized_shape(image.shape[1], image.shape[2], self.student_size, self.max_size)
             s_img, s_tgt = resize_sample(image, target, (sh, sw))

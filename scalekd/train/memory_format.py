@@ -47,12 +47,19 @@ def _cpuinfo_field(name: str) -> str:
 
 def yardstick_step_seconds(channels_last: bool, steps: int = 4) -> float:
     """Median seconds of one reference teacher training step after two warm-up steps."""
+    # Its own random stream: the probe runs inside a stage (the first on a machine), whose seeded stream it must
+    # leave as it found it, or that stage's data order and initial weights would depend on the cache.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _timed_steps(channels_last, steps)
+
+
+def _timed_steps(channels_last: bool, steps: int) -> float:
     import numpy as np
 
     from scalekd.data.synth import render_scene
     from scalekd.models.detectors import DetectorSpec, build_detector
 
-    torch.manual_seed(0)
     model = build_detector(DetectorSpec("retinanet", "resnet18", 4, 64, 256, 427, anchor_scale=2.0)).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
