@@ -175,7 +175,9 @@ def main() -> None:
         root = dataset_root(dataset, args, base)
         # A run of plain students only (an assignment or loss study) trains no teacher.
         needs_teacher = any(variant_config(base, v).distill.method != "none" for v in args.variants)
-        runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * needs_teacher + ["warm", *args.variants]}
+        # A given teacher is evaluated (and reported) even when no variant reads it.
+        has_teacher = needs_teacher or bool(args.teacher_model)
+        runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * has_teacher + ["warm", *args.variants]}
         for seed in args.seeds:
             cfg = replace(base, data={"root": root}, train={"seed": seed})
             work = os.path.join(args.workdir, dataset, f"seed{seed}")
