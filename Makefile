@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/scalekd demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks

@@ -67,7 +67,7 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
         out["beats the no-teacher control on AP_S by >= 1.0"] = (
             f"{'MET' if statistics.mean(gains) >= 1.0 else 'NOT MET'}: {statistics.mean(gains):+.2f}, per seed "
             f"{gains}")
-    for baseline in ("fitnet", "od", "pkd"):
+    for baseline in ("fitnet", "od", "pkd", "crosskd"):
         if ours and get(baseline):
             gains = _paired(ours, get(baseline))
             out[f"beats {baseline} on AP_S"] = (f"{'MET' if gains and statistics.mean(gains) > 0 else 'NOT MET'}: "

@@ -1,12 +1,12 @@
 """Does the 2x teacher's knowledge reach the student? Teacher at 2x, plain student, FitNet, Chen et al.'s OD,
-PKD, ScaleKD (the default recipe), the no-teacher control, the paper's literal reading and ablations, on the
+PKD, CrossKD, ScaleKD (the default recipe), the no-teacher control, the paper's literal reading and ablations, on the
 synthetic small-object set (and the real KIT AIS cars, split by image with a fixed seed), one student
 architecture and one iteration budget for all, several seeds; AP, AP50, AP75, AP_S/M/L. Writes the full
 result and ``<out>_headline.json`` (every variant's per-seed metrics; ``--merge-headline`` adds to an
 earlier run's); ``benchmarks/headline.py`` judges issue 12's targets from it.
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
-                                 [--variants plain fitnet od pkd scalekd scalekd_no_teacher scalekd_paper
+                                 [--variants plain fitnet od pkd crosskd scalekd scalekd_no_teacher scalekd_paper
                                              no_sdf no_csa plain_attention no_locality no_assistant_warmup]
 
 ``--shared-teacher`` trains the teacher and the warm student once, in the *first* listed seed's folder, and
@@ -42,6 +42,9 @@ VARIANTS = {
     # predictions on the student's own anchors (the teacher is never run outside the resolution it was trained at).
     "od": {"method": "od"},
     "pkd": {"method": "pkd"},  # Cao et al. 2022, mmrazor's modern feature baseline, scale-aligned maps
+    # Wang et al. 2024: the student's head features finished by the 2x teacher's head (its P_{l+1}), distilled
+    # towards the teacher's own predictions (scalekd/distill/crosskd.py).
+    "crosskd": {"method": "crosskd"},
     "scalekd": {},  # the default recipe ("aligned"): the assistant starts as the teacher's predictions
     # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
     "scalekd_no_teacher": {"csa": {"keys_from": "student"}},
@@ -54,16 +57,16 @@ VARIANTS = {
     "no_locality": {"csa": {"locality": "none", "zero_init_output": False}},
     "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
     # How much of what the assistant passes on survives its training on the ground truth: its own head frozen (only
-    # the attention trains), or nothing trained at all (a 1e-12 rate and no warm-up: it stays the teacher's
-    # scale-aligned predictions, so the student learns OD's targets plus SDF's features).
+    # the attention trains), or nothing trained at all (frozen, no warm-up: it stays the teacher's scale-aligned
+    # predictions, so the student learns OD's targets plus SDF's features). Before csa.lr=0 froze it, this variant
+    # ran at csa.lr=1e-12 (the README's KIT and synthetic results), which paid for the assistant's backward pass.
     "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
-    "assistant_untrained": {"csa": {"lr": 1e-12, "warmup_iterations": 0}},
+    "assistant_untrained": {"csa": {"lr": 0.0, "warmup_iterations": 0}},
     # Between the two: the assistant trains on the ground truth and is distilled from the teacher's own predictions
     # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
     "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},
     "assistant_teacher_anchored_5": {"csa": {"teacher_anchor": 5.0}},
 }
-PAIRED = ("plain", "scalekd_no_teacher", "fitnet", "od", "pkd", "scalekd_paper")
 
 
 def variant_config(base, name: str):
@@ -131,6 +134,31 @@ def _write_splits(out: str, train: dict, val: dict) -> str:
     return out
 
 
+def holdout_roots(root: str, seed: int = 0) -> tuple[str, str]:
+    """(teacher_root, student_root): the training images split in half by source image (a tile's
+    ``source_image_id``), the teacher's half and the students' half, with the same val split and images.
+
+    Why: a teacher that has learnt its training set by heart predicts the ground truth there, so an assistant that
+    starts as it and trains on those images, or OD, reads it where it is least like itself on new images. Trained
+    on the other half, the teacher is read only on images it never saw (as at validation)."""
+    out = root.rstrip("/") + "-holdout"
+    roots = tuple(os.path.join(out, role) for role in ("teacher", "students"))
+    if all(os.path.exists(os.path.join(r, "annotations", "instances_train.json")) for r in roots):
+        return roots
+    with open(os.path.join(root, "annotations", "instances_train.json")) as f:
+        train = json.load(f)
+    with open(os.path.join(root, "annotations", "instances_val.json")) as f:
+        val = json.load(f)
+    students, teacher = _split_by_source(train, lambda im: im.get("source_image_id", im["id"]), seed, 0.5)
+    for part_root, part in zip(roots, (teacher, students)):
+        os.makedirs(part_root, exist_ok=True)
+        link = os.path.join(part_root, "images")
+        if not os.path.islink(link):
+            os.symlink(os.path.abspath(os.path.join(root, "images")), link)
+        _write_splits(part_root, part, val)
+    return roots
+
+
 def dataset_root(dataset: str, args, base) -> str:
     if dataset == "synth":
         return ensure_synthetic(os.path.join(args.workdir, "synth-data"), args.synth_images, seed=0,
@@ -140,7 +168,7 @@ def dataset_root(dataset: str, args, base) -> str:
     return visdrone_dataset(os.path.join(args.workdir, "visdrone-data-patches4"))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -159,8 +187,16 @@ def main() -> None:
     ap.add_argument("--teacher-model", help="a finished teacher's model.pt to distil from instead of training one "
                     "(one dataset; e.g. another workdir's, to vary the student's stages against the same teacher)")
     ap.add_argument("--warm-model", help="a finished warm student's model.pt to start every variant from")
+    ap.add_argument("--holdout-teacher", action="store_true",
+                    help="the teacher trains on half of the training images (split by source image), the warm-up "
+                         "and every distillation on the other half: the teacher is read only on images it never saw")
     ap.add_argument("--merge-headline", action="store_true",
                     help="keep the variants an earlier run wrote to the headline file (same protocol and size)")
+    return ap
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     if (args.teacher_model or args.warm_model) and len(args.datasets) > 1:
         ap.error("--teacher-model / --warm-model belong to one dataset: pass one --datasets")
@@ -171,62 +207,82 @@ def main() -> None:
     summary: dict = {}
     started = time.time()
     for dataset in args.datasets:
-        base = load_config(preset=args.preset, overrides=args.overrides)
-        root = dataset_root(dataset, args, base)
-        # A run of plain students only (an assignment or loss study) trains no teacher.
-        needs_teacher = any(variant_config(base, v).distill.method != "none" for v in args.variants)
-        # A given teacher is evaluated (and reported) even when no variant reads it.
-        has_teacher = needs_teacher or bool(args.teacher_model)
-        runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * has_teacher + ["warm", *args.variants]}
-        for seed in args.seeds:
-            cfg = replace(base, data={"root": root}, train={"seed": seed})
-            work = os.path.join(args.workdir, dataset, f"seed{seed}")
-            first = os.path.join(args.workdir, dataset, f"seed{args.seeds[0]}")
-            stages_dir = first if args.shared_teacher else work
-            models = {}
-            for stage, name, given in (("teacher", "teacher", args.teacher_model), ("warmup", "warm", args.warm_model)):
-                if given or (name == "teacher" and not needs_teacher):
-                    models[name] = given or ""
-                    continue
-                stage_cfg = replace(cfg, train={"seed": args.seeds[0]}) if args.shared_teacher else cfg
-                run_stage(StageRequest(stage, stage_cfg.to_dict(), root, os.path.join(stages_dir, stage)))
-                models[name] = os.path.join(stages_dir, stage, "model.pt")
-            for variant in args.variants:
-                vcfg = variant_config(cfg, variant)
-                out = os.path.join(work, f"distill-{variant}")
-                run_stage(StageRequest("distill", vcfg.to_dict(), root, out, teacher=models["teacher"],
-                                       student_init=models["warm"]))
-                models[variant] = os.path.join(out, "model.pt")
-            for result in evaluate_models(models, root, replace(cfg, eval={"score_threshold": 0.001})):
-                runs[result.name].append({**result.metrics, "params": result.parameters,
-                                          "images_per_s": result.images_per_s})
-            print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
-            # After every seed: a run cut short still leaves its finished seeds.
-            write_headline(args, runs, time.time() - started, dataset)
-        rows = []
-        for name, values in runs.items():
-            row = {"model": name, "seeds": len(values), "params": values[0]["params"]}
-            for k in KEYS:
-                xs = [100 * v[k] for v in values if v[k] >= 0]
-                row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}" if xs else "-"
-                row[f"{k}_mean"] = statistics.mean(xs) if xs else None
-            rows.append(row)
-        summary[dataset] = {"rows": rows, "runs": runs}
-        protocol = _protocol(args)
-        summary[dataset]["protocol"] = protocol
-        print(f"\n{dataset} ({args.preset} preset, seeds {args.seeds}, {protocol}); metrics in %, mean ± std")
-        print(table(rows, ["model", *KEYS, "params"]))
-        verdict = _verdict(rows, runs)
-        summary[dataset]["verdict"] = verdict
-        print(verdict)
-        # Our departures from the paper's setting, judged by the same rule (never in the paper's place).
-        others = [v for v in args.variants if v not in ("plain", "fitnet", "od", "scalekd")]
-        summary[dataset]["other_verdicts"] = {v: _verdict(rows, runs, v) for v in others}
-        for line in summary[dataset]["other_verdicts"].values():
-            print(line)
+        runs = run_dataset(args, dataset, started)
+        summary[dataset] = report(args, dataset, runs)
     path = write_json(args.out, {"args": vars(args), "wall_s": time.time() - started, **summary})
     _chart(summary, os.path.join(RESULTS, args.out.replace(".json", "_ap_s.png")))
     print(f"wrote {path}")
+
+
+def run_dataset(args, dataset: str, started: float) -> dict[str, list[dict]]:
+    """Every seed's stages on one dataset, evaluated; per model name, its metrics per seed."""
+    base = load_config(preset=args.preset, overrides=args.overrides)
+    root = dataset_root(dataset, args, base)
+    teacher_root = root
+    if args.holdout_teacher:
+        teacher_root, root = holdout_roots(root)
+    # A run of plain students only (an assignment or loss study) trains no teacher.
+    needs_teacher = any(variant_config(base, v).distill.method != "none" for v in args.variants)
+    # A given teacher is evaluated (and reported) even when no variant reads it.
+    has_teacher = needs_teacher or bool(args.teacher_model)
+    runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * has_teacher + ["warm", *args.variants]}
+    for seed in args.seeds:
+        cfg = replace(base, data={"root": root}, train={"seed": seed})
+        models = _start_models(args, cfg, dataset, teacher_root, needs_teacher)
+        work = os.path.join(args.workdir, dataset, f"seed{seed}")
+        for variant in args.variants:
+            out = os.path.join(work, f"distill-{variant}")
+            run_stage(StageRequest("distill", variant_config(cfg, variant).to_dict(), root, out,
+                                   teacher=models["teacher"], student_init=models["warm"]))
+            models[variant] = os.path.join(out, "model.pt")
+        for result in evaluate_models(models, root, replace(cfg, eval={"score_threshold": 0.001})):
+            runs[result.name].append({**result.metrics, "params": result.parameters,
+                                      "images_per_s": result.images_per_s})
+        print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
+        # After every seed: a run cut short still leaves its finished seeds.
+        write_headline(args, runs, time.time() - started, dataset)
+    return runs
+
+
+def _start_models(args, cfg, dataset: str, teacher_root: str, needs_teacher: bool) -> dict[str, str]:
+    """The teacher's and the warm student's model files for cfg's seed: given, or trained (in the first seed's
+    folder with ``--shared-teacher``); the teacher on ``teacher_root``, the warm-up on cfg's data."""
+    seed = cfg.train.seed
+    stages_dir = os.path.join(args.workdir, dataset, f"seed{args.seeds[0] if args.shared_teacher else seed}")
+    models = {}
+    for stage, name, given in (("teacher", "teacher", args.teacher_model), ("warmup", "warm", args.warm_model)):
+        if given or (name == "teacher" and not needs_teacher):
+            models[name] = given or ""
+            continue
+        stage_root = teacher_root if stage == "teacher" else cfg.data.root
+        stage_cfg = replace(cfg, data={"root": stage_root},
+                            train={"seed": args.seeds[0] if args.shared_teacher else seed})
+        run_stage(StageRequest(stage, stage_cfg.to_dict(), stage_root, os.path.join(stages_dir, stage)))
+        models[name] = os.path.join(stages_dir, stage, "model.pt")
+    return models
+
+
+def report(args, dataset: str, runs: dict[str, list[dict]]) -> dict:
+    """Prints the table and the verdicts of one dataset; returns them with the runs."""
+    rows = []
+    for name, values in runs.items():
+        row = {"model": name, "seeds": len(values), "params": values[0]["params"]}
+        for k in KEYS:
+            xs = [100 * v[k] for v in values if v[k] >= 0]
+            row[k] = f"{statistics.mean(xs):.2f} ± {statistics.pstdev(xs):.2f}" if xs else "-"
+            row[f"{k}_mean"] = statistics.mean(xs) if xs else None
+        rows.append(row)
+    protocol = _protocol(args)
+    print(f"\n{dataset} ({args.preset} preset, seeds {args.seeds}, {protocol}); metrics in %, mean ± std")
+    print(table(rows, ["model", *KEYS, "params"]))
+    verdict = _verdict(rows, runs)
+    print(verdict)
+    # Our departures from the paper's setting, judged by the same rule (never in the paper's place).
+    others = [v for v in args.variants if v not in ("plain", "fitnet", "od", "scalekd")]
+    other_verdicts = {v: _verdict(rows, runs, v) for v in others}
+    for line in other_verdicts.values():
+        print(line)
+    return {"rows": rows, "runs": runs, "protocol": protocol, "verdict": verdict, "other_verdicts": other_verdicts}
 
 
 def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: str = "synth") -> str:
@@ -260,6 +316,12 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
 
 def _protocol(args) -> str:
     """What the seeds vary: a teacher and warm student given by file (or shared) leave only the distillation."""
+    if getattr(args, "holdout_teacher", False):
+        return "teacher on a held-out half of the training images, " + _seeds_vary(args)
+    return _seeds_vary(args)
+
+
+def _seeds_vary(args) -> str:
     if args.teacher_model and args.warm_model:
         return "teacher and warm student given, seeds vary distillation"
     if args.shared_teacher:

@@ -20,7 +20,7 @@ import yaml
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
-METHODS = ("scalekd", "fitnet", "od", "pkd", "none")
+METHODS = ("scalekd", "fitnet", "od", "pkd", "crosskd", "none")
 PAIRINGS = ("scale_aligned", "same_level")
 ASSIGNERS = ("max_iou", "atss")  # RetinaNet's anchor assignment (scalekd.models.parts.DetectorParts.match)
 BOX_LOSSES = ("l1", "giou")  # RetinaNet's box regression loss (torchvision's _box_loss)
@@ -120,7 +120,7 @@ class CSAConfig:
     # Pooling rates on the teacher's paired map, one per head group. With distill.pairing=scale_aligned that map
     # is on the student's grid (rate 1 = the student's cells); with same_level it is 2x finer (the paper: 2, 4).
     rates: tuple[int, ...] = (1, 2)
-    lr: float = 3e-4
+    lr: float = 3e-4  # 0: the attention frozen (with head_lr null or 0 the whole assistant: no optimizer, no backward)
     # Not in the paper: the learning rate of the assistant's own head (head=own); None: lr, 0: frozen, so an
     # assistant that starts as the teacher can change the teacher's predictions only through the attention.
     head_lr: float | None = None
@@ -157,6 +157,16 @@ class CSAConfig:
 
 
 @dataclass(frozen=True)
+class CrossKDConfig:
+    """CrossKD (Wang et al., CVPR 2024), a baseline (``distill.method=crosskd``; scalekd/distill/crosskd.py)."""
+
+    # The head conv (of torchvision's 4 per branch) whose pre-activation features cross into the teacher's head:
+    # CrossKD's reused_teacher_head_idx, 3 in its RetinaNet and FCOS configs.
+    head_index: int = 3
+    focal_beta: float = 1.0  # the beta of its quality focal loss (KDQualityFocalLoss)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     # "aligned" (our defaults, below) or "paper": the paper's literal reading, applied by load_config beneath the
     # fields a user sets (PAPER_RECIPE). Recorded in the config so a run says which one it started from.
@@ -175,6 +185,7 @@ class DistillConfig:
     bbox_loss: str = "bounded"  # "bounded" | "l2" | "smooth_l1"
     sdf: SDFConfig = field(default_factory=SDFConfig)
     csa: CSAConfig = field(default_factory=CSAConfig)
+    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
 
 
 @dataclass(frozen=True)
@@ -267,11 +278,25 @@ class Config:
         wanted = c.starts_as == "teacher" or (c.starts_as == "auto" and self.teacher_start_possible)
         return wanted and c.keys_from == "teacher"
 
+    @property
+    def assistant_head_lr(self) -> float:
+        """The rate of the assistant's own head (``csa.head=own``): ``csa.head_lr``, or ``csa.lr`` when null."""
+        c = self.distill.csa
+        return c.lr if c.head_lr is None else c.head_lr
+
+    @property
+    def assistant_trains(self) -> bool:
+        """Something in the assistant has a rate above 0: the attention, or its own head."""
+        c = self.distill.csa
+        return c.lr > 0 or (c.head == "own" and self.assistant_head_lr > 0)
+
     def loss_weights(self) -> tuple[float, float, float]:
         """(alpha, beta, gamma), the paper's defaults filled in for the detector family (PKD: its own alpha)."""
         defaults = PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"]
         if self.distill.method == "pkd":
             defaults = (PKD_WEIGHT, *defaults[1:])
+        if self.distill.method == "crosskd":
+            defaults = (defaults[0], *CROSSKD_WEIGHTS)
         given = (self.distill.alpha, self.distill.beta, self.distill.gamma)
         return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
@@ -290,6 +315,8 @@ PAPER_RECIPE: dict = {
 }
 # PKD's loss weight per FPN level when distill.alpha is not given (mmrazor's RetinaNet/FCOS configs use ~10).
 PKD_WEIGHT = 10.0
+# CrossKD's (beta, gamma) when not given: its configs weigh the classification and the GIoU term 1.0 each.
+CROSSKD_WEIGHTS = (1.0, 1.0)
 
 
 # Presets: overrides on the defaults, sized from the CPU costs in ../shared/notes/ENVIRONMENT.md.
@@ -542,7 +569,7 @@ def validate(cfg: Config) -> None:
            f"a positive multiple of the number of rates ({len(c.rates)})")
     _check(m.fpn_channels % c.heads == 0, "distill.csa.heads", c.heads,
            f"must divide model.fpn_channels ({m.fpn_channels})")
-    _check(c.lr > 0, "distill.csa.lr", c.lr, "> 0")
+    _check(c.lr >= 0, "distill.csa.lr", c.lr, ">= 0 (0: the attention frozen)")
     _check(c.head_lr is None or c.head_lr >= 0, "distill.csa.head_lr", c.head_lr,
            ">= 0 (0: the assistant's own head frozen), or null for distill.csa.lr")
     _check(c.weight_decay >= 0, "distill.csa.weight_decay", c.weight_decay, ">= 0")
@@ -559,6 +586,16 @@ def validate(cfg: Config) -> None:
            "distill.csa.teacher_anchor", c.teacher_anchor,
            "0 unless distill.csa.keys_from=teacher, distill.pairing=scale_aligned, a one-stage detector, "
            "distill.csa.head=own and data.teacher_scale=2 (the teacher's own predictions on the student's anchors)")
+    _check(k.method != "crosskd" or cfg.one_stage, "distill.method", k.method,
+           "crosskd on a one-stage detector (model.detector=retinanet or fcos): it runs the teacher's dense head")
+    _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
+           "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
+    _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
+    frozen = k.method == "scalekd" and c.enabled and not cfg.assistant_trains
+    _check(not (frozen and c.warmup_iterations), "distill.csa.warmup_iterations", c.warmup_iterations,
+           "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): nothing to warm up")
+    _check(not (frozen and c.teacher_anchor), "distill.csa.teacher_anchor", c.teacher_anchor,
+           "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): the term steps nothing")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):

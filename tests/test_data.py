@@ -496,3 +496,31 @@ def test_yolo_conversion_into_tiles_and_bad_tile_requests_are_refused_losing_not
         assert main([*base, *bad, "--out", str(tmp_path / "bad.json")]) == 2
         assert words in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
     assert sorted(os.listdir(src)) == ["strip.png", "strip.txt"] and not (tmp_path / "small").exists()
+
+
+def test_holdout_split_gives_the_teacher_and_the_students_disjoint_source_images(tmp_path):
+    """benchmarks/quality.py --holdout-teacher: no source image (all its tiles) in both halves, val unchanged."""
+    from benchmarks.quality import holdout_roots
+
+    root = tmp_path / "kit"
+    (root / "images").mkdir(parents=True)
+    images = [{"id": i + 1, "file_name": f"s{i // 3}_t{i % 3}.png", "width": 8, "height": 8,
+               "source_image_id": i // 3} for i in range(12)]  # 4 source images, 3 tiles each
+    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9, "iscrowd": 0}
+                   for i in range(12)]
+    (root / "annotations").mkdir()
+    _write_coco(root / "annotations", images, annotations, name="instances_train.json")
+    _write_coco(root / "annotations", images[:2], annotations[:2], name="instances_val.json")
+    teacher, students = holdout_roots(str(root))
+    halves = [json.loads((Path(r) / "annotations" / "instances_train.json").read_text()) for r in (teacher, students)]
+    sources = [{im["source_image_id"] for im in half["images"]} for half in halves]
+    assert len(sources[0]) == len(sources[1]) == 2 and not sources[0] & sources[1]
+    assert sorted(im["id"] for half in halves for im in half["images"]) == list(range(1, 13))
+    for half in halves:
+        ids = {im["id"] for im in half["images"]}
+        assert {a["image_id"] for a in half["annotations"]} == ids
+    for r in (teacher, students):
+        assert (Path(r) / "annotations" / "instances_val.json").read_text() == \
+            (root / "annotations" / "instances_val.json").read_text()
+        assert os.path.samefile(Path(r) / "images", root / "images")
+    assert holdout_roots(str(root)) == (teacher, students)  # a second call reuses the split

@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 import torch
 
 from scalekd.distill import losses as L
@@ -54,3 +56,26 @@ def test_mimic_and_centerness_losses():
     assert L.mimic_regression_loss(s, s, "smooth_l1").item() == 0.0
     x = torch.tensor([0.3, -2.0])
     assert L.centerness_loss(x, x).item() < L.centerness_loss(-x, x).item()
+
+
+def test_quality_focal_kd_loss_by_hand_and_zero_where_scores_agree():
+    logits = torch.tensor([[[0.3, -1.0], [2.0, 0.5]]])
+    weight = torch.ones(1, 2)
+    assert L.quality_focal_kd_loss(logits, logits.clone(), weight, torch.tensor(1.0)).item() == pytest.approx(0.0)
+    student, target = torch.tensor([[[0.0]]]), torch.tensor([[[math.log(3.0)]]])  # sigmoid: 0.5 and 0.75
+    by_hand = -(0.75 * math.log(0.5) + 0.25 * math.log(0.5)) * abs(0.5 - 0.75)
+    got = L.quality_focal_kd_loss(student, target, torch.ones(1, 1), torch.tensor(0.0))  # normaliser floored at 1
+    assert got.item() == pytest.approx(by_hand, rel=1e-5)
+    ignored = L.quality_focal_kd_loss(student, target, torch.zeros(1, 1), torch.tensor(1.0))
+    assert ignored.item() == 0.0
+    halved = L.quality_focal_kd_loss(student, target, torch.ones(1, 1), torch.tensor(2.0))
+    assert halved.item() == pytest.approx(by_hand / 2, rel=1e-5)
+
+
+def test_weighted_giou_loss_is_zero_for_the_same_boxes_and_weighs_each_box():
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 5.0]])
+    assert L.weighted_giou_loss(boxes, boxes.clone(), torch.ones(2), torch.tensor(1.0)).item() == pytest.approx(0.0)
+    shifted = boxes + torch.tensor([2.0, 0.0, 2.0, 0.0])  # first box: touching, IoU 0, hull 4x2: GIoU 0 -> loss 1
+    weight = torch.tensor([0.5, 0.0])
+    got = L.weighted_giou_loss(shifted, boxes, weight, torch.tensor(1.0))
+    assert got.item() == pytest.approx(0.5, rel=1e-5)

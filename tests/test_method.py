@@ -156,14 +156,14 @@ def test_baselines_and_ablations_run_through_the_same_step(tiny_cfg):
         "no_sdf": {"sdf": {"enabled": False}}, "no_csa": {"csa": {"enabled": False}},
         "plain_attention": {"csa": {"attention": "plain"}}, "separate_sdf": {"sdf": {"weight_sharing": False}},
         "frozen_teacher_sdf": {"sdf": {"teacher_sdf": "frozen"}}, "reuse": {"csa": {"recompute": False}},
-        "l2_bbox": {"bbox_loss": "l2"},
+        "l2_bbox": {"bbox_loss": "l2"}, "crosskd": {"method": "crosskd"},
     }
     for name, overrides in variants.items():
         cfg = replace(tiny_cfg, distill=overrides)
         distiller, opt = distiller_with_optimizers(cfg)
         logs = distiller.train_step(batch, opt)
         assert torch.isfinite(logs["loss/total"]), name
-        has_feat = name not in ("none", "od", "no_sdf")
+        has_feat = name not in ("none", "od", "no_sdf", "crosskd")
         assert ("kd/feat" in logs) == has_feat, name
         assert ("kd/cls" in logs) == (name not in ("none", "fitnet", "no_csa")), name
 
@@ -254,6 +254,27 @@ def test_a_frozen_assistant_head_stays_the_teachers_and_only_the_attention_train
         list(same.csa.parameters())) + len(list(same.assistant_head.parameters()))
     with pytest.raises(ConfigError, match="distill.csa.head_lr"):
         replace(cfg, distill={"csa": {"head_lr": -1e-4}})
+
+
+def test_a_frozen_assistant_has_no_optimizer_builds_no_graph_and_stays_the_teachers(tiny_cfg):
+    cfg = replace(tiny_cfg, distill={"csa": {"starts_as": "teacher", "lr": 0.0, "warmup_iterations": 0}})
+    distiller, opt = distiller_with_optimizers(cfg)
+    assert not distiller.assistant_trains and distiller.assistant_param_groups() == [] and opt.assistant is None
+    assert not any(p.requires_grad for p in distiller.csa.parameters())
+    assert not any(p.requires_grad for p in distiller.assistant_head.parameters())
+    before_student, before_csa = snapshot(distiller.student), snapshot(distiller.csa)
+    before_head = snapshot(distiller.assistant_head)
+    logs = distiller.train_step(tiny_batch(cfg), opt)
+    assert any(k.startswith("assistant/") for k in logs)  # its loss is still reported
+    assert not changed(before_csa, distiller.csa) and not changed(before_head, distiller.assistant_head)
+    assert changed(before_student, distiller.student)
+    # Only the head training is an assistant that trains; a frozen one has nothing to warm up or anchor.
+    assert replace(cfg, distill={"csa": {"head_lr": 1e-4, "warmup_iterations": 5}}).assistant_trains
+    for bad in ({"warmup_iterations": 5}, {"teacher_anchor": 1.0}):
+        with pytest.raises(ConfigError, match="nothing in the assistant trains"):
+            replace(cfg, distill={"csa": bad})
+    with pytest.raises(ConfigError, match="distill.csa.lr"):
+        replace(cfg, distill={"csa": {"lr": -1e-4}})
 
 
 @pytest.mark.parametrize("detector", ("retinanet", "fcos"))
@@ -373,3 +394,63 @@ def test_the_no_teacher_control_of_a_teacher_start_starts_as_the_student(tiny_cf
     assert all(torch.equal(a, s) for a, s in zip(maps, student_maps))
     head = distiller.student_parts.prediction_head().state_dict()
     assert all(torch.equal(v, head[k]) for k, v in distiller.assistant_head.state_dict().items())
+
+
+def _heads_and_maps(cfg, seed=0):
+    torch.manual_seed(seed)
+    student, teacher = build_pair(cfg)
+    maps = [torch.randn(2, cfg.model.fpn_channels, size, size) for size in (8, 4, 2)]
+    return student.head, teacher.head.eval(), maps
+
+
+@pytest.mark.parametrize("detector", ("retinanet", "fcos"))
+@pytest.mark.parametrize("index", (0, 3, 4))
+def test_crosskd_through_the_teachers_own_head_and_maps_gives_the_teachers_predictions(tiny_cfg, detector, index):
+    from scalekd.distill.crosskd import cross_head_predictions
+
+    cfg = replace(tiny_cfg, model={"detector": detector})
+    _, teacher_head, maps = _heads_and_maps(cfg)
+    cross, own = cross_head_predictions(teacher_head, teacher_head, maps, maps, index)
+    with torch.no_grad():
+        reference = teacher_head(maps)  # torchvision's own forward and layout
+    assert set(cross) == set(own) == set(reference)
+    for key in reference:
+        assert torch.allclose(own[key], reference[key], atol=1e-6), key
+        assert torch.allclose(cross[key], reference[key], atol=1e-4), key  # align_scale is the identity here
+
+
+def test_crosskd_gradients_reach_the_students_lower_head_only_through_the_frozen_teacher(tiny_cfg):
+    from scalekd.distill.crosskd import cross_head_predictions
+
+    student_head, teacher_head, maps = _heads_and_maps(tiny_cfg)
+    teacher_head.requires_grad_(False)
+    student_maps = [m.clone().requires_grad_(True) for m in maps]
+    teacher_maps = [torch.randn_like(m) for m in maps]
+    cross, own = cross_head_predictions(student_head, teacher_head, student_maps, teacher_maps, 3)
+    assert not own["cls_logits"].requires_grad
+    (cross["cls_logits"].sum() + cross["bbox_regression"].sum()).backward()
+    from scalekd.distill.crosskd import conv_blocks
+
+    convs = [block[0] for block in conv_blocks(student_head.classification_head.conv)]
+    assert len(convs) == 4 and all(c.weight.grad is not None for c in convs[:3])
+    assert convs[3].weight.grad is None  # above the crossing the student's own head is not on this path
+    assert student_head.classification_head.cls_logits.weight.grad is None
+    assert all(m.grad is not None for m in student_maps)
+    assert all(p.grad is None for p in teacher_head.parameters())
+
+
+def test_crosskd_needs_a_dense_head_and_a_conv_of_the_head(tiny_cfg):
+    with pytest.raises(ConfigError, match="one-stage"):
+        replace(tiny_cfg, model={"detector": "faster_rcnn"}, distill={"method": "crosskd"})
+    for index in (-1, 5):
+        with pytest.raises(ConfigError, match="head_index"):
+            replace(tiny_cfg, distill={"method": "crosskd", "crosskd": {"head_index": index}})
+    cfg = replace(tiny_cfg, distill={"method": "crosskd"})
+    assert cfg.loss_weights()[1:] == (1.0, 1.0)  # CrossKD's own weights unless beta/gamma are given
+
+
+def test_crosskd_alignment_of_a_one_cell_map_of_one_image_is_finite():
+    from scalekd.distill.crosskd import align_scale
+
+    out = align_scale(torch.randn(1, 8, 1, 1), torch.randn(1, 8, 1, 1))
+    assert torch.isfinite(out).all()

@@ -281,6 +281,16 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
     del before_box_loss["model"]["box_loss"]
     assert key(before_box_loss) == key(tiny_cfg.to_dict())
     assert key(replace(tiny_cfg, model={"box_loss": "giou"}).to_dict()) != key(tiny_cfg.to_dict())
+    # CrossKD's section, added later, is read by CrossKD alone: a ScaleKD stage keys as if it were absent.
+    def distill_key(config: dict) -> str:
+        return inputs_key(StageRequest("distill", config, tiny_cfg.data.root, "unused"))
+
+    before_crosskd = tiny_cfg.to_dict()
+    del before_crosskd["distill"]["crosskd"]
+    assert distill_key(before_crosskd) == distill_key(tiny_cfg.to_dict())
+    crosskd = replace(tiny_cfg, distill={"method": "crosskd"})
+    assert distill_key(crosskd.to_dict()) != distill_key(
+        replace(crosskd, distill={"crosskd": {"head_index": 2}}).to_dict())
 
 
 def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):

@@ -20,6 +20,7 @@ from scalekd.config import Config
 from scalekd.data.transforms import DualBatch
 from scalekd.distill import losses as L
 from scalekd.distill.baselines import FitNetHint
+from scalekd.distill.crosskd import cross_head_predictions
 from scalekd.distill.csa import CrossScaleAssistant
 from scalekd.distill.pairing import pair_teacher_maps, resize_like
 from scalekd.distill.sdf import ScaleDecoupledFeatures
@@ -131,6 +132,7 @@ class Distiller(nn.Module):
         # Read once here, not on every assistant pass (config.Config.assistant_starts_as_teacher).
         self.starts_as_teacher = cfg.assistant_starts_as_teacher
         self.teacher_anchor = cfg.distill.csa.teacher_anchor
+        self.assistant_trains = cfg.assistant_trains
         if self.method == "scalekd" and k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
                                            k.csa.positional, k.csa.locality, k.csa.zero_init_output)
@@ -141,7 +143,8 @@ class Distiller(nn.Module):
                 # head to learn to read them.
                 source = self.teacher_parts if self.starts_as_teacher else self.student_parts
                 self.assistant_head = copy.deepcopy(source.prediction_head())
-                self.assistant_head.requires_grad_(k.csa.head_lr != 0)
+                self.assistant_head.requires_grad_(cfg.assistant_head_lr != 0)
+            self.csa.requires_grad_(k.csa.lr != 0)
         if self.method == "fitnet":
             self.fitnet = FitNetHint(cfg.model.fpn_channels)
 
@@ -184,15 +187,15 @@ class Distiller(nn.Module):
     def assistant_param_groups(self) -> list[dict]:
         """The assistant optimizer's groups: the CSA at ``csa.lr`` with its own head where that trains at the same
         rate (one group, the layout of checkpoints saved before ``csa.head_lr`` existed), else the head in a
-        group of its own at ``csa.head_lr``, or left out when that is 0 (frozen)."""
+        group of its own at ``csa.head_lr``; a part whose rate is 0 is frozen and left out (none: no optimizer)."""
         c = self.cfg.distill.csa
-        groups = [{"params": list(self.csa.parameters())}] if self.csa is not None else []
-        if self.assistant_head is None or c.head_lr == 0 or not groups:
-            return groups
-        head = list(self.assistant_head.parameters())
+        if self.csa is None:
+            return []
+        head = list(self.assistant_head.parameters()) if self.assistant_head is not None else []
         if c.head_lr is None:
-            groups[0]["params"] += head
-        else:
+            return [{"params": list(self.csa.parameters()) + head}] if c.lr > 0 else []
+        groups = [{"params": list(self.csa.parameters())}] if c.lr > 0 else []
+        if head and c.head_lr > 0:
             groups.append({"params": head, "lr": c.head_lr})
         return groups
 
@@ -233,6 +236,8 @@ class Distiller(nn.Module):
             with phase("losses"):
                 if target_preds is not None:
                     terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
+                if self.method == "crosskd":
+                    terms.update(self._crosskd_losses(student_out, teacher_maps))
         weights = {"kd/feat": self.alpha, **self.output_weights}
         check_finite(terms)
         with phase("student_backward_step"):
@@ -280,7 +285,7 @@ class Distiller(nn.Module):
     def _teacher_features(self, batch: DualBatch):
         if self.method == "none":
             return None, None
-        if self.method == "od" and self.cfg.distill.pairing == "same_level":
+        if self.method in ("od", "crosskd") and self.cfg.distill.pairing == "same_level":
             # Chen et al.'s "OD" compares outputs anchor by anchor: the teacher sees the student's size.
             with torch.no_grad():
                 return self.teacher_parts.teacher_features(batch.student_images, keep_size=True)
@@ -289,10 +294,11 @@ class Distiller(nn.Module):
     def _assistant_step(self, student_out: Forward, teacher_maps: list[Tensor], opt: Optimizers, amp,
                         phase: PhaseTimer):
         """CSA features -> the student's head (or its own copy) -> the detector's loss on ground truth -> Adam on
-        the assistant's parameters only."""
+        the assistant's parameters only. A frozen assistant (``Config.assistant_trains``) skips the update and
+        builds no graph; its loss is still logged."""
         parts, ctx = self.student_parts, student_out.context
         student_maps = [m.detach() for m in student_out.fpn]
-        with amp:
+        with amp, torch.set_grad_enabled(self.assistant_trains and torch.is_grad_enabled()):
             with phase("csa_attention"):
                 assistant_maps = self.assistant_maps(student_maps, teacher_maps)
             with phase("assistant_head"):
@@ -304,15 +310,16 @@ class Distiller(nn.Module):
                     assistant_losses.update(self._teacher_anchor_losses(preds, student_out, teacher_maps))
                 weights = {name: self.teacher_anchor * w for name, w in self.output_weights.items()}
         check_finite({f"assistant/{k}": v for k, v in assistant_losses.items()})
-        with phase("assistant_backward_step"):
-            assistant_total = sum(weights.get(k, 1.0) * v.float() for k, v in assistant_losses.items())
-            csa_params = self.assistant_parameters()
-            opt.assistant.zero_grad(set_to_none=True)
-            # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
-            assistant_total.backward(inputs=csa_params)
-            opt.sync(csa_params)
-            torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
-            opt.assistant.step()
+        if self.assistant_trains:
+            with phase("assistant_backward_step"):
+                assistant_total = sum(weights.get(k, 1.0) * v.float() for k, v in assistant_losses.items())
+                csa_params = self.assistant_parameters()
+                opt.assistant.zero_grad(set_to_none=True)
+                # inputs= keeps gradients off the student's head, which a shared-head assistant must not step.
+                assistant_total.backward(inputs=csa_params)
+                opt.sync(csa_params)
+                torch.nn.utils.clip_grad_norm_(csa_params, opt.grad_clip)
+                opt.assistant.step()
         if self.cfg.distill.csa.recompute:
             with phase("assistant_recompute"), torch.no_grad(), amp:
                 preds = parts.predict(self.assistant_maps(student_maps, teacher_maps), student_out.fpn_names, ctx,
@@ -331,6 +338,24 @@ class Distiller(nn.Module):
         """OD's targets: the teacher's head on its paired maps, read on the student's anchors or proposals (with
         scale-aligned pairing, the 2x teacher's P_{l+1} predictions, which are on the student's own anchors)."""
         return self.teacher_parts.predict(teacher_maps, student_out.fpn_names, student_out.context)
+
+    def _crosskd_losses(self, student_out: Forward, teacher_maps: list[Tensor]) -> dict[str, Tensor]:
+        """CrossKD's terms (scalekd/distill/crosskd.py) on the student's anchors, every one not ignored: kd/cls, its
+        quality focal loss, and kd/bbox, the GIoU of the decoded boxes weighted by the teacher's top class score;
+        each per foreground anchor. The student's own outputs learn from the ground truth alone."""
+        k = self.cfg.distill.crosskd
+        heads = self.student_parts.prediction_head(), self.teacher_parts.prediction_head()
+        cross, target = cross_head_predictions(*heads, student_out.fpn, teacher_maps, k.head_index)
+        ctx = student_out.context
+        matched = torch.stack(ctx.matched_idxs)
+        valid = (matched >= -1).float()  # -2: between the IoU thresholds, ignored by the detector's own loss
+        foreground = (matched >= 0).sum().float()
+        target_logits = target["cls_logits"].float()
+        cls = L.quality_focal_kd_loss(cross["cls_logits"].float(), target_logits, valid, foreground, k.focal_beta)
+        box_weight = target_logits.sigmoid().amax(dim=-1) * valid
+        boxes = [self.student_parts.decode_boxes(p["bbox_regression"].float(), ctx.anchors) for p in (cross, target)]
+        box = L.weighted_giou_loss(boxes[0].reshape(-1, 4), boxes[1].reshape(-1, 4), box_weight.reshape(-1), foreground)
+        return {"kd/cls": cls, "kd/bbox": box}
 
     def _output_losses(self, pred: dict[str, Tensor], ctx, target: dict[str, Tensor]) -> dict[str, Tensor]:
         """The output distillation of ``pred`` (the student's, or the assistant's when anchored) towards

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
 
 
 def standardize_channels(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -106,3 +107,22 @@ def centerness_loss(student_logits: Tensor, target_logits: Tensor) -> Tensor:
     if student_logits.numel() == 0:
         return student_logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(student_logits, torch.sigmoid(target_logits))
+
+
+def quality_focal_kd_loss(student_logits: Tensor, target_logits: Tensor, weight: Tensor, normalizer: Tensor,
+                          beta: float = 1.0) -> Tensor:
+    """CrossKD's classification term (``KDQualityFocalLoss``): per anchor and class, BCE towards sigmoid(target)
+    times |sigmoid(student) - sigmoid(target)|^beta, so it is zero where the two scores agree and anchors the
+    target already calls easy weigh little. [N, A, K] logits, ``weight`` [N, A] (0 for ignored anchors); summed
+    and divided by ``normalizer`` (the foreground anchors, floored at 1; a tensor stays on the device)."""
+    soft = torch.sigmoid(target_logits)
+    focal = (torch.sigmoid(student_logits) - soft).abs().pow(beta)
+    per_anchor = (F.binary_cross_entropy_with_logits(student_logits, soft, reduction="none") * focal).sum(dim=-1)
+    return (per_anchor * weight).sum() / normalizer.clamp(min=1.0)
+
+
+def weighted_giou_loss(student_boxes: Tensor, target_boxes: Tensor, weight: Tensor, normalizer: Tensor) -> Tensor:
+    """CrossKD's box term: 1 - GIoU between decoded (x1, y1, x2, y2) boxes [M, 4], weighted per box (CrossKD: the
+    target's top class score, 0 for ignored anchors), summed and divided by ``normalizer`` (floored at 1)."""
+    per_box = generalized_box_iou_loss(student_boxes, target_boxes, reduction="none")
+    return (per_box * weight).sum() / normalizer.clamp(min=1.0)

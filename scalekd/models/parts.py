@@ -174,7 +174,7 @@ class DetectorParts:
     def dense_regression_targets(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """Foreground mask [N, A] and encoded ground-truth regression targets [N, A, 4]."""
         fg, encoded = [], []
-        coder = self.model.head.regression_head.box_coder if self.kind == "retinanet" else self.model.head.box_coder
+        coder = self._box_coder()
         for anchors_i, targets_i, matched in zip(ctx.anchors, ctx.targets, ctx.matched_idxs):
             boxes = targets_i["boxes"]
             if boxes.numel() == 0:
@@ -187,6 +187,16 @@ class DetectorParts:
             else:
                 encoded.append(coder.encode(anchors_i, gt))
         return torch.stack(fg), torch.stack(encoded)
+
+    def decode_boxes(self, regression: Tensor, anchors: list[Tensor]) -> Tensor:
+        """A dense head's [N, A, 4] regression outputs as (x1, y1, x2, y2) boxes on each image's anchors."""
+        coder = self._box_coder()
+        if self.kind == "retinanet":
+            return torch.stack([coder.decode_single(r, a) for r, a in zip(regression, anchors)])
+        return torch.stack([coder.decode(r, a) for r, a in zip(regression, anchors)])
+
+    def _box_coder(self):
+        return self.model.head.regression_head.box_coder if self.kind == "retinanet" else self.model.head.box_coder
 
 
 def atss_match(gt_boxes: Tensor, anchors: Tensor, cells_per_level: list[int], topk_cells: int = 9,

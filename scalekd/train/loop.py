@@ -185,12 +185,13 @@ _OTHER_STAGES = {
 # Settings (paths into the config) left out of a stage's key when they cannot change its result, so that adding one
 # (with its default) does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS;
 # the box loss at "l1", the assistant's head at the CSA's rate and no teacher anchor are what every stage ran before
-# the fields existed.
+# the fields existed; CrossKD's settings are read by CrossKD alone.
 _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("model", "atss_topk"): lambda config: _setting(config, "model", "assigner") != "atss",
     ("model", "box_loss"): lambda config: _setting(config, "model", "box_loss") in (None, "l1"),
     ("distill", "csa", "head_lr"): lambda config: _setting(config, "distill", "csa", "head_lr") is None,
     ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
+    ("distill", "crosskd"): lambda config: _setting(config, "distill", "method") != "crosskd",
 }
 
 
@@ -305,7 +306,7 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
     scheduler = build_scheduler(student_opt, stage_iterations(cfg, request.stage)[0], cfg.train.lr_warmup_iterations,
                                 cfg.train.lr_steps, cfg.train.lr_gamma)
     assistant_opt = None
-    if distiller is not None and distiller.csa is not None:
+    if distiller is not None and distiller.csa is not None and distiller.assistant_trains:
         assistant_opt = torch.optim.Adam(distiller.assistant_param_groups(), lr=cfg.distill.csa.lr,
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))
