@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalekd.distill.losses import standardize_channels
+
 
 def conv_blocks(branch: nn.Sequential) -> list[list[nn.Module]]:
     """A head branch as its conv blocks, each ending in its activation: torchvision's RetinaNet nests them
@@ -57,10 +59,11 @@ def finish(branch: nn.Sequential, held: Tensor, index: int) -> Tensor:
 def align_scale(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
     """The student's [N, C, H, W] features standardised per channel over N*H*W, then given the teacher's
     per-channel mean and std (CrossKD's ``align_scale``), so the teacher's convs see inputs on their own scale."""
+    # The population std, eps under the root (CrossKD: the sample std plus eps): a one-cell map of a one-image
+    # batch then gives 0, not NaN. The standardisation is PKD's and SDF's (losses.standardize_channels).
     dims = (0, 2, 3)
-    # The population std (CrossKD: the sample std): a one-cell map of a one-image batch then gives 0, not NaN.
-    standard = (student - student.mean(dims, keepdim=True)) / (student.std(dims, correction=0, keepdim=True) + eps)
-    return standard * teacher.std(dims, correction=0, keepdim=True) + teacher.mean(dims, keepdim=True)
+    spread = teacher.var(dims, correction=0, keepdim=True).add(eps).sqrt()
+    return standardize_channels(student, eps) * spread + teacher.mean(dims, keepdim=True)
 
 
 def _flatten(x: Tensor, per_anchor: int) -> Tensor:
