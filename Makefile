@@ -28,8 +28,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/scalekd demo
 
+# Two pytest-xdist workers (CI has 2 cores): much of the suite waits on process start-up (Ray, kfp's runner,
+# the CLI), which the other worker fills; tests that share a module fixture stay on one worker (xdist_group).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks

@@ -70,6 +70,10 @@ class DataConfig:
     teacher_scale: float = 2.0
     max_size_ratio: float = 1.667  # long side cap = ratio x short side (torchvision's 1333/800)
     hflip_prob: float = 0.5
+    # Share of the training images, by source image, that only the teacher trains on; the warm-up and the
+    # distillation train on the rest (scalekd/data/holdout.py: a teacher that learnt the students' images by heart
+    # has little to teach on them). 0, the paper's reading: every stage trains on every image.
+    teacher_holdout: float = 0.0
     loader_workers: int = 0
     cache_dir: str = ""  # local cache for s3:// reads ("" = ~/.cache/scalekd)
 
@@ -523,6 +527,8 @@ def validate(cfg: Config) -> None:
     _check(d.max_size_ratio >= 1.0, "data.max_size_ratio", d.max_size_ratio, ">= 1")
     _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    _check(0.0 <= d.teacher_holdout < 1.0, "data.teacher_holdout", d.teacher_holdout,
+           "a share in [0, 1): 0 for one set of images for all stages, 0.5 for halves (the students need some)")
     _check(bool(d.root), "data.root", d.root, "a local folder or s3://bucket/prefix")
     _check(m.detector in DETECTORS, "model.detector", m.detector, f"one of {DETECTORS}")
     _check(m.student_backbone in BACKBONES, "model.student_backbone", m.student_backbone, f"one of {BACKBONES}")

@@ -13,7 +13,11 @@ S3_KEY, S3_SECRET, S3_BUCKET = "scalekd-test-key", "scalekd-test-secret-value", 
 
 os.environ.setdefault("SCALEKD_NO_PROGRESS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TORCH_NUM_THREADS", "2")
+# `make test` runs two pytest-xdist workers on CI's 2 cores: one intra-op thread each, so the two never fight over
+# a core (OpenMP threads spin); subprocesses (CLI runs, Ray workers, kfp's runner) inherit it. Run alone
+# (`pytest tests`), a process keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,6 +83,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)  # in case torch was imported before OMP_NUM_THREADS was read
     config.addinivalue_line("markers", "heavy_cluster: the multi-node Ray test that loses a node mid-run")
 
 

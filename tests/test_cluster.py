@@ -20,6 +20,10 @@ from scalekd import storage
 from tests.raycluster import LocalRayCluster, free_port
 
 
+# Under pytest-xdist (`make test`): one worker starts the three-node cluster and trains the S3 models once.
+pytestmark = pytest.mark.xdist_group("cluster")
+
+
 def _env(s3: dict, **extra) -> dict:
     env = {**os.environ, "SCALEKD_NO_PROGRESS": "1", "AWS_ENDPOINT_URL": s3["endpoint"],
            "AWS_ACCESS_KEY_ID": s3["key"], "AWS_SECRET_ACCESS_KEY": s3["secret"], "AWS_DEFAULT_REGION": "us-east-1"}

@@ -27,6 +27,10 @@ def test_overrides_and_paper_defaults():
     ("distill.sdf.teacher_sdf=ema", "distill.sdf.teacher_sdf", "shared or frozen"),
     ("train.lr_steps=[0.9,0.5]", "train.lr_steps", "increasing"),
     ("data.teacher_scale=1.3", "data.teacher_scale", "multiple of 32"),
+    ("data.teacher_holdout=1.0", "data.teacher_holdout", "[0, 1)"),
+    ("data.teacher_holdout=-0.5", "data.teacher_holdout", "[0, 1)"),
+    ("data.teacher_holdout=.nan", "data.teacher_holdout", "finite"),
+    ("data.teacher_holdout=half", "data.teacher_holdout", "number"),
     ("distill.csa.starts_as=assistant", "distill.csa.starts_as", "student or teacher"),
     # A teacher start needs the teacher's P_{l+1} head to predict on the student's anchors: each condition alone.
     ("distill.csa.starts_as=teacher distill.csa.head=shared", "distill.csa.starts_as", "head=own"),

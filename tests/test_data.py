@@ -524,3 +524,34 @@ def test_holdout_split_gives_the_teacher_and_the_students_disjoint_source_images
             (root / "annotations" / "instances_val.json").read_text()
         assert os.path.samefile(Path(r) / "images", root / "images")
     assert holdout_roots(str(root)) == (teacher, students)  # a second call reuses the split
+
+
+def test_teacher_holdout_gives_each_stage_its_share_by_source_image(tmp_path):
+    """data.teacher_holdout: the teacher's share and the students' are disjoint by source image, cover every image,
+    keep their annotations and every category; an image keeps its role when images are added."""
+    from scalekd.data.holdout import image_source, stage_images
+
+    root = tmp_path / "tiles"
+    (root / "annotations").mkdir(parents=True)
+    images = [{"id": i + 1, "file_name": f"s{i // 3}_t{i % 3}.png", "width": 8, "height": 8,
+               "source_image_id": f"photo{i // 3}"} for i in range(120)]  # 40 photographs, 3 tiles each
+    images += [{"id": 200 + i, "file_name": f"own{i}.png", "width": 8, "height": 8} for i in range(10)]  # no source
+    annotations = [{"id": im["id"], "image_id": im["id"], "category_id": 1 + im["id"] % 2, "bbox": [1, 1, 3, 3],
+                    "area": 9, "iscrowd": 0} for im in images]
+    _write_coco(root / "annotations", images, annotations, name="instances_train.json")
+    assert stage_images("teacher", 0.0) is None and stage_images("distill", 0) is None
+    shares = {stage: dataset_from_root(str(root), "train", keep=stage_images(stage, 0.5))
+              for stage in ("teacher", "warmup", "distill")}
+    assert [im["id"] for im in shares["warmup"].images] == [im["id"] for im in shares["distill"].images]
+    teacher_ids = {im["id"] for im in shares["teacher"].images}
+    student_ids = {im["id"] for im in shares["distill"].images}
+    assert not teacher_ids & student_ids and teacher_ids | student_ids == {im["id"] for im in images}
+    sources = [{image_source(im) for im in shares[s].images} for s in ("teacher", "distill")]
+    assert not sources[0] & sources[1]  # every tile of a photograph on one side
+    assert 0.3 < len(sources[0]) / 50 < 0.7  # about half of the 50 sources (a fixed hash: the same every run)
+    for dataset in shares.values():
+        assert {a["image_id"] for a in dataset.data["annotations"]} == {im["id"] for im in dataset.images}
+        assert dataset.num_classes == 2 and dataset.counts.objects == len(dataset.images)
+    grown = images + [{"id": 500 + i, "file_name": f"new{i}.png", "width": 8, "height": 8} for i in range(30)]
+    keep = stage_images("teacher", 0.5)
+    assert {im["id"] for im in grown if keep(im)} & {im["id"] for im in images} == teacher_ids

@@ -13,6 +13,10 @@ from scalekd.train.loop import StageRequest, run_stage
 from scalekd.tune import TuneSpace, distill_overrides, results_table, rung_stops, run_tune
 
 
+# Under pytest-xdist (`make test`): one worker trains the module's teacher and warm student once.
+pytestmark = pytest.mark.xdist_group("trained")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synth_root):
     """Teacher and warm student after a few iterations (tiny preset)."""

@@ -247,6 +247,34 @@ def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     assert key("distill", replace(tiny_cfg, distill={"csa": {"teacher_anchor": 0.5}})) != key("distill", tiny_cfg)
 
 
+def test_teacher_holdout_trains_each_stage_on_its_share_and_keys_it(tiny_cfg, tmp_path):
+    """data.teacher_holdout=0.5: the teacher trains on its share, the warm-up on the rest; the setting is an input
+    of every stage (absent keys as 0); a share that leaves a stage no image is a named error, nothing written."""
+    from scalekd.data.coco import DataError, dataset_from_root
+    from scalekd.data.holdout import in_teacher_share
+    from scalekd.train.loop import inputs_key
+
+    held = replace(tiny_cfg, data={"teacher_holdout": 0.5})
+    images = dataset_from_root(tiny_cfg.data.root, "train").images
+    teacher_share = sum(in_teacher_share(im["id"], 0.5) for im in images)
+    assert 0 < teacher_share < len(images)
+    trained = {stage: run_stage(StageRequest(stage, held.to_dict(), tiny_cfg.data.root, str(tmp_path / stage),
+                                             stop_at=1))["train_images"] for stage in ("teacher", "warmup")}
+    assert trained == {"teacher": teacher_share, "warmup": len(images) - teacher_share}
+
+    def key(stage, config):
+        return inputs_key(StageRequest(stage, config, tiny_cfg.data.root, "unused"))
+
+    without = tiny_cfg.to_dict()
+    del without["data"]["teacher_holdout"]
+    for stage in ("teacher", "warmup", "distill"):
+        assert key(stage, without) == key(stage, tiny_cfg.to_dict()) != key(stage, held.to_dict())
+    nearly_all = replace(tiny_cfg, data={"teacher_holdout": 0.999999})
+    with pytest.raises(DataError, match="leaves the warmup stage none of the training images"):
+        run_stage(StageRequest("warmup", nearly_all.to_dict(), tiny_cfg.data.root, str(tmp_path / "none")))
+    assert not os.path.exists(tmp_path / "none" / "model.pt")
+
+
 def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):
     out = str(tmp_path / "teacher")
     run_stage(StageRequest("teacher", tiny_cfg.to_dict(), tiny_cfg.data.root, out, stop_at=2))

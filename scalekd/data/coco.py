@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,11 +64,16 @@ class DatasetCounts:
 class CocoDetection(torch.utils.data.Dataset):
     """Images with targets ``{boxes [n,4] xyxy, labels [n] in 1..K, ignore_boxes [m,4], image_id}``."""
 
-    def __init__(self, annotation_uri: str, images_uri: str, cache: bool = True):
+    def __init__(self, annotation_uri: str, images_uri: str, cache: bool = True,
+                 keep: Callable[[dict], bool] | None = None):
+        """``keep(image entry)`` selects the images to use (``data.teacher_holdout``); the rest and their
+        annotations are left out, categories kept."""
         self.annotation_uri = annotation_uri
         self.images_uri = images_uri.rstrip("/")
         self.cache = cache
         self.data = load_coco_json(annotation_uri)
+        if keep is not None:
+            self.data = _restricted(self.data, keep)
         cats = sorted(c["id"] for c in self.data["categories"])
         self.category_ids = cats  # contiguous label k (1-based) <-> cats[k - 1]
         self.label_of_category = {c: i + 1 for i, c in enumerate(cats)}
@@ -133,6 +139,12 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+def _restricted(data: dict, keep: Callable[[dict], bool]) -> dict:
+    images = [im for im in data["images"] if keep(im)]
+    ids = {im["id"] for im in images}
+    return {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+
+
 def resolve_root(root: str) -> str:
     """``PREFIX/latest`` means the newest (lexicographically last) dataset under PREFIX: scheduled
     retraining points at a prefix that gains a dated folder (``2026-11-24/``...) per data drop."""
@@ -146,8 +158,9 @@ def resolve_root(root: str) -> str:
     return roots[-1]
 
 
-def dataset_from_root(root: str, split: str, cache: bool = True) -> CocoDetection:
+def dataset_from_root(root: str, split: str, cache: bool = True,
+                      keep: Callable[[dict], bool] | None = None) -> CocoDetection:
     """The project's layout: ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/images/``."""
     root = resolve_root(root)
     return CocoDetection(storage.join(root, "annotations", f"instances_{split}.json"),
-                         storage.join(root, "images"), cache=cache)
+                         storage.join(root, "images"), cache=cache, keep=keep)

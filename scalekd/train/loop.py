@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from scalekd import storage
 from scalekd.config import Config, config_from_dict
-from scalekd.data.coco import dataset_from_root
+from scalekd.data.coco import CocoDetection, DataError, dataset_from_root
+from scalekd.data.holdout import stage_images
 from scalekd.data.transforms import DualBatch, DualResolutionCollate
 from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
                                       student_update)
@@ -192,6 +193,7 @@ _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("distill", "csa", "head_lr"): lambda config: _setting(config, "distill", "csa", "head_lr") is None,
     ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
     ("distill", "crosskd"): lambda config: _setting(config, "distill", "method") != "crosskd",
+    ("data", "teacher_holdout"): lambda config: not _setting(config, "data", "teacher_holdout"),
 }
 
 
@@ -378,7 +380,7 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     rank, world = _dist()
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed + rank)
-    dataset = dataset_from_root(request.data, cfg.data.train_split)
+    dataset = training_images(request, cfg)
     stage = build_stage(request, cfg, cfg.model.num_classes or dataset.num_classes, device, world)
     start = resume(stage, request, key, hooks.restore())
     if start and rank == 0:
@@ -400,7 +402,7 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
                "wall_s": round(elapsed, 2), "it_per_s": round((end - start) / max(elapsed, 1e-9), 4),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "device": str(device), "inputs_key": key, "spec": stage.spec.to_dict()}
+               "device": str(device), "train_images": len(dataset), "inputs_key": key, "spec": stage.spec.to_dict()}
     checkpoint(end, last)
     if rank == 0:
         categories = [{"id": c, "name": dataset.category_names[c]} for c in dataset.category_ids]
@@ -411,6 +413,18 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     if world > 1:
         dist.barrier()
     return summary
+
+
+def training_images(request: StageRequest, cfg: Config) -> CocoDetection:
+    """The stage's training set: every training image, or its share of them under ``data.teacher_holdout``."""
+    share = cfg.data.teacher_holdout
+    dataset = dataset_from_root(request.data, cfg.data.train_split, keep=stage_images(request.stage, share))
+    if not len(dataset):  # only a share can empty it: an annotation file without images is refused on loading
+        raise DataError(f"data.teacher_holdout={share} leaves the {request.stage} stage none of the training images "
+                        f"of {request.data} (split by source image): lower it or add images")
+    if share and _dist()[0] == 0:
+        log.info("%s: trains on %d training images (data.teacher_holdout=%s)", request.stage, len(dataset), share)
+    return dataset
 
 
 def _loader(request: StageRequest, cfg: Config, dataset, world: int, rank: int, start: int):
