@@ -62,6 +62,9 @@ VARIANTS = {
     # ran at csa.lr=1e-12 (the README's KIT and synthetic results), which paid for the assistant's backward pass.
     "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
     "assistant_untrained": {"csa": {"lr": 0.0, "warmup_iterations": 0}},
+    # The same without SDF: the student's targets are then OD's exactly (the frozen assistant is the teacher's
+    # scale-aligned predictions), so any gap to `od` is what the ScaleKD path adds or costs beyond SDF.
+    "assistant_untrained_no_sdf": {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0}},
     # Between the two: the assistant trains on the ground truth and is distilled from the teacher's own predictions
     # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
     "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},

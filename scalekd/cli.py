@@ -135,7 +135,10 @@ def cmd_data(args) -> int:
                 print(f"warning: {len(missing)} images missing under {args.images}, e.g. {missing[0]}",
                       file=sys.stderr)
         if args.config or args.preset or args.overrides:
-            result["anchor_coverage"] = stats.coverage_for_config(args.annotations, _load(args))
+            cfg = _load(args)
+            result["anchor_coverage"] = stats.coverage_for_config(args.annotations, cfg)
+            if cfg.data.teacher_holdout:
+                result["teacher_holdout"] = stats.holdout_shares(args.annotations, cfg.data.teacher_holdout)
         print(stats.format_stats(result, args.annotations))  # printed first: a bad --json loses nothing
         if args.json:
             storage.write_json(args.json, result)

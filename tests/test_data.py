@@ -555,3 +555,22 @@ def test_teacher_holdout_gives_each_stage_its_share_by_source_image(tmp_path):
     grown = images + [{"id": 500 + i, "file_name": f"new{i}.png", "width": 8, "height": 8} for i in range(30)]
     keep = stage_images("teacher", 0.5)
     assert {im["id"] for im in grown if keep(im)} & {im["id"] for im in images} == teacher_ids
+
+
+def test_data_stats_shows_what_teacher_holdout_gives_each_role(synth_root, tmp_path, capsys):
+    from scalekd.cli import main
+    from scalekd.data.holdout import in_teacher_share
+
+    ann = f"{synth_root}/annotations/instances_train.json"
+    images = load_coco_json(ann)["images"]
+    teacher = sum(in_teacher_share(im["id"], 0.5) for im in images)
+    out_json = str(tmp_path / "stats.json")
+    args = ["data", "stats", ann, "--preset", "tiny", "--set", "data.teacher_holdout=0.5", "--json", out_json]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"teacher  {teacher} images" in out and f"students {len(images) - teacher} images" in out
+    held = json.loads(open(out_json).read())["teacher_holdout"]
+    assert held["teacher"]["images"] + held["students"]["images"] == len(images)
+    assert held["teacher"]["objects"] + held["students"]["objects"] == stats.dataset_stats(ann)["annotations"]
+    assert main(["data", "stats", ann, "--preset", "tiny"]) == 0
+    assert "teacher_holdout" not in capsys.readouterr().out  # off: not reported

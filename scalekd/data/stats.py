@@ -51,6 +51,24 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
             "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
 
 
+def holdout_shares(annotation_uri: str, fraction: float) -> dict:
+    """What ``data.teacher_holdout`` gives each role of this training file: images, source images, objects."""
+    from scalekd.data.holdout import image_source, stage_images
+
+    data = load_coco_json(annotation_uri)
+    objects: dict = {}
+    for ann in data["annotations"]:
+        if not (ann.get("iscrowd", 0) or ann.get("ignore", 0)):
+            objects[ann["image_id"]] = objects.get(ann["image_id"], 0) + 1
+    shares = {"share": fraction}
+    for role, stage in (("teacher", "teacher"), ("students", "distill")):
+        keep = stage_images(stage, fraction)
+        images = [im for im in data["images"] if keep(im)]
+        shares[role] = {"images": len(images), "sources": len({image_source(im) for im in images}),
+                        "objects": sum(objects.get(im["id"], 0) for im in images)}
+    return shares
+
+
 def format_stats(stats: dict, title: str) -> str:
     lines = [title, f"  images            {stats['images']}", f"  objects           {stats['annotations']}",
              f"  ignore regions    {stats['ignore_regions']}",
@@ -69,4 +87,9 @@ def format_stats(stats: dict, title: str) -> str:
         for role in ("student", "teacher"):
             cells = [f"{band} {v['covered_pct']}% of {v['objects']}" for band, v in cov[role].items() if v["objects"]]
             lines.append(f"    {role:<8} " + "; ".join(cells))
+    if "teacher_holdout" in stats:
+        held = stats["teacher_holdout"]
+        lines.append(f"  data.teacher_holdout {held['share']} (by source image):")
+        lines += [f"    {role:<8} {held[role]['images']} images ({held[role]['sources']} sources, "
+                  f"{held[role]['objects']} objects)" for role in ("teacher", "students")]
     return "\n".join(lines)
