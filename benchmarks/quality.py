@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import RESULTS, table, write_json  # noqa: E402
 from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
 from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
+from scalekd.data.holdout import image_source  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
@@ -152,7 +153,7 @@ def holdout_roots(root: str, seed: int = 0) -> tuple[str, str]:
         train = json.load(f)
     with open(os.path.join(root, "annotations", "instances_val.json")) as f:
         val = json.load(f)
-    students, teacher = _split_by_source(train, lambda im: im.get("source_image_id", im["id"]), seed, 0.5)
+    students, teacher = _split_by_source(train, image_source, seed, 0.5)
     for part_root, part in zip(roots, (teacher, students)):
         os.makedirs(part_root, exist_ok=True)
         link = os.path.join(part_root, "images")

@@ -13,7 +13,7 @@ written by the tiling converters; an image without one is its own source), and b
 shuffle: an image keeps its role when images are added (scheduled retraining on a growing dataset never moves a
 teacher's image into the students' share), whatever the seed. The benchmark's measured runs
 (``benchmarks/quality.py --holdout-teacher``) split by a seeded shuffle instead, into exactly half of the sources;
-the principle, disjoint shares by source, is the same.
+the principle, disjoint shares by source (``image_source``, shared by both), is the same.
 """
 
 from __future__ import annotations
