@@ -121,6 +121,41 @@ def test_a_stage_run_twice_with_one_seed_trains_the_same_weights(tiny_cfg, tmp_p
     assert not all(torch.equal(same[k], weights[2][k]) for k in same)  # the seed does decide something
 
 
+def test_every_variant_of_a_distill_stage_trains_its_student_on_the_same_batches_and_flips(tiny_cfg, tmp_path,
+                                                                                            monkeypatch):
+    """Batches and flips drew from torch's global stream after build_stage had drawn from it for SDF and the
+    assistant, and an assistant warm-up used up batches first: variants of one seed trained on different data, so
+    "paired by seed" paired nothing. The student's i-th batch may depend on the seed alone."""
+    from scalekd.train import loop
+    from scalekd.train.loop import teacher_spec
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    step = loop._step
+
+    def recording(stage, request, batch, iteration, assistant_warmup, autocast):
+        if iteration >= assistant_warmup:  # the student's iterations
+            seen.setdefault(os.path.basename(request.out), []).append(torch.cat([im.flatten() for im in
+                                                                                  batch.student_images]))
+        return step(stage, request, batch, iteration, assistant_warmup, autocast)
+
+    monkeypatch.setattr(loop, "_step", recording)
+    models = {}
+    for role, spec in (("teacher", teacher_spec(tiny_cfg, 4)), ("warm", student_spec(tiny_cfg, 4))):
+        models[role] = ckpt.save_model(build_detector(spec), spec, str(tmp_path / role), [], {})
+    base = replace(tiny_cfg, data={"hflip_prob": 0.5}, train={"distill_iterations": 4, "batch_size": 3})
+    variants = {"plain": {"distill": {"method": "none"}}, "od": {"distill": {"method": "od"}},
+                "scalekd": {"distill": {"csa": {"head": "own", "warmup_iterations": 2}}},
+                "other_seed": {"train": {"seed": base.train.seed + 1}, "distill": {"method": "none"}}}
+    for name, change in variants.items():
+        cfg = replace(base, **change)
+        run_stage(StageRequest("distill", cfg.to_dict(), cfg.data.root, str(tmp_path / name),
+                               teacher=models["teacher"], student_init=models["warm"]))
+    assert all(len(batches) == 4 for batches in seen.values())
+    for name in ("od", "scalekd"):
+        assert all(torch.equal(a, b) for a, b in zip(seen["plain"], seen[name])), name
+    assert not all(torch.equal(a, b) for a, b in zip(seen["plain"], seen["other_seed"]))
+
+
 def test_backbone_frozen_during_the_window_then_trained(tiny_cfg, tmp_path):
     torch.manual_seed(tiny_cfg.train.seed)
     initial = build_detector(student_spec(tiny_cfg, 4))

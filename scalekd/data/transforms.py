@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 
 def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -62,7 +63,12 @@ class DualBatch:
 
 
 class DualResolutionCollate:
-    """Collate function: random flip (train), then resize to the student's and teacher's sizes."""
+    """Collate function: random flip (train), then resize to the student's and teacher's sizes.
+
+    Flips draw from the collate's own generator once ``reseed`` has been called (the training loop does, per
+    epoch), else from torch's global stream. In a DataLoader worker they always draw from the worker's stream,
+    which DataLoader seeds from its own generator: a copy of this generator in every worker would flip every
+    worker's batches alike."""
 
     def __init__(self, student_size: int, teacher_scale: float, max_size_ratio: float,
                  hflip_prob: float = 0.0, with_teacher: bool = True):
@@ -71,13 +77,21 @@ class DualResolutionCollate:
         self.max_size = int(round(student_size * max_size_ratio))
         self.hflip_prob = hflip_prob
         self.with_teacher = with_teacher
+        self._generator: torch.Generator | None = None
+
+    def reseed(self, seed: int) -> None:
+        """Flips from now on come from a generator seeded with ``seed`` alone, whatever else drew from torch's
+        global stream (module initialisation, other variants' extra modules)."""
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _flip(self) -> bool:
+        generator = self._generator if get_worker_info() is None else None
+        return self.hflip_prob > 0 and float(torch.rand((), generator=generator)) < self.hflip_prob
 
     def __call__(self, samples: list[tuple[torch.Tensor, dict]]) -> DualBatch:
         s_imgs, s_tgts, t_imgs, t_tgts = [], [], [], []
         for image, target in samples:
-            # torch's generator, which run_stage seeds from train.seed (and DataLoader seeds per worker): Python's
-            # `random` was never seeded, so flips, and with them every run, differed between runs of one seed.
-            if self.hflip_prob > 0 and float(torch.rand(())) < self.hflip_prob:
+            if self._flip():
                 image, target = hflip(image, target)
             sh, sw = resized_shape(image.shape[1], image.shape[2], self.student_size, self.max_size)
             s_img, s_tgt = resize_sample(image, target, (sh, sw))

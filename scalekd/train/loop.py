@@ -10,6 +10,7 @@ is sharded with a DistributedSampler. Rank 0 writes checkpoints, logs and the mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -151,10 +152,23 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _infinite_batches(loader: DataLoader, sampler: DistributedSampler | None, epoch: int):
+def _data_seed(train_seed: int, rank: int, stream: str, epoch: int, use: str) -> int:
+    """The seed of one rank's batch order or flips (``use``) in one epoch of one stream, from these alone.
+
+    Why: both used to draw from torch's global stream, which ``build_stage`` had already drawn from to initialise
+    SDF and the assistant, so two variants of one seed trained on different batches and flips and a comparison
+    "paired by seed" never paired the data (found on KIT, where it made the OD-vs-ScaleKD gap unreadable)."""
+    digest = hashlib.sha256(f"{train_seed}/{rank}/{stream}/{epoch}/{use}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _infinite_batches(loader: DataLoader, sampler: DistributedSampler | None, collate: DualResolutionCollate,
+                      seed: Callable[[int, str], int], epoch: int):
     while True:
         if sampler is not None:
             sampler.set_epoch(epoch)
+        loader.generator.manual_seed(seed(epoch, "order"))
+        collate.reseed(seed(epoch, "flip"))
         yield from loader
         epoch += 1
 
@@ -235,8 +249,6 @@ def _without(config: dict, path: tuple[str, ...]) -> dict:
 def inputs_key(request: StageRequest) -> str:
     """sha256 over what determines a stage's result: the stage, its config, its training annotations and the
     bytes of the models it starts from. A finished stage is reused only for the same key."""
-    import hashlib
-
     config = stage_inputs_config(request.stage, request.config)
     h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
     cfg = config_from_dict(request.config)
@@ -427,7 +439,15 @@ def training_images(request: StageRequest, cfg: Config) -> CocoDetection:
     return dataset
 
 
-def _loader(request: StageRequest, cfg: Config, dataset, world: int, rank: int, start: int):
+def _loader(request: StageRequest, cfg: Config, dataset, rank_world: tuple[int, int], stream: str, done: int):
+    """Endless batches of one stream, from the epoch that holds its ``done``-th batch.
+
+    A distill stage has two streams: ``assistant`` for the assistant-only warm-up and ``student`` for the
+    student's iterations, so the student's i-th batch is the same whatever warm-up a variant runs before it (and
+    whatever modules it initialised). The other stages have the ``student`` stream alone. With
+    ``data.loader_workers`` > 0 flips come from the workers' streams, seeded by the loader's generator: still
+    the same for every variant, but a resumed run's flips are not an unbroken run's."""
+    rank, world = rank_world
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed) \
         if world > 1 else None
     collate = DualResolutionCollate(cfg.data.student_size if request.stage != "teacher" else cfg.teacher_size,
@@ -435,8 +455,12 @@ def _loader(request: StageRequest, cfg: Config, dataset, world: int, rank: int, 
                                     with_teacher=request.stage == "distill")
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                         collate_fn=collate, num_workers=cfg.data.loader_workers, drop_last=False,
-                        persistent_workers=cfg.data.loader_workers > 0)
-    return _infinite_batches(loader, sampler, epoch=start // max(1, len(loader)))
+                        persistent_workers=cfg.data.loader_workers > 0, generator=torch.Generator())
+
+    def seed(epoch: int, use: str) -> int:
+        return _data_seed(cfg.train.seed, rank, stream, epoch, use)
+
+    return _infinite_batches(loader, sampler, collate, seed, epoch=done // max(1, len(loader)))
 
 
 def _train(stage: _Stage, request: StageRequest, cfg: Config, dataset, device: torch.device,
@@ -446,7 +470,9 @@ def _train(stage: _Stage, request: StageRequest, cfg: Config, dataset, device: t
     returns the last logged values."""
     (rank, world), (start, end) = rank_world, span
     assistant_warmup = stage_iterations(cfg, request.stage)[1]
-    batches = _loader(request, cfg, dataset, world, rank, start)
+    student_batches = _loader(request, cfg, dataset, rank_world, "student", max(0, start - assistant_warmup))
+    assistant_batches = _loader(request, cfg, dataset, rank_world, "assistant", start) \
+        if start < assistant_warmup else None
     autocast = torch.bfloat16 if (device.type == "cuda" and cfg.train.amp) else None
     progress = None
     if rank == 0:
@@ -463,7 +489,9 @@ def _train(stage: _Stage, request: StageRequest, cfg: Config, dataset, device: t
     for iteration in range(start, end):
         if request.stage == "warmup":
             frozen = _freeze_backbone(stage.model, iteration < cfg.train.freeze_backbone_iterations, frozen)
-        batch: DualBatch = next(batches).to(device)
+        if iteration == assistant_warmup:
+            assistant_batches = None  # its loader (and any workers) go
+        batch: DualBatch = next(assistant_batches if iteration < assistant_warmup else student_batches).to(device)
         terms = _step(stage, request, batch, iteration, assistant_warmup, autocast)
         if iteration >= assistant_warmup:
             stage.scheduler.step()
