@@ -70,6 +70,10 @@ VARIANTS = {
     # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
     "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},
     "assistant_teacher_anchored_5": {"csa": {"teacher_anchor": 5.0}},
+    # The distillation weights ramped in over the student's first 100 of the bench's 300 iterations (after the lr
+    # warm-up's 30): at full weight from the first step the output term knocks a warm student's classification back.
+    "od_kd_ramp": {"method": "od", "kd_ramp_iterations": 100},
+    "scalekd_kd_ramp": {"kd_ramp_iterations": 100},
 }
 
 

@@ -31,6 +31,9 @@ def test_overrides_and_paper_defaults():
     ("data.teacher_holdout=-0.5", "data.teacher_holdout", "[0, 1)"),
     ("data.teacher_holdout=.nan", "data.teacher_holdout", "finite"),
     ("data.teacher_holdout=half", "data.teacher_holdout", "number"),
+    ("distill.kd_ramp_iterations=-1", "distill.kd_ramp_iterations", ">= 0"),
+    ("distill.kd_ramp_iterations=2.5", "distill.kd_ramp_iterations", "integer"),
+    ("distill.kd_ramp_iterations=ten", "distill.kd_ramp_iterations", "integer"),
     ("distill.csa.starts_as=assistant", "distill.csa.starts_as", "student or teacher"),
     # A teacher start needs the teacher's P_{l+1} head to predict on the student's anchors: each condition alone.
     ("distill.csa.starts_as=teacher distill.csa.head=shared", "distill.csa.starts_as", "head=own"),

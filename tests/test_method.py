@@ -110,6 +110,29 @@ def test_full_iterations_lower_the_loss_on_a_tiny_batch(tiny_cfg, detector):
     assert all(torch.isfinite(step["loss/total"]) for step in logs)
 
 
+def test_kd_scale_weighs_the_distillation_terms_and_never_the_detection_loss(tiny_cfg):
+    """``distill.kd_ramp_iterations``: the loop's factor on alpha, beta and gamma, 1/N, 2/N, ... then 1."""
+    from scalekd.train.loop import kd_ramp
+
+    assert [kd_ramp(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kd_ramp(0, 0) == 1.0
+    batch = tiny_batch(tiny_cfg)
+    totals = {}
+    for scale in (0.0, 0.5, 1.0):
+        torch.manual_seed(0)
+        distiller, opt = distiller_with_optimizers(tiny_cfg, student_lr=0.0, assistant_lr=0.0)
+        logs = distiller.train_step(batch, opt, kd_scale=scale)
+        alpha, beta, gamma = tiny_cfg.loss_weights()
+        weights = {"kd/feat": alpha, "kd/cls": beta, "kd/ctr": beta, "kd/bbox": gamma}
+        det = sum(float(v) for k, v in logs.items() if k.startswith("det/"))
+        kd = sum(weights[k] * float(v) for k, v in logs.items() if k.startswith("kd/"))
+        assert kd > 0
+        totals[scale] = (float(logs["loss/total"]), det + scale * kd)
+    for total, expected in totals.values():
+        assert total == pytest.approx(expected, rel=1e-5)
+    assert totals[0.0][0] < totals[0.5][0] < totals[1.0][0]
+
+
 def test_sdf_projection_does_not_collapse_over_a_short_run(tiny_cfg):
     distiller, opt = distiller_with_optimizers(tiny_cfg, student_lr=0.02)
     batch = tiny_batch(tiny_cfg)

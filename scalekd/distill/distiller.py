@@ -201,10 +201,11 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def train_step(self, batch: DualBatch, opt: Optimizers, autocast: torch.dtype | None = None,
-                   phase: PhaseTimer | None = None) -> dict[str, Tensor]:
+                   phase: PhaseTimer | None = None, kd_scale: float = 1.0) -> dict[str, Tensor]:
         """One iteration; returns the named, unweighted loss terms (detached) for logging.
 
-        ``phase(name)`` (a context manager, see benchmarks/cost.py) times the parts of the iteration.
+        ``phase(name)`` (a context manager, see benchmarks/cost.py) times the parts of the iteration; ``kd_scale``
+        multiplies alpha, beta and gamma (``distill.kd_ramp_iterations``), never the detection loss.
         """
         phase = phase or _no_phase
         amp = autocast_context(autocast)
@@ -238,7 +239,7 @@ class Distiller(nn.Module):
                     terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
                 if self.method == "crosskd":
                     terms.update(self._crosskd_losses(student_out, teacher_maps))
-        weights = {"kd/feat": self.alpha, **self.output_weights}
+        weights = {name: kd_scale * w for name, w in {"kd/feat": self.alpha, **self.output_weights}.items()}
         check_finite(terms)
         with phase("student_backward_step"):
             total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())

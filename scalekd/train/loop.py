@@ -208,6 +208,7 @@ _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
     ("distill", "crosskd"): lambda config: _setting(config, "distill", "method") != "crosskd",
     ("data", "teacher_holdout"): lambda config: not _setting(config, "data", "teacher_holdout"),
+    ("distill", "kd_ramp_iterations"): lambda config: not _setting(config, "distill", "kd_ramp_iterations"),
 }
 
 
@@ -533,13 +534,22 @@ def _step(stage: _Stage, request: StageRequest, batch: DualBatch, iteration: int
         if iteration < assistant_warmup:
             return stage.distiller.assistant_warmup_step(batch, stage.opt, autocast)
         if stage.distiller is not None:
-            return stage.distiller.train_step(batch, stage.opt, autocast)
+            ramp = kd_ramp(iteration - assistant_warmup, stage.distiller.cfg.distill.kd_ramp_iterations)
+            return stage.distiller.train_step(batch, stage.opt, autocast, kd_scale=ramp)
         return detection_step(stage.parts, batch.student_images, batch.student_targets, stage.opt, autocast)
     except NonFiniteLossError as exc:
         good = ckpt.latest_checkpoint(request.out)
         raise TrainingError(f"stage {request.stage}, iteration {iteration}: loss term '{exc.term}' is "
                             f"{exc.value}; stopped before the update. Last good checkpoint: "
                             f"{good or 'none yet'}. Check the data of this batch and the learning rate.") from None
+
+
+def kd_ramp(student_iteration: int, ramp_iterations: int) -> float:
+    """The factor on alpha, beta and gamma at a student iteration (from 0): (i + 1) / N over the first N, then 1
+    (``distill.kd_ramp_iterations``; not in the paper)."""
+    if ramp_iterations <= 0:
+        return 1.0
+    return min(1.0, (student_iteration + 1) / ramp_iterations)
 
 
 def _inject_fault(request: StageRequest, rank: int, done: int) -> None:
