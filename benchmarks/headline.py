@@ -1,6 +1,11 @@
 """The issue-12 targets, judged from the headline file ``benchmarks/results/quality_headline.json`` (written by
 ``quality.py`` after every seed): a table of every variant (mean ± std over its seeds, the AP_S difference to the
-default recipe paired by seed) and one verdict line per target. Adds the verdict to the file.
+default recipe paired by seed, with a 95% Student-t interval over those per-seed differences) and one verdict
+line per target. Adds the verdict to the file.
+
+A target is judged on the mean paired difference, as issue 12 states it; each verdict also says whether the 95%
+interval excludes the threshold (``resolved``) or not: with 3 seeds the interval is the mean +- 4.30 standard
+errors, so a margin is resolved only when the seeds agree closely.
 ``--ours`` judges another variant by the same targets (e.g. an option not in the default recipe); its verdict is
 written under its own key, never in the default's place.
 
@@ -22,6 +27,12 @@ from scalekd import storage  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy in the pinned environment); 1.96 past 30.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
 
 def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "-"
@@ -30,6 +41,30 @@ def _mean_std(values: list[float]) -> str:
 def _paired(ours: list[dict], theirs: list[dict], key: str = "AP_S") -> list[float]:
     by_seed = {r["seed"]: r for r in theirs}
     return [round(r[key] - by_seed[r["seed"]][key], 2) for r in ours if r["seed"] in by_seed and key in r]
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
+    """95% interval of the mean of per-seed paired differences (Student's t, n - 1 degrees of freedom).
+
+    None below two seeds: one difference says nothing about the seed-to-seed spread."""
+    if len(diffs) < 2:
+        return None
+    mean = statistics.mean(diffs)
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean - half, mean + half
+
+
+def _interval_text(diffs: list[float]) -> str:
+    interval = paired_interval(diffs)
+    return "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def _resolved(diffs: list[float], threshold: float) -> str:
+    """Whether the 95% interval lies above ``threshold`` (what a verdict on the mean cannot say alone)."""
+    interval = paired_interval(diffs)
+    if interval is None:
+        return "one seed, not resolved"
+    return f"95% interval {_interval_text(diffs)}, {'resolved' if interval[0] > threshold else 'not resolved'}"
 
 
 def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
@@ -42,6 +77,7 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
         if name != ours_name:
             diffs = _paired(ours, runs)
             row[f"{ours_name} AP_S minus this, per seed"] = ", ".join(f"{d:+.2f}" for d in diffs)
+            row["95% interval"] = _interval_text(diffs)
         out.append(row)
     return out
 
@@ -57,7 +93,8 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
         base = statistics.mean(r["AP_S"] for r in plain)
         met = (mean_gain >= 2.0 or mean_gain >= 0.15 * base) and all(g > 0 for g in gains)
         out["beats plain on AP_S by >= 2.0 (or 15%), every seed"] = (
-            f"{'MET' if met else 'NOT MET'}: {mean_gain:+.2f} ({100 * mean_gain / base:+.1f}%), per seed {gains}")
+            f"{'MET' if met else 'NOT MET'}: {mean_gain:+.2f} ({100 * mean_gain / base:+.1f}%), per seed {gains}; "
+            f"{_resolved(gains, min(2.0, 0.15 * base))}")
         dm = statistics.mean(_paired(ours, plain, "AP_M"))
         params = {r.get("params") for r in ours + plain}
         out["AP_M within 1 point of plain; identical parameters"] = (
@@ -66,12 +103,13 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
         gains = _paired(ours, control)
         out["beats the no-teacher control on AP_S by >= 1.0"] = (
             f"{'MET' if statistics.mean(gains) >= 1.0 else 'NOT MET'}: {statistics.mean(gains):+.2f}, per seed "
-            f"{gains}")
+            f"{gains}; {_resolved(gains, 1.0)}")
     for baseline in ("fitnet", "od", "pkd", "crosskd"):
         if ours and get(baseline):
             gains = _paired(ours, get(baseline))
             out[f"beats {baseline} on AP_S"] = (f"{'MET' if gains and statistics.mean(gains) > 0 else 'NOT MET'}: "
-                                                f"{statistics.mean(gains):+.2f} over {len(gains)} paired seed(s)")
+                                                f"{statistics.mean(gains):+.2f} over {len(gains)} paired seed(s); "
+                                                f"{_resolved(gains, 0.0)}")
         else:
             out[f"beats {baseline} on AP_S"] = "not assessed (not run)"
     return out
@@ -110,7 +148,7 @@ def main() -> None:
     print(f"{doc['protocol']}; preset {doc['preset']}, {data}; metrics in %")
     if args.ours not in doc["variants"]:
         raise SystemExit(f"{args.file} has no variant {args.ours!r}; it has {', '.join(doc['variants'])}")
-    columns = ["variant", "seeds", *KEYS, f"{args.ours} AP_S minus this, per seed"]
+    columns = ["variant", "seeds", *KEYS, f"{args.ours} AP_S minus this, per seed", "95% interval"]
     print(table(rows(doc["variants"], args.ours), columns))
     key = "verdict" if args.ours == "scalekd" else f"verdict_{args.ours}"
     doc[key] = verdicts(doc["variants"], args.ours)

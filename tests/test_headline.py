@@ -1,0 +1,26 @@
+"""benchmarks/headline.py: the paired interval its verdicts quote (issue 12: per-seed paired intervals)."""
+
+import pytest
+
+from benchmarks.headline import paired_interval, verdicts
+
+
+def test_the_paired_interval_is_the_mean_plus_minus_t_standard_errors():
+    low, high = paired_interval([1.0, 2.0, 3.0])  # mean 2, sample sd 1, 3 seeds: t(0.975, 2) = 4.303
+    assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert paired_interval([1.5, 1.5]) == pytest.approx((1.5, 1.5))  # seeds that agree: no width
+    assert paired_interval([4.0]) is None  # one seed says nothing about the spread
+
+
+def _seeds(values):
+    return {"per_seed": [{"seed": s, "AP_S": v, "AP_M": v, "params": 1} for s, v in enumerate(values)]}
+
+
+def test_a_verdict_met_on_the_mean_says_when_its_interval_does_not_resolve_it():
+    close = verdicts({"scalekd": _seeds([12.0, 12.1, 11.9]), "scalekd_no_teacher": _seeds([10.0, 10.0, 10.0]),
+                      "plain": _seeds([5.0, 5.0, 5.0])})
+    spread = verdicts({"scalekd": _seeds([20.0, 10.0, 6.0]), "scalekd_no_teacher": _seeds([10.0, 10.0, 10.0]),
+                       "plain": _seeds([5.0, 5.0, 5.0])})
+    control = "beats the no-teacher control on AP_S by >= 1.0"
+    assert close[control].startswith("MET") and close[control].endswith(", resolved")
+    assert spread[control].startswith("MET") and spread[control].endswith("not resolved")  # mean +2, seeds -4..+10
