@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, table, write_json  # noqa: E402
+from benchmarks.headline import verdicts  # noqa: E402
 from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
 from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
 from scalekd.data.holdout import image_source  # noqa: E402
@@ -283,24 +284,33 @@ def report(args, dataset: str, runs: dict[str, list[dict]]) -> dict:
     protocol = _protocol(args)
     print(f"\n{dataset} ({args.preset} preset, seeds {args.seeds}, {protocol}); metrics in %, mean ± std")
     print(table(rows, ["model", *KEYS, "params"]))
-    verdict = _verdict(rows, runs)
-    print(verdict)
+    # headline.py's rule, the verdict of record: paired by seed, with the 95% interval of the differences.
+    judged = headline_variants(args.seeds, runs)
+    verdict = _print_verdicts("scalekd", verdicts(judged)) if "scalekd" in runs else {}
     # Our departures from the paper's setting, judged by the same rule (never in the paper's place).
-    others = [v for v in args.variants if v not in ("plain", "fitnet", "od", "scalekd")]
-    other_verdicts = {v: _verdict(rows, runs, v) for v in others}
-    for line in other_verdicts.values():
-        print(line)
+    others = [v for v in args.variants if v not in ("plain", "fitnet", "od", "pkd", "crosskd", "scalekd")]
+    other_verdicts = {v: _print_verdicts(v, verdicts(judged, v)) for v in others}
     return {"rows": rows, "runs": runs, "protocol": protocol, "verdict": verdict, "other_verdicts": other_verdicts}
+
+
+def _print_verdicts(variant: str, lines: dict[str, str]) -> dict[str, str]:
+    for target, line in lines.items():
+        print(f"{variant}: {target}: {line}")
+    return lines
+
+
+def headline_variants(seeds: list[int], runs: dict[str, list[dict]]) -> dict:
+    """The headline file's ``variants``: per variant, its per-seed metrics in percent (one COCO could not
+    compute, -1 where no object has that size, left out) and its parameter count."""
+    return {name: {"per_seed": [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0},
+                                 "params": v["params"]} for seed, v in zip(seeds, values)]}
+            for name, values in runs.items()}
 
 
 def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: str = "synth") -> str:
     """benchmarks/results/<out>_headline.json (``<out>_<dataset>_headline.json`` for a real dataset): per variant,
     its per-seed metrics (%); ``headline.py`` pairs them."""
-    variants = {}
-    for name, values in runs.items():
-        per_seed = [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0}, "params": v["params"]}
-                    for seed, v in zip(args.seeds, values)]
-        variants[name] = {"per_seed": per_seed}
+    variants = headline_variants(args.seeds, runs)
     protocol = _protocol(args)
     headline = args.headline or args.out.replace(".json", "_headline.json")
     if dataset != "synth":
@@ -335,24 +345,6 @@ def _seeds_vary(args) -> str:
     if args.shared_teacher:
         return "teacher and warm student shared, seeds vary distillation"
     return "every stage per seed"
-
-
-def _verdict(rows: list[dict], runs: dict[str, list[dict]], variant: str = "scalekd") -> str:
-    by = {r["model"]: r for r in rows}
-    if variant not in by or "plain" not in by:
-        return f"target not assessed (needs the {variant} and plain variants)"
-    # Paired by seed: the same data order and starting student, so the difference is the method's.
-    gains = [100 * (a["AP_S"] - b["AP_S"]) for a, b in zip(runs[variant], runs["plain"])]
-    s, p = by[variant]["AP_S_mean"] or 0.0, by["plain"]["AP_S_mean"] or 0.0
-    gain_ok = s - p >= 2.0 or (p > 0 and (s - p) / p >= 0.15)
-    baselines = [b for b in ("fitnet", "od") if b in by]
-    beats = all(s > (by[b]["AP_S_mean"] or 0.0) for b in baselines)
-    same_cost = by[variant]["params"] == by["plain"]["params"]
-    met = gain_ok and beats and same_cost and len(baselines) == 2
-    return (f"{variant}: target {'MET' if met else 'NOT MET'}: AP_S {s:.2f} vs plain "
-            f"{p:.2f} (gain {s - p:+.2f}; per seed {', '.join(f'{g:+.2f}' for g in gains)}); "
-            f"beats {'/'.join(baselines) or 'FitNet/OD (not run)'}: {beats if baselines else 'not assessed'}; "
-            f"identical parameters: {same_cost}")
 
 
 def _chart(summary: dict, path: str) -> None:

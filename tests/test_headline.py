@@ -1,4 +1,5 @@
-"""benchmarks/headline.py: the paired interval its verdicts quote (issue 12: per-seed paired intervals)."""
+"""benchmarks/headline.py: the paired interval its verdicts quote (issue 12: per-seed paired intervals), and quality.py
+printing those verdicts."""
 
 import pytest
 
@@ -24,3 +25,18 @@ def test_a_verdict_met_on_the_mean_says_when_its_interval_does_not_resolve_it():
     control = "beats the no-teacher control on AP_S by >= 1.0"
     assert close[control].startswith("MET") and close[control].endswith(", resolved")
     assert spread[control].startswith("MET") and spread[control].endswith("not resolved")  # mean +2, seeds -4..+10
+
+
+def test_quality_prints_the_verdicts_of_record_and_never_judges_the_control_against_itself():
+    from benchmarks.quality import headline_variants
+
+    def run(ap_s):  # quality.py's per-run metrics: fractions, -1 where COCO has no object of a size
+        return {"AP": 0.3, "AP50": 0.5, "AP75": 0.3, "AP_S": ap_s, "AP_M": 0.4, "AP_L": -1.0, "params": 7}
+
+    runs = {"scalekd": [run(0.40), run(0.42)], "scalekd_no_teacher": [run(0.35), run(0.36)]}
+    variants = headline_variants([3, 4], runs)
+    assert variants["scalekd"]["per_seed"][1] == {"seed": 4, "AP": 30.0, "AP50": 50.0, "AP75": 30.0, "AP_S": 42.0,
+                                                  "AP_M": 40.0, "params": 7}
+    control = "beats the no-teacher control on AP_S by >= 1.0"
+    assert verdicts(variants)[control].startswith("MET: +5.50, per seed [5.0, 6.0]")
+    assert control not in verdicts(variants, "scalekd_no_teacher")
