@@ -27,7 +27,7 @@ def test_a_verdict_met_on_the_mean_says_when_its_interval_does_not_resolve_it():
     assert spread[control].startswith("MET") and spread[control].endswith("not resolved")  # mean +2, seeds -4..+10
 
 
-def test_quality_prints_the_verdicts_of_record_and_never_judges_the_control_against_itself():
+def test_quality_hands_the_verdicts_its_per_seed_metrics_and_the_control_is_not_judged_against_itself():
     from benchmarks.quality import headline_variants
 
     def run(ap_s):  # quality.py's per-run metrics: fractions, -1 where COCO has no object of a size
