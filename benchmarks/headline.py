@@ -74,7 +74,7 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
         runs = entry["per_seed"]
         row = {"variant": name, "seeds": len(runs)}
         row.update({k: _mean_std([r[k] for r in runs if k in r]) for k in KEYS})
-        if name != ours_name:
+        if name not in (ours_name, "teacher"):  # the teacher runs at 2x: no student to pair it with
             diffs = _paired(ours, runs)
             row[f"{ours_name} AP_S minus this, per seed"] = ", ".join(f"{d:+.2f}" for d in diffs)
             row["95% interval"] = _interval_text(diffs)

@@ -259,11 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalekd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_config_command(sub)
+    _add_stage_commands(sub)
+    _add_data_command(sub)
+    _add_evaluate_command(sub)
+    _add_report_command(sub)
+    _add_export_command(sub)
+    _add_tune_command(sub)
+    _add_pipeline_command(sub)
+    _add_demo_command(sub)
+    return parser
 
+
+def _add_config_command(sub) -> None:
+    """``scalekd config``: the resolved config."""
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
     p.set_defaults(func=cmd_config)
 
+
+def _add_stage_commands(sub) -> None:
+    """The three training stages, one subcommand each."""
     for name, text in (("train-teacher", "train the teacher at teacher_scale x the student's resolution"),
                        ("warmup", "warm up the student (backbone frozen for the first F iterations)"),
                        ("distill", "ScaleKD distillation (or a baseline) from the warm student")):
@@ -274,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--student", required=True, help="the warm student's model.pt")
         p.set_defaults(func=cmd_stage)
 
+
+def _add_data_command(sub) -> None:
+    """``scalekd data synth|convert|stats``."""
     p = sub.add_parser("data", help="generate, convert and inspect datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("synth", help="synthetic small-object scenes in COCO format")
@@ -302,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json")
     p.set_defaults(func=cmd_data)
 
+
+def _add_evaluate_command(sub) -> None:
+    """``scalekd evaluate``: COCO metrics of detections or of a model."""
     p = sub.add_parser("evaluate", help="COCO metrics of a detections file, or of a model on a dataset")
     _config_args(p)
     p.add_argument("--gt")
@@ -317,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_report_command(sub) -> None:
+    """``scalekd report``: tables, charts and drawn examples."""
     p = sub.add_parser("report", help="metrics table, charts and drawn examples for several models")
     _config_args(p)
     p.add_argument("--data")
@@ -324,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 
+
+def _add_export_command(sub) -> None:
+    """``scalekd export``: TorchScript, ONNX, model card."""
     p = sub.add_parser("export", help="TorchScript + ONNX with a parity check, and a model card")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
@@ -333,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics JSON to put in the model card")
     p.set_defaults(func=cmd_export)
 
+
+def _add_tune_command(sub) -> None:
+    """``scalekd tune``: Ray Tune over the loss weights."""
     p = sub.add_parser("tune", help="Ray Tune over alpha/beta/gamma (and teacher_anchor) with ASHA on validation AP_S")
     _config_args(p)
     p.add_argument("--data")
@@ -348,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_pipeline_command(sub) -> None:
+    """``scalekd pipeline compile|run|submit|schedule``."""
     p = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the kfp pipelines")
     psub = p.add_subparsers(dest="pipeline_command", required=True)
     q = psub.add_parser("compile")
@@ -365,11 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--cron", required=True, help="six fields, seconds first: '0 0 3 * * *'")
     p.set_defaults(func=cmd_pipeline)
 
+
+def _add_demo_command(sub) -> None:
+    """``scalekd demo``: the main job locally."""
     p = sub.add_parser("demo", help="the main job: the training pipeline on synthetic data, locally")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--preset", default="demo")
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -521,7 +521,18 @@ def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    d, m, k, t, s = cfg.data, cfg.model, cfg.distill, cfg.train, cfg.scaling
+    """Every field checked against what the code supports, section by section; the first bad one raises
+    ConfigError naming the field, the value and what it may be."""
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_distill(cfg)
+    _validate_assistant(cfg)
+    _validate_train(cfg.train)
+    _validate_scaling(cfg.scaling)
+    _validate_eval(cfg.eval)
+
+
+def _validate_data(d: DataConfig) -> None:
     _check(32 <= d.student_size <= 8192 and d.student_size % 32 == 0, "data.student_size", d.student_size,
            "a multiple of 32 (the FPN's coarsest stride) from 32 to 8192")
     _check(1.0 <= d.teacher_scale <= 8.0 and (d.student_size * d.teacher_scale) % 32 == 0,
@@ -535,6 +546,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.teacher_holdout < 1.0, "data.teacher_holdout", d.teacher_holdout,
            "a share in [0, 1): 0 for one set of images for all stages, 0.5 for halves (the students need some)")
     _check(bool(d.root), "data.root", d.root, "a local folder or s3://bucket/prefix")
+
+
+def _validate_model(m: ModelConfig) -> None:
     _check(m.detector in DETECTORS, "model.detector", m.detector, f"one of {DETECTORS}")
     _check(m.student_backbone in BACKBONES, "model.student_backbone", m.student_backbone, f"one of {BACKBONES}")
     _check(m.teacher_backbone in BACKBONES, "model.teacher_backbone", m.teacher_backbone, f"one of {BACKBONES}")
@@ -551,6 +565,10 @@ def validate(cfg: Config) -> None:
     _check(m.box_loss == "l1" or m.detector == "retinanet", "model.box_loss", m.box_loss,
            "l1 unless model.detector=retinanet (FCOS trains with GIoU, Faster R-CNN with smooth L1, their own)")
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
+
+
+def _validate_distill(cfg: Config) -> None:
+    k, m = cfg.distill, cfg.model
     _check(k.method in METHODS, "distill.method", k.method, f"one of {METHODS}")
     for name in ("alpha", "beta", "gamma"):
         v = getattr(k, name)
@@ -572,7 +590,15 @@ def validate(cfg: Config) -> None:
            "shared or frozen")
     _check(k.sdf.embed_channels >= 1, "distill.sdf.embed_channels", k.sdf.embed_channels, ">= 1")
     _check(k.sdf.bottleneck_ratio >= 1, "distill.sdf.bottleneck_ratio", k.sdf.bottleneck_ratio, ">= 1")
-    c = k.csa
+    _check(k.method != "crosskd" or cfg.one_stage, "distill.method", k.method,
+           "crosskd on a one-stage detector (model.detector=retinanet or fcos): it runs the teacher's dense head")
+    _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
+           "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
+    _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
+
+
+def _validate_assistant(cfg: Config) -> None:
+    k, m, c = cfg.distill, cfg.model, cfg.distill.csa
     _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
     _check(c.positional in ("sine", "none"), "distill.csa.positional", c.positional, "sine or none")
     _check(c.head in ("shared", "own"), "distill.csa.head", c.head, "shared or own")
@@ -599,17 +625,15 @@ def validate(cfg: Config) -> None:
            "distill.csa.teacher_anchor", c.teacher_anchor,
            "0 unless distill.csa.keys_from=teacher, distill.pairing=scale_aligned, a one-stage detector, "
            "distill.csa.head=own and data.teacher_scale=2 (the teacher's own predictions on the student's anchors)")
-    _check(k.method != "crosskd" or cfg.one_stage, "distill.method", k.method,
-           "crosskd on a one-stage detector (model.detector=retinanet or fcos): it runs the teacher's dense head")
-    _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
-           "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
-    _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
     frozen = k.method == "scalekd" and c.enabled and not cfg.assistant_trains
     _check(not (frozen and c.warmup_iterations), "distill.csa.warmup_iterations", c.warmup_iterations,
            "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): nothing to warm up")
     _check(not (frozen and c.teacher_anchor), "distill.csa.teacher_anchor", c.teacher_anchor,
            "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): the term steps nothing")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
+
+
+def _validate_train(t: TrainConfig) -> None:
     for name in ("teacher_iterations", "warmup_iterations", "distill_iterations", "batch_size",
                  "checkpoint_interval", "log_interval"):
         _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "an integer >= 1")
@@ -622,12 +646,17 @@ def validate(cfg: Config) -> None:
            t.lr_steps, "increasing fractions of the stage in (0, 1)")
     _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "in (0, 1]")
     _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
+
+
+def _validate_scaling(s: ScalingConfig) -> None:
     _check(s.workers >= 1, "scaling.workers", s.workers, "an integer >= 1")
     _check(0 <= s.min_workers <= s.workers, "scaling.min_workers", s.min_workers,
            f"an integer from 0 (a fixed group) to scaling.workers ({s.workers})")
     _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, ">= 1")
     _check(s.max_failures >= 0, "scaling.max_failures", s.max_failures, ">= 0")
-    e = cfg.eval
+
+
+def _validate_eval(e: EvalConfig) -> None:
     _check(len(e.max_detections) >= 1 and all(x >= 1 for x in e.max_detections)
            and list(e.max_detections) == sorted(e.max_detections), "eval.max_detections",
            e.max_detections, "increasing positive integers, e.g. [1, 10, 100]")

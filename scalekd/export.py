@@ -90,8 +90,6 @@ def _read_metrics(metrics_uri: str | None) -> dict | None:
 def export_model(model_uri: str, out: str, data_root: str, split: str = "val", images: int = 4,
                  metrics_uri: str | None = None, score_threshold: float = 0.05) -> dict:
     """Write ``model.torchscript.pt``, ``model.onnx`` and ``model_card.json`` under ``out``."""
-    import onnxruntime as ort
-
     # Every argument is checked before the first write: a typo must not leave an export without its card.
     if not isinstance(images, int) or images < 1:
         raise ExportError(f"--images {images}: the parity check needs at least 1 image")
@@ -100,35 +98,11 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
     spec = blob["spec"]
     configure_for_eval(model, score_threshold, 100)
     model.eval()
-    dataset = dataset_from_root(data_root, split)
-    collate = DualResolutionCollate(spec["min_size"], 1.0, spec["max_size"] / spec["min_size"], with_teacher=False)
-    samples = [collate([dataset[i]]).student_images[0] for i in range(min(images, len(dataset)))]
-    shapes = {tuple(s.shape) for s in samples}
-    if len(shapes) > 1:  # parity is checked at the exported input size
-        samples = [s for s in samples if tuple(s.shape) == tuple(samples[0].shape)]
+    samples = _parity_samples(spec, data_root, split, images)
     with torch.no_grad():
         eager = [{k: v.numpy() for k, v in model([im])[0].items()} for im in samples]
-
-    started = time.perf_counter()
-    scripted = torch.jit.script(model)
-    ts_buf = io.BytesIO()
-    torch.jit.save(scripted, ts_buf)
-    reloaded = torch.jit.load(io.BytesIO(ts_buf.getvalue()))
-    with torch.no_grad():
-        ts_out = [{k: v.numpy() for k, v in reloaded([im])[1][0].items()} for im in samples]
-    ts_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    onnx_buf = io.BytesIO()
-    torch.onnx.export(model, ([samples[0]],), onnx_buf, opset_version=ONNX_OPSET, dynamo=False,
-                      input_names=["image"], output_names=["boxes", "scores", "labels"])
-    session = ort.InferenceSession(onnx_buf.getvalue(), providers=["CPUExecutionProvider"])
-    onnx_out = []
-    for im in samples:
-        boxes, scores, labels = session.run(None, {"image": im.numpy()})
-        onnx_out.append({"boxes": boxes, "scores": scores, "labels": labels})
-    onnx_seconds = time.perf_counter() - started
-
+    ts_bytes, ts_out, ts_seconds = _torchscript(model, samples)
+    onnx_bytes, onnx_out, onnx_seconds = _onnx(model, samples)
     parity = {"torchscript": [compare(e, t, score_threshold) for e, t in zip(eager, ts_out)],
               "onnx": [compare(e, o, score_threshold) for e, o in zip(eager, onnx_out)]}
     failed = [(fmt, i, r) for fmt, rows in parity.items() for i, r in enumerate(rows) if not r["ok"]]
@@ -136,9 +110,55 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
         fmt, i, r = failed[0]
         raise ExportError(f"{fmt} export of {model_uri} disagrees with eager outputs on parity image {i}: {r}; "
                           "nothing was written")
-    storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_buf.getvalue())
-    storage.write_bytes(storage.join(out, "model.onnx"), onnx_buf.getvalue())
-    card = {
+    storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_bytes)
+    storage.write_bytes(storage.join(out, "model.onnx"), onnx_bytes)
+    card = _model_card(model, blob, model_uri, metrics, data_root, split, samples, parity)
+    card["export_seconds"] = {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)}
+    storage.write_json(storage.join(out, "model_card.json"), card)
+    return card
+
+
+def _parity_samples(spec: dict, data_root: str, split: str, images: int) -> list[torch.Tensor]:
+    """The first ``images`` images of the split at the student's input size, as the evaluation resizes them; only
+    those of the first one's shape (parity is checked at the exported input size)."""
+    dataset = dataset_from_root(data_root, split)
+    collate = DualResolutionCollate(spec["min_size"], 1.0, spec["max_size"] / spec["min_size"], with_teacher=False)
+    samples = [collate([dataset[i]]).student_images[0] for i in range(min(images, len(dataset)))]
+    return [s for s in samples if tuple(s.shape) == tuple(samples[0].shape)]
+
+
+def _torchscript(model: torch.nn.Module, samples: list[torch.Tensor]) -> tuple[bytes, list[dict], float]:
+    """The scripted model's bytes, the reloaded copy's outputs on the samples, and the seconds it took."""
+    started = time.perf_counter()
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buf)
+    reloaded = torch.jit.load(io.BytesIO(buf.getvalue()))
+    with torch.no_grad():
+        outputs = [{k: v.numpy() for k, v in reloaded([im])[1][0].items()} for im in samples]
+    return buf.getvalue(), outputs, time.perf_counter() - started
+
+
+def _onnx(model: torch.nn.Module, samples: list[torch.Tensor]) -> tuple[bytes, list[dict], float]:
+    """The ONNX graph's bytes (traced at the first sample's size), onnxruntime's outputs on the samples, the
+    seconds it took."""
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    buf = io.BytesIO()
+    torch.onnx.export(model, ([samples[0]],), buf, opset_version=ONNX_OPSET, dynamo=False,
+                      input_names=["image"], output_names=["boxes", "scores", "labels"])
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    outputs = []
+    for im in samples:
+        boxes, scores, labels = session.run(None, {"image": im.numpy()})
+        outputs.append({"boxes": boxes, "scores": scores, "labels": labels})
+    return buf.getvalue(), outputs, time.perf_counter() - started
+
+
+def _model_card(model: torch.nn.Module, blob: dict, model_uri: str, metrics: dict | None, data_root: str,
+                split: str, samples: list[torch.Tensor], parity: dict) -> dict:
+    spec = blob["spec"]
+    return {
         "model": {"source": model_uri, **spec, "parameters": sum(p.numel() for p in model.parameters())},
         "input": {"short_side": spec["min_size"], "max_side": spec["max_size"], "format": "RGB float [0,1], CHW",
                   "onnx_input": list(samples[0].shape)},
@@ -151,10 +171,8 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
                    "onnx_max_box_diff": max(r["max_box_diff"] for r in parity["onnx"]),
                    "onnx_max_score_diff": max(r["max_score_diff"] for r in parity["onnx"]),
                    "detections_compared": sum(r.get("count_compared", 0) for r in parity["onnx"])},
-        "export_seconds": {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)},
+        "export_seconds": {},
         "onnx_opset": ONNX_OPSET,
         "versions": _versions(),
         "files": ["model.torchscript.pt", "model.onnx", "model_card.json"],
     }
-    storage.write_json(storage.join(out, "model_card.json"), card)
-    return card

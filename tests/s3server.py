@@ -11,14 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from scalekd.net import free_port  # noqa: F401 - the tests' free port (tests.raycluster re-exports it)
+
 PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
               "admin", "admin.grpc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_ports(count: int) -> list[int]:

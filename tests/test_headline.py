@@ -3,7 +3,7 @@ printing those verdicts."""
 
 import pytest
 
-from benchmarks.headline import paired_interval, verdicts
+from benchmarks.headline import paired_interval, rows, verdicts
 
 
 def test_the_paired_interval_is_the_mean_plus_minus_t_standard_errors():
@@ -40,3 +40,10 @@ def test_quality_hands_the_verdicts_its_per_seed_metrics_and_the_control_is_not_
     control = "beats the no-teacher control on AP_S by >= 1.0"
     assert verdicts(variants)[control].startswith("MET: +5.50, per seed [5.0, 6.0]")
     assert control not in verdicts(variants, "scalekd_no_teacher")
+
+
+def test_the_table_pairs_every_student_with_ours_but_not_the_teacher():
+    table = {r["variant"]: r for r in rows({"teacher": _seeds([80.0, 81.0]), "warm": _seeds([20.0, 22.0]),
+                                            "scalekd": _seeds([50.0, 53.0])})}
+    assert table["warm"]["scalekd AP_S minus this, per seed"] == "+30.00, +31.00"
+    assert "95% interval" not in table["teacher"] and "95% interval" not in table["scalekd"]

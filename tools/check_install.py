@@ -8,12 +8,13 @@ import importlib.metadata as md
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from scalekd.net import free_port
 
 PINS = {"torch": "2.13.0", "torchvision": "0.28.0", "ray": "2.60.0", "kfp": "2.17.3"}
 
@@ -42,22 +43,16 @@ def main() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def jobs_api_problems(timeout_s: float = 90.0) -> list[str]:
     """Start a Ray head (its own process group, loopback only), wait for the Jobs API to answer, stop it by its id."""
     tmp = tempfile.mkdtemp(prefix="rkchk", dir="/tmp")
-    port = _free_port()
+    port = free_port()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-           "--port", str(_free_port()), "--num-cpus", "0", "--temp-dir", tmp, "--include-dashboard", "true",
+           "--port", str(free_port()), "--num-cpus", "0", "--temp-dir", tmp, "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port),
-           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-           "--ray-client-server-port", str(_free_port())]
+           "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--ray-client-server-port", str(free_port())]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     with open(os.path.join(tmp, "head.log"), "w") as log:
         head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

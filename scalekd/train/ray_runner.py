@@ -15,6 +15,7 @@ import time
 
 from scalekd import storage
 from scalekd.config import Config
+from scalekd.net import free_port
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.loop import StageHooks, StageRequest, TrainingError, completed_summary, inputs_key, run_stage
 
@@ -38,15 +39,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     # controller's resources (without it, that safety net fails with a warning every few seconds). On 127.0.0.1
     # and a free port, never 8265: another job's cluster on this machine may want it. About 3 s of start-up.
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=_free_port(), _temp_dir=temp, log_to_driver=True, configure_logging=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+             dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True, configure_logging=False)
 
 
 class RayTrainHooks(StageHooks):
