@@ -112,8 +112,8 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
                           "nothing was written")
     storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_bytes)
     storage.write_bytes(storage.join(out, "model.onnx"), onnx_bytes)
-    card = _model_card(model, blob, model_uri, metrics, data_root, split, samples, parity)
-    card["export_seconds"] = {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)}
+    seconds = {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)}
+    card = _model_card(model, blob, model_uri, metrics, data_root, split, samples, parity, seconds)
     storage.write_json(storage.join(out, "model_card.json"), card)
     return card
 
@@ -156,7 +156,8 @@ def _onnx(model: torch.nn.Module, samples: list[torch.Tensor]) -> tuple[bytes, l
 
 
 def _model_card(model: torch.nn.Module, blob: dict, model_uri: str, metrics: dict | None, data_root: str,
-                split: str, samples: list[torch.Tensor], parity: dict) -> dict:
+                split: str, samples: list[torch.Tensor], parity: dict, seconds: dict) -> dict:
+    """What the export is, what it was trained and checked on, how well it agrees with the eager model."""
     spec = blob["spec"]
     return {
         "model": {"source": model_uri, **spec, "parameters": sum(p.numel() for p in model.parameters())},
@@ -171,7 +172,7 @@ def _model_card(model: torch.nn.Module, blob: dict, model_uri: str, metrics: dic
                    "onnx_max_box_diff": max(r["max_box_diff"] for r in parity["onnx"]),
                    "onnx_max_score_diff": max(r["max_score_diff"] for r in parity["onnx"]),
                    "detections_compared": sum(r.get("count_compared", 0) for r in parity["onnx"])},
-        "export_seconds": {},
+        "export_seconds": seconds,
         "onnx_opset": ONNX_OPSET,
         "versions": _versions(),
         "files": ["model.torchscript.pt", "model.onnx", "model_card.json"],
