@@ -36,7 +36,8 @@ C5_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet34": 512, "resnet50
 # The distillation iterations timed after the plain step and the teacher's forward: key, row name, overrides.
 METHODS = (("scalekd", "ScaleKD", {}),
            ("scalekd_recompute", "ScaleKD, assistant outputs recomputed after its step", {"csa": {"recompute": True}}),
-           ("scalekd_own_head", "ScaleKD, assistant's own head", {"csa": {"head": "own"}}),
+           # The default assistant has its own head (a copy of the teacher's); the paper's shares the student's.
+           ("scalekd_shared_head", "ScaleKD, assistant sharing the student's head", {"csa": {"head": "shared"}}),
            ("fitnet", "FitNet", {"method": "fitnet"}))
 
 
