@@ -218,7 +218,7 @@ def main() -> None:
     for dataset in args.datasets:
         runs = run_dataset(args, dataset, started)
         summary[dataset] = report(args, dataset, runs)
-    path = write_json(args.out, {"args": vars(args), "wall_s": time.time() - started, **summary})
+    path = write_json(args.out, {"args": vars(args), "wall_s": round(time.time() - started), **summary})
     _chart(summary, os.path.join(RESULTS, args.out.replace(".json", "_ap_s.png")))
     print(f"wrote {path}")
 

@@ -89,6 +89,39 @@ def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_l
         replace(tiny_cfg, model={"detector": "fcos", "assigner": "atss"})
 
 
+def test_lower_iou_thresholds_cover_a_tiny_box_between_anchor_centres_and_reach_the_matcher(tiny_cfg):
+    # A 4 px box 1 px off the nearest anchor centre (64, 64) on both axes: its best IoU, with the 6 px anchor there,
+    # is 16 / 36 = 0.44.
+    between = torch.tensor([[63.0, 63.0, 67.0, 67.0]])
+    lowered = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2,
+                           positive_iou=0.4, negative_iou=0.3)
+    assert box_iou(between, image_anchors_of(P2_RETINANET)).max().item() == pytest.approx(16 / 36)
+    assert covered(P2_RETINANET, between, 128, 128).tolist() == [False]
+    assert covered(lowered, between, 128, 128).tolist() == [True]
+    cfg = replace(tiny_cfg, model={"student_min_level": 2, "positive_iou": 0.4, "negative_iou": 0.3})
+    distiller, _ = distiller_with_optimizers(cfg)
+    for model in (distiller.student, distiller.teacher):
+        matcher = model.proposal_matcher
+        assert (matcher.high_threshold, matcher.low_threshold) == (0.4, 0.3)
+    assert (student_spec(cfg, 2).positive_iou, teacher_spec(cfg, 2).negative_iou) == (0.4, 0.3)
+
+
+@pytest.mark.parametrize("model, field", [
+    ({"positive_iou": 1.0}, "model.positive_iou"), ({"positive_iou": 0.0}, "model.positive_iou"),
+    ({"positive_iou": 0.4, "negative_iou": 0.5}, "model.negative_iou"), ({"negative_iou": 0.0}, "model.negative_iou"),
+    ({"negative_iou": -0.1}, "model.negative_iou"), ({"detector": "fcos", "positive_iou": 0.4}, "model.positive_iou"),
+    ({"assigner": "atss", "negative_iou": 0.3}, "model.positive_iou")])
+def test_iou_thresholds_out_of_range_or_for_a_detector_that_ignores_them_are_refused(tiny_cfg, model, field):
+    with pytest.raises(ConfigError, match=field):
+        replace(tiny_cfg, model=model)
+
+
+def image_anchors_of(spec: DetectorSpec) -> torch.Tensor:
+    from scalekd.data.coverage import image_anchors
+
+    return image_anchors(spec, 128, 128)[0]
+
+
 def test_data_stats_reports_coverage_for_the_student_and_the_teacher_at_2x(synth_root, capsys):
     from scalekd.cli import main
 

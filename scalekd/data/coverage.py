@@ -2,11 +2,11 @@
 
 For each object, resized as the student (or the teacher, at teacher_scale) sees it, the best IoU of any of
 the detector's anchors on the padded canvas; an object is covered when that reaches the detector's
-positive threshold (RetinaNet 0.5, the RPN 0.7). FCOS has point anchors: an object is covered when at least
-one location is positive under its own assignment (centre sampling and per-level size ranges). An object no
-anchor covers gets at most one low-quality positive, and its neighbours are trained as background: no
-distillation can buy what this geometry forbids. Size bands are by the object's side (sqrt of its area) in
-the pixels that detector sees.
+positive threshold (RetinaNet's ``model.positive_iou``, 0.5 by default; the RPN 0.7). FCOS has point anchors:
+an object is covered when at least one location is positive under its own assignment (centre sampling and
+per-level size ranges). An object no anchor covers gets at most one low-quality positive, and its neighbours
+are trained as background: no distillation can buy what this geometry forbids. Size bands are by the object's
+side (sqrt of its area) in the pixels that detector sees.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scalekd.models.detectors import DetectorSpec, anchor_generator
 from scalekd.models.parts import _fcos_match, atss_match
 
 BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
-POSITIVE_IOU = {"retinanet": 0.5, "faster_rcnn": 0.7}
+RPN_POSITIVE_IOU = 0.7  # torchvision's RPN matcher (Faster R-CNN)
 
 
 def _band_name(lo: float, hi: float) -> str:
@@ -59,7 +59,8 @@ def covered(spec: DetectorSpec, boxes: torch.Tensor, height: int, width: int,
     if spec.detector == "fcos":
         matched = _fcos_match(boxes, anchors, cells_per_level, 1.5)  # torchvision FCOS's center_sampling_radius
         return torch.bincount(matched[matched >= 0], minlength=len(boxes)) > 0
-    return box_iou(boxes, anchors).max(dim=1).values >= POSITIVE_IOU[spec.detector]
+    threshold = spec.positive_iou if spec.detector == "retinanet" else RPN_POSITIVE_IOU
+    return box_iou(boxes, anchors).max(dim=1).values >= threshold
 
 
 def resized_objects(data: dict, spec: DetectorSpec) -> Iterator[tuple[torch.Tensor, int, int]]:

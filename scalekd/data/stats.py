@@ -46,7 +46,13 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
     m = cfg.model
-    return {"detector": m.detector, "assigner": m.assigner + (f" (k {m.atss_topk})" if m.assigner == "atss" else ""),
+    if m.assigner == "atss":
+        assigner = f"atss (k {m.atss_topk})"
+    elif m.detector == "retinanet":
+        assigner = f"max_iou (positive at IoU >= {m.positive_iou:g})"
+    else:
+        assigner = m.assigner
+    return {"detector": m.detector, "assigner": assigner,
             "student": anchor_coverage(data, student_spec(cfg, classes), m.assigner, m.atss_topk),
             "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
 

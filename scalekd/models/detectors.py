@@ -36,6 +36,9 @@ class DetectorSpec:
     # The images are padded to a multiple of this. The teacher at 2x pads to 2 x 32, so that its padded
     # canvas is exactly twice the student's and every teacher grid is exactly a student grid (or twice one).
     size_divisible: int = 32
+    # RetinaNet's matcher: positive at IoU >= positive_iou, background below negative_iou (torchvision's 0.5 / 0.4).
+    positive_iou: float = 0.5
+    negative_iou: float = 0.4
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -114,7 +117,8 @@ def _build(spec: DetectorSpec) -> nn.Module:
     common = dict(min_size=spec.min_size, max_size=spec.max_size)
     anchors = anchor_generator(spec)
     if spec.detector == "retinanet":
-        return RetinaNet(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
+        return RetinaNet(backbone, spec.num_classes + 1, anchor_generator=anchors, fg_iou_thresh=spec.positive_iou,
+                         bg_iou_thresh=spec.negative_iou, **common)
     if spec.detector == "fcos":
         return FCOS(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
     if spec.detector == "faster_rcnn":
