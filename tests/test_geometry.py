@@ -132,6 +132,38 @@ def test_data_stats_reports_coverage_for_the_student_and_the_teacher_at_2x(synth
     assert "student" in out and "teacher" in out and "% of" in out
 
 
+def _one_image_annotations(path, boxes_xywh):
+    import json
+
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "height": 128, "width": 128}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3]}
+                        for i, box in enumerate(boxes_xywh, 1)]}))
+    return str(path)
+
+
+def test_data_stats_pools_the_small_bands_and_warns_with_the_options_when_the_student_covers_under_90pct(tmp_path):
+    from scalekd.data.stats import coverage_for_config, dataset_stats, format_stats
+
+    # The student sees the 128 px image as is: P2 anchors of 6 px centred on multiples of 4 (as P2_RETINANET).
+    cfg = load_config(preset="tiny", overrides=["data.student_size=128", "model.student_min_level=2",
+                                                "model.anchor_scale=1.5"])
+    on_grid, off_grid_tiny = [61, 61, 6, 6], [62, 62, 3, 3]  # covered, and best IoU 0.25 (not covered)
+    half = _one_image_annotations(tmp_path / "half.json", [on_grid, off_grid_tiny])
+    cov = coverage_for_config(half, cfg)
+    assert cov["small_objects"]["student"] == {"objects": 2, "covered": 1, "covered_pct": 50.0}
+    text = format_stats({**dataset_stats(half), "anchor_coverage": cov}, half)
+    assert "all under 32 px 50.0%" in text
+    warning = [line for line in text.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "50.0% of its 2 objects under 32 px" in warning[0]
+    assert "model.detector=fcos" in warning[0] and "model.assigner=atss" in warning[0]
+    assert "student_min_level" not in warning[0]  # already P2
+    full = _one_image_annotations(tmp_path / "full.json", [on_grid])
+    text = format_stats({**dataset_stats(full), "anchor_coverage": coverage_for_config(full, cfg)}, full)
+    assert "all under 32 px 100.0%" in text and "warning" not in text
+
+
 @pytest.mark.parametrize("height,width", [(97, 171), (128, 211), (101, 101)])
 def test_both_views_pad_to_exactly_2x_and_scale_aligned_grids_match(tiny_cfg, height, width):
     cfg = replace(tiny_cfg, model={"student_min_level": 2})

@@ -40,21 +40,24 @@ def dataset_stats(annotation_uri: str) -> dict:
 
 def coverage_for_config(annotation_uri: str, cfg) -> dict:
     """Anchor coverage per size band for the config's student and its teacher (at teacher_scale, own pixels)."""
-    from scalekd.data.coverage import anchor_coverage
+    from scalekd.data.coverage import RPN_POSITIVE_IOU, anchor_coverage, small_object_coverage
     from scalekd.train.loop import student_spec, teacher_spec
 
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
     m = cfg.model
-    if m.assigner == "atss":
+    if m.detector == "fcos":
+        assigner = "fcos's centre sampling and per-level size ranges"
+    elif m.detector == "faster_rcnn":
+        assigner = f"the RPN's max_iou (positive at IoU >= {RPN_POSITIVE_IOU:g})"
+    elif m.assigner == "atss":
         assigner = f"atss (k {m.atss_topk})"
-    elif m.detector == "retinanet":
-        assigner = f"max_iou (positive at IoU >= {m.positive_iou:g})"
     else:
-        assigner = m.assigner
-    return {"detector": m.detector, "assigner": assigner,
-            "student": anchor_coverage(data, student_spec(cfg, classes), m.assigner, m.atss_topk),
-            "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
+        assigner = f"max_iou (positive at IoU >= {m.positive_iou:g})"
+    roles = {"student": anchor_coverage(data, student_spec(cfg, classes), m.assigner, m.atss_topk),
+             "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
+    return {"detector": m.detector, "assigner": assigner, "student_min_level": student_spec(cfg, classes).min_level,
+            **roles, "small_objects": {role: small_object_coverage(bands) for role, bands in roles.items()}}
 
 
 def holdout_shares(annotation_uri: str, fraction: float) -> dict:
@@ -75,6 +78,24 @@ def holdout_shares(annotation_uri: str, fraction: float) -> dict:
     return shares
 
 
+def _coverage_warning(cov: dict) -> list[str]:
+    """A named warning when the student's anchors miss more small objects than issue 12's bar allows: those
+    objects train as background, and no distillation can give them back. Names the options that cover more."""
+    from scalekd.data.coverage import COVERAGE_TARGET_PCT, SMALL_SIDE
+
+    small = cov["small_objects"]["student"]
+    if small["covered_pct"] is None or small["covered_pct"] >= COVERAGE_TARGET_PCT:
+        return []
+    options = ["model.student_min_level=2"] * (cov["student_min_level"] > 2 and cov["detector"] != "faster_rcnn")
+    if cov["detector"] != "fcos":
+        options.append("model.detector=fcos")
+    if cov["detector"] == "retinanet":
+        options += ["model.assigner=atss", "a lower model.positive_iou"]
+    return [f"  warning: the student's anchors cover {small['covered_pct']}% of its {small['objects']} objects under "
+            f"{SMALL_SIDE} px (below {COVERAGE_TARGET_PCT:g}%): the rest train as background. Options that cover "
+            f"more: {', '.join(options) or 'larger inputs (data.student_size)'} (README, The method: how each trains)"]
+
+
 def format_stats(stats: dict, title: str) -> str:
     lines = [title, f"  images            {stats['images']}", f"  objects           {stats['annotations']}",
              f"  ignore regions    {stats['ignore_regions']}",
@@ -86,13 +107,17 @@ def format_stats(stats: dict, title: str) -> str:
     lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
     if "anchor_coverage" in stats:
         cov = stats["anchor_coverage"]
-        rule = ("that get a positive anchor" if cov.get("assigner", "").startswith("atss")
+        rule = ("that get a positive anchor" if cov.get("assigner", "").startswith(("atss", "fcos's"))
                 else "some anchor reaches the positive threshold for")
-        lines.append(f"  anchor coverage ({cov['detector']}, {cov.get('assigner', 'max_iou')} assignment; side in "
+        lines.append(f"  anchor coverage ({cov['detector']}, assignment: {cov.get('assigner', 'max_iou')}; side in "
                      f"each model's input pixels; % of objects {rule}):")
         for role in ("student", "teacher"):
             cells = [f"{band} {v['covered_pct']}% of {v['objects']}" for band, v in cov[role].items() if v["objects"]]
+            small = cov["small_objects"][role]
+            if small["objects"]:
+                cells.append(f"all under 32 px {small['covered_pct']}%")
             lines.append(f"    {role:<8} " + "; ".join(cells))
+        lines += _coverage_warning(cov)
     if "teacher_holdout" in stats:
         held = stats["teacher_holdout"]
         lines.append(f"  data.teacher_holdout {held['share']} (by source image):")
