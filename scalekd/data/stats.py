@@ -46,17 +46,19 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
     m = cfg.model
+    threshold_rule = "some anchor reaches the positive threshold for"
     if m.detector == "fcos":
-        assigner = "fcos's centre sampling and per-level size ranges"
+        assigner, rule = "fcos's centre sampling and per-level size ranges", "that get a positive location"
     elif m.detector == "faster_rcnn":
-        assigner = f"the RPN's max_iou (positive at IoU >= {RPN_POSITIVE_IOU:g})"
+        assigner, rule = f"the RPN's max_iou (positive at IoU >= {RPN_POSITIVE_IOU:g})", threshold_rule
     elif m.assigner == "atss":
-        assigner = f"atss (k {m.atss_topk})"
+        assigner, rule = f"atss (k {m.atss_topk})", "that get a positive anchor"
     else:
-        assigner = f"max_iou (positive at IoU >= {m.positive_iou:g})"
-    roles = {"student": anchor_coverage(data, student_spec(cfg, classes), m.assigner, m.atss_topk),
+        assigner, rule = f"max_iou (positive at IoU >= {m.positive_iou:g})", threshold_rule
+    student = student_spec(cfg, classes)
+    roles = {"student": anchor_coverage(data, student, m.assigner, m.atss_topk),
              "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
-    return {"detector": m.detector, "assigner": assigner, "student_min_level": student_spec(cfg, classes).min_level,
+    return {"detector": m.detector, "assigner": assigner, "rule": rule, "student_min_level": student.min_level,
             **roles, "small_objects": {role: small_object_coverage(bands) for role, bands in roles.items()}}
 
 
@@ -106,16 +108,16 @@ def format_stats(stats: dict, title: str) -> str:
     lines.append("  per category:")
     lines += [f"    {name:<20} {count}" for name, count in stats["per_category"].items()]
     if "anchor_coverage" in stats:
+        from scalekd.data.coverage import SMALL_SIDE
+
         cov = stats["anchor_coverage"]
-        rule = ("that get a positive anchor" if cov.get("assigner", "").startswith(("atss", "fcos's"))
-                else "some anchor reaches the positive threshold for")
-        lines.append(f"  anchor coverage ({cov['detector']}, assignment: {cov.get('assigner', 'max_iou')}; side in "
-                     f"each model's input pixels; % of objects {rule}):")
+        lines.append(f"  anchor coverage ({cov['detector']}, assignment: {cov['assigner']}; side in "
+                     f"each model's input pixels; % of objects {cov['rule']}):")
         for role in ("student", "teacher"):
             cells = [f"{band} {v['covered_pct']}% of {v['objects']}" for band, v in cov[role].items() if v["objects"]]
             small = cov["small_objects"][role]
             if small["objects"]:
-                cells.append(f"all under 32 px {small['covered_pct']}%")
+                cells.append(f"all under {SMALL_SIDE} px {small['covered_pct']}%")
             lines.append(f"    {role:<8} " + "; ".join(cells))
         lines += _coverage_warning(cov)
     if "teacher_holdout" in stats:
