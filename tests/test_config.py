@@ -35,6 +35,7 @@ def test_overrides_and_paper_defaults():
     ("distill.kd_ramp_iterations=2.5", "distill.kd_ramp_iterations", "integer"),
     ("distill.kd_ramp_iterations=ten", "distill.kd_ramp_iterations", "integer"),
     ("distill.csa.starts_as=assistant", "distill.csa.starts_as", "student or teacher"),
+    ("model.detector=fcos model.fpn_channels=48", "model.fpn_channels", "multiple of 32"),
     # A teacher start needs the teacher's P_{l+1} head to predict on the student's anchors: each condition alone.
     ("distill.csa.starts_as=teacher distill.csa.head=shared", "distill.csa.starts_as", "head=own"),
     ("distill.csa.starts_as=teacher model.detector=faster_rcnn", "distill.csa.starts_as", "one-stage"),

@@ -54,6 +54,24 @@ def test_export_parity_torchscript_and_onnx(trained, tmp_path, synth_root):
     assert scripted is not None
 
 
+def test_export_parity_of_an_fcos_p2_student(tiny_cfg, tmp_path, synth_root):
+    """The demo and bench presets' student (FCOS, P2-P6): its post-processing differs from RetinaNet's
+    (centre-ness times class score), so both exported formats are checked against eager on it too."""
+    from scalekd.data.synth import CLASSES
+    from scalekd.models.detectors import build_detector
+    from scalekd.train.loop import student_spec
+
+    cfg = replace(tiny_cfg, model={"detector": "fcos", "student_min_level": 2, "fpn_channels": 64})
+    spec = student_spec(cfg, len(CLASSES))
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
+    fresh = ckpt.save_model(build_detector(spec), spec, str(tmp_path / "fresh"), categories, {"stage": "warmup"})
+    card = export_model(_spread_scores(fresh, str(tmp_path / "spread")), str(tmp_path / "export"), synth_root,
+                        images=3)
+    parity = card["parity"]
+    assert parity["detections_compared"] > 20
+    assert parity["onnx_max_box_diff"] <= 0.05 and parity["torchscript_max_box_diff"] <= 0.05
+
+
 def test_parity_mismatch_fails_loudly():
     ref = {"boxes": [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]], "scores": [0.9, 0.5, 0.2], "labels": [1, 2, 1]}
     assert compare(ref, ref)["ok"] and compare(ref, ref)["count_compared"] == 2
