@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from scalekd.config import Config
@@ -38,3 +40,12 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def changed(before: dict, module: torch.nn.Module) -> set[str]:
     return {k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())}
+
+
+def write_coco(tmp_path, images, annotations, categories=None, name="ann.json") -> str:
+    """A COCO annotation file under ``tmp_path`` (categories default to car and bus)."""
+    data = {"images": images, "annotations": annotations,
+            "categories": categories or [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}]}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)

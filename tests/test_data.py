@@ -10,14 +10,7 @@ from scalekd import storage
 from scalekd.data import convert, stats, synth
 from scalekd.data.coco import CocoDetection, DataError, dataset_from_root, load_coco_json
 from scalekd.data.transforms import DualResolutionCollate
-
-
-def _write_coco(tmp_path, images, annotations, categories=None, name="ann.json"):
-    data = {"images": images, "annotations": annotations,
-            "categories": categories or [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}]}
-    path = tmp_path / name
-    path.write_text(json.dumps(data))
-    return str(path)
+from tests.helpers import write_coco as _write_coco
 
 
 def _write_png(path, w=40, h=30):

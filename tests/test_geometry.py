@@ -15,7 +15,7 @@ from scalekd.eval.predict import predict
 from scalekd.models.detectors import DetectorSpec, build_detector
 from scalekd.models.parts import DetectorParts, atss_match
 from scalekd.train.loop import StageRequest, student_spec, teacher_spec
-from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch
+from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch, write_coco
 
 P2_RETINANET = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2)
 
@@ -133,14 +133,9 @@ def test_data_stats_reports_coverage_for_the_student_and_the_teacher_at_2x(synth
 
 
 def _one_image_annotations(path, boxes_xywh):
-    import json
-
-    path.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "height": 128, "width": 128}],
-        "categories": [{"id": 1, "name": "thing"}],
-        "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3]}
-                        for i, box in enumerate(boxes_xywh, 1)]}))
-    return str(path)
+    return write_coco(path.parent, [{"id": 1, "file_name": "a.png", "height": 128, "width": 128}],
+                      [{"id": i, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3]}
+                       for i, box in enumerate(boxes_xywh, 1)], [{"id": 1, "name": "thing"}], path.name)
 
 
 def test_data_stats_pools_the_small_bands_and_warns_with_the_options_when_the_student_covers_under_90pct(tmp_path):
