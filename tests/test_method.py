@@ -6,7 +6,7 @@ from scalekd.distill.assisted import AssistedDetector
 from scalekd.distill.csa import CrossScaleAttention
 from scalekd.distill.distiller import Distiller
 from scalekd.distill.sdf import ScaleDecoupledFeatures
-from scalekd.models.detectors import build_detector
+from scalekd.models.detectors import SingleValueGroupNorm, build_detector
 from scalekd.models.parts import DetectorParts
 from scalekd.train.loop import student_spec
 from tests.helpers import build_pair, changed, distiller_with_optimizers, snapshot, tiny_batch
@@ -86,6 +86,21 @@ def test_teacher_is_not_part_of_the_distillers_state_or_parameters(tiny_cfg):
     assert not any(k.startswith("_teacher") for k in distiller.state_dict())
     distiller.train()
     assert not distiller.teacher.training
+
+
+def test_a_32_channel_fcos_detects_one_64_px_image_and_its_group_norm_matches_torchs(tiny_cfg):
+    # FPN 32 with GroupNorm(32): the 1x1 P7 of one 64 px image holds one value per group (torch's F.group_norm
+    # refuses it; stop 33 found the export of such a model failing).
+    model = build_detector(student_spec(replace(tiny_cfg, model={"detector": "fcos"}), 4)).eval()
+    with torch.no_grad():
+        assert set(model([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+    torch_norm, ours = torch.nn.GroupNorm(32, 32), SingleValueGroupNorm(32, 32)
+    torch.nn.init.normal_(torch_norm.bias)
+    ours.load_state_dict(torch_norm.state_dict())
+    x = torch.randn(2, 32, 3, 3)
+    assert torch.equal(ours(x), torch_norm(x))
+    one_value = ours(torch.randn(1, 32, 1, 1)).flatten()  # (x - mean) is 0, up to rounding times 1/sqrt(eps)
+    assert torch.allclose(one_value, torch_norm.bias, atol=1e-4)
 
 
 def test_distilled_student_has_exactly_the_plain_students_keys_and_shapes(tiny_cfg):

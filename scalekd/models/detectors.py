@@ -120,7 +120,7 @@ def _build(spec: DetectorSpec) -> nn.Module:
         return RetinaNet(backbone, spec.num_classes + 1, anchor_generator=anchors, fg_iou_thresh=spec.positive_iou,
                          bg_iou_thresh=spec.negative_iou, **common)
     if spec.detector == "fcos":
-        return FCOS(backbone, spec.num_classes + 1, anchor_generator=anchors, **common)
+        return _with_single_value_group_norm(FCOS(backbone, spec.num_classes + 1, anchor_generator=anchors, **common))
     if spec.detector == "faster_rcnn":
         representation = min(1024, spec.fpn_channels * 4)
         box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, representation)
@@ -128,6 +128,24 @@ def _build(spec: DetectorSpec) -> nn.Module:
         return FasterRCNN(backbone, rpn_anchor_generator=anchors, box_head=box_head, box_predictor=predictor,
                           **common)
     raise ValueError(f"unknown detector {spec.detector!r}")
+
+
+class SingleValueGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also normalises a group holding one value (to its bias, what the formula gives), where
+    ``F.group_norm`` raises "Expected more than 1 value per channel". FCOS's head uses GroupNorm(32, channels): at
+    ``fpn_channels`` 32 each group is one channel, so a 1x1 pyramid level at batch 1 (a 64 px student's P6/P7 at
+    export or single-image inference) has one value per group. Same parameters and outputs wherever torch accepts
+    the input; the ONNX export traces the same ``aten::group_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
+
+
+def _with_single_value_group_norm(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = SingleValueGroupNorm
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
