@@ -82,6 +82,15 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
     return out
 
 
+def _beats(gains: list[float]) -> str:
+    """'Beats' needs the paired interval above zero: a positive mean whose interval spans zero is a tie, not a win
+    (stop 33's headline called +0.03 over OD, interval [-0.9, +1.0], 'MET')."""
+    interval = paired_interval(gains)
+    if statistics.mean(gains) <= 0:
+        return "NOT MET"
+    return "MET" if interval is not None and interval[0] > 0 else "NOT SHOWN (a tie within the interval)"
+
+
 def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
     """One line per target of issue 12 for ``ours_name``; 'not assessed' where a variant did not run."""
     get = lambda name: variants.get(name, {}).get("per_seed", [])  # noqa: E731
@@ -107,9 +116,8 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
     for baseline in ("fitnet", "od", "pkd", "crosskd"):
         if ours and get(baseline):
             gains = _paired(ours, get(baseline))
-            out[f"beats {baseline} on AP_S"] = (f"{'MET' if gains and statistics.mean(gains) > 0 else 'NOT MET'}: "
-                                                f"{statistics.mean(gains):+.2f} over {len(gains)} paired seed(s); "
-                                                f"{_resolved(gains, 0.0)}")
+            out[f"beats {baseline} on AP_S"] = (f"{_beats(gains)}: {statistics.mean(gains):+.2f} over {len(gains)} "
+                                                f"paired seed(s); {_resolved(gains, 0.0)}")
         else:
             out[f"beats {baseline} on AP_S"] = "not assessed (not run)"
     return out

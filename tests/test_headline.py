@@ -47,3 +47,14 @@ def test_the_table_pairs_every_student_with_ours_but_not_the_teacher():
                                             "scalekd": _seeds([50.0, 53.0])})}
     assert table["warm"]["scalekd AP_S minus this, per seed"] == "+30.00, +31.00"
     assert "95% interval" not in table["teacher"] and "95% interval" not in table["scalekd"]
+
+
+def test_beating_a_baseline_needs_the_interval_above_zero_not_a_positive_mean():
+    plain = _seeds([5.0, 5.0, 5.0])
+    tie = verdicts({"scalekd": _seeds([10.5, 9.0, 11.0]), "od": _seeds([10.0, 10.0, 10.0]), "plain": plain})
+    win = verdicts({"scalekd": _seeds([11.0, 11.2, 10.9]), "od": _seeds([10.0, 10.0, 10.0]), "plain": plain})
+    loss = verdicts({"scalekd": _seeds([9.0, 9.5, 10.1]), "od": _seeds([10.0, 10.0, 10.0]), "plain": plain})
+    assert tie["beats od on AP_S"].startswith("NOT SHOWN")  # mean +0.17, seeds -1.0..+1.0
+    assert win["beats od on AP_S"].startswith("MET") and win["beats od on AP_S"].endswith(", resolved")
+    assert loss["beats od on AP_S"].startswith("NOT MET")
+    assert tie["beats fitnet on AP_S"] == "not assessed (not run)"
