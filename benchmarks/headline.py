@@ -84,7 +84,7 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
 
 def _beats(gains: list[float]) -> str:
     """'Beats' needs the paired interval above zero: a positive mean whose interval spans zero is a tie, not a win
-    (stop 33's headline called +0.03 over OD, interval [-0.9, +1.0], 'MET')."""
+    (stop 33's headline called +0.03 over OD, interval [-0.54, +0.60], 'MET')."""
     interval = paired_interval(gains)
     if statistics.mean(gains) <= 0:
         return "NOT MET"
