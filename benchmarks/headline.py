@@ -59,12 +59,17 @@ def _interval_text(diffs: list[float]) -> str:
     return "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
-def _resolved(diffs: list[float], threshold: float) -> str:
-    """Whether the 95% interval lies above ``threshold`` (what a verdict on the mean cannot say alone)."""
+def _above(diffs: list[float], threshold: float) -> bool:
+    """Whether the 95% interval lies above ``threshold`` (one seed has no interval: never)."""
     interval = paired_interval(diffs)
-    if interval is None:
+    return interval is not None and interval[0] > threshold
+
+
+def _resolved(diffs: list[float], threshold: float) -> str:
+    """The interval and whether it is above ``threshold`` (what a verdict on the mean cannot say alone)."""
+    if len(diffs) < 2:
         return "one seed, not resolved"
-    return f"95% interval {_interval_text(diffs)}, {'resolved' if interval[0] > threshold else 'not resolved'}"
+    return f"95% interval {_interval_text(diffs)}, {'resolved' if _above(diffs, threshold) else 'not resolved'}"
 
 
 def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
@@ -85,10 +90,9 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
 def _beats(gains: list[float]) -> str:
     """'Beats' needs the paired interval above zero: a positive mean whose interval spans zero is a tie, not a win
     (stop 33's headline called +0.03 over OD, interval [-0.54, +0.60], 'MET')."""
-    interval = paired_interval(gains)
     if statistics.mean(gains) <= 0:
         return "NOT MET"
-    return "MET" if interval is not None and interval[0] > 0 else "NOT SHOWN (a tie within the interval)"
+    return "MET" if _above(gains, 0.0) else "NOT SHOWN (a tie within the interval)"
 
 
 def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:

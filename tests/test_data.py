@@ -10,7 +10,7 @@ from scalekd import storage
 from scalekd.data import convert, stats, synth
 from scalekd.data.coco import CocoDetection, DataError, dataset_from_root, load_coco_json
 from scalekd.data.transforms import DualResolutionCollate
-from tests.helpers import write_coco as _write_coco
+from tests.helpers import write_coco
 
 
 def _write_png(path, w=40, h=30):
@@ -39,7 +39,7 @@ def test_synthetic_data_is_deterministic_and_mostly_small(tmp_path):
 def test_crowd_boxes_become_ignore_regions_and_degenerate_boxes_are_dropped(tmp_path):
     (tmp_path / "img").mkdir()
     _write_png(tmp_path / "img" / "a.png")
-    ann = _write_coco(tmp_path, [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}], [
+    ann = write_coco(tmp_path, [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}], [
         {"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 2, 10, 8], "iscrowd": 0},
         {"id": 2, "image_id": 7, "category_id": 2, "bbox": [30, 20, 20, 20], "iscrowd": 0},  # clipped
         {"id": 3, "image_id": 7, "category_id": 1, "bbox": [5, 5, 0, 4], "iscrowd": 0},  # degenerate
@@ -72,7 +72,7 @@ def test_malformed_json_names_file_and_position(tmp_path):
      [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}], None, "expected \\[x, y, width, height\\]"),
 ])
 def test_bad_annotations_get_clear_errors(tmp_path, images, anns, cats, words):
-    path = _write_coco(tmp_path, images, anns, cats)
+    path = write_coco(tmp_path, images, anns, cats)
     with pytest.raises(DataError, match=words) as err:
         load_coco_json(path)
     assert "ann.json" in str(err.value)
@@ -84,14 +84,14 @@ def test_corrupt_or_truncated_image_is_named(tmp_path, content):
     _write_png(tmp_path / "img" / "bad.png", 64, 64)
     raw = (tmp_path / "img" / "bad.png").read_bytes()
     (tmp_path / "img" / "bad.png").write_bytes(content if content is not None else raw[: len(raw) // 2])
-    ann = _write_coco(tmp_path, [{"id": 1, "file_name": "bad.png", "width": 64, "height": 64}], [])
+    ann = write_coco(tmp_path, [{"id": 1, "file_name": "bad.png", "width": 64, "height": 64}], [])
     ds = CocoDetection(ann, str(tmp_path / "img"))
     with pytest.raises(DataError, match="bad.png: cannot decode image"):
         ds[0]
 
 
 def test_missing_image_file_is_named(tmp_path):
-    ann = _write_coco(tmp_path, [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8}], [])
+    ann = write_coco(tmp_path, [{"id": 1, "file_name": "gone.png", "width": 8, "height": 8}], [])
     with pytest.raises(DataError, match="gone.png: no such file"):
         CocoDetection(ann, str(tmp_path))[0]
 
@@ -221,7 +221,7 @@ def test_non_finite_numbers_and_duplicate_ids_are_refused_naming_the_file(tmp_pa
 
 
 def test_duplicate_category_ids_are_refused(tmp_path):
-    path = _write_coco(tmp_path, [_IMAGE], [], [{"id": 1, "name": "car"}, {"id": 1, "name": "bus"}])
+    path = write_coco(tmp_path, [_IMAGE], [], [{"id": 1, "name": "car"}, {"id": 1, "name": "bus"}])
     with pytest.raises(DataError, match="duplicate categories ids 1"):
         load_coco_json(path)
 
@@ -231,7 +231,7 @@ def test_ignore_without_iscrowd_is_an_ignore_region_in_loading_and_in_evaluation
 
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 5, 10, 10], "ignore": 1}]
-    gt = load_coco_json(_write_coco(tmp_path, [_IMAGE], anns))
+    gt = load_coco_json(write_coco(tmp_path, [_IMAGE], anns))
     assert gt["annotations"][1]["iscrowd"] == 1
     perfect = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9}]
     assert evaluate_detections(gt, perfect)["AP"] == pytest.approx(1.0)  # the ignored one is no missed object
@@ -390,7 +390,7 @@ def test_missing_or_non_folder_sources_and_unaccepted_image_types_are_named(tmp_
 def test_data_stats_refuses_a_nan_box(tmp_path, capsys):
     from scalekd.cli import main
 
-    path = _write_coco(tmp_path, [_IMAGE], [{"id": 1, "image_id": 1, "category_id": 1,
+    path = write_coco(tmp_path, [_IMAGE], [{"id": 1, "image_id": 1, "category_id": 1,
                                              "bbox": [10, 10, float("nan"), 8]}])
     assert main(["data", "stats", path]) == 2
     assert "finite numbers" in capsys.readouterr().err
@@ -502,8 +502,8 @@ def test_holdout_split_gives_the_teacher_and_the_students_disjoint_source_images
     annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9, "iscrowd": 0}
                    for i in range(12)]
     (root / "annotations").mkdir()
-    _write_coco(root / "annotations", images, annotations, name="instances_train.json")
-    _write_coco(root / "annotations", images[:2], annotations[:2], name="instances_val.json")
+    write_coco(root / "annotations", images, annotations, name="instances_train.json")
+    write_coco(root / "annotations", images[:2], annotations[:2], name="instances_val.json")
     teacher, students = holdout_roots(str(root))
     halves = [json.loads((Path(r) / "annotations" / "instances_train.json").read_text()) for r in (teacher, students)]
     sources = [{im["source_image_id"] for im in half["images"]} for half in halves]
@@ -531,7 +531,7 @@ def test_teacher_holdout_gives_each_stage_its_share_by_source_image(tmp_path):
     images += [{"id": 200 + i, "file_name": f"own{i}.png", "width": 8, "height": 8} for i in range(10)]  # no source
     annotations = [{"id": im["id"], "image_id": im["id"], "category_id": 1 + im["id"] % 2, "bbox": [1, 1, 3, 3],
                     "area": 9, "iscrowd": 0} for im in images]
-    _write_coco(root / "annotations", images, annotations, name="instances_train.json")
+    write_coco(root / "annotations", images, annotations, name="instances_train.json")
     assert stage_images("teacher", 0.0) is None and stage_images("distill", 0) is None
     shares = {stage: dataset_from_root(str(root), "train", keep=stage_images(stage, 0.5))
               for stage in ("teacher", "warmup", "distill")}
