@@ -212,6 +212,9 @@ def main() -> None:
     for given in filter(None, (args.teacher_model, args.warm_model)):
         if not os.path.isfile(given):
             ap.error(f"no such model file: {given}")
+    args.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for dataset in args.datasets:  # before any training: a refusal at the end would cost the run
+        mergeable_headline(args, dataset)
     os.environ.setdefault("SCALEKD_NO_PROGRESS", "1")
     summary: dict = {}
     started = time.time()
@@ -309,27 +312,76 @@ def headline_variants(seeds: list[int], runs: dict[str, list[dict]]) -> dict:
 
 def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: str = "synth") -> str:
     """benchmarks/results/<out>_headline.json (``<out>_<dataset>_headline.json`` for a real dataset): per variant,
-    its per-seed metrics (%); ``headline.py`` pairs them."""
+    its per-seed metrics (%); ``headline.py`` pairs them. With ``--merge-headline`` an earlier call's seeds stay
+    (``mergeable_headline`` has checked at start-up that they were run the same way), and ``calls`` keeps each
+    call's own wall time: ``wall_s`` is their sum."""
     variants = headline_variants(args.seeds, runs)
-    protocol = _protocol(args)
+    key = headline_key(args)
+    path = os.path.join(RESULTS, headline_name(args, dataset))
+    calls = [{"out": args.out, "seeds": args.seeds, "variants": args.variants, "started": args.started,
+              "wall_s": round(wall_s)}]
+    old = mergeable_headline(args, dataset)
+    if old is not None:
+        for variant, entry in old["variants"].items():  # per seed: a later run of other seeds adds to them
+            fresh = {r["seed"] for r in variants.get(variant, {}).get("per_seed", [])}
+            kept = [r for r in entry["per_seed"] if r["seed"] not in fresh]
+            merged = sorted(kept + variants.get(variant, {}).get("per_seed", []), key=lambda r: r["seed"])
+            variants[variant] = {"per_seed": merged}
+        earlier = old.get("calls") or [{"out": None, "wall_s": old.get("wall_s", 0)}]  # files from before calls
+        calls = [c for c in earlier if c.get("started") != args.started] + calls  # this call: after every seed
+    doc = {**key, "overrides": args.overrides, "dataset": dataset, "wall_s": sum(c["wall_s"] for c in calls),
+           "calls": calls, "variants": variants}
+    return write_json(os.path.basename(path), doc)
+
+
+def headline_name(args, dataset: str) -> str:
     headline = args.headline or args.out.replace(".json", "_headline.json")
-    if dataset != "synth":
-        headline = headline.replace("_headline.json", f"_{dataset}_headline.json")
-    previous = os.path.join(RESULTS, headline)
-    if args.merge_headline and os.path.exists(previous):  # variants run by an earlier call on the same protocol
-        with open(previous) as f:
-            old = json.load(f)
-        if (old.get("protocol"), old.get("preset"), old.get("synth_images")) == (protocol, args.preset,
-                                                                                  args.synth_images):
-            for variant, entry in old["variants"].items():  # per seed: a later run of other seeds adds to them
-                fresh = {r["seed"] for r in variants.get(variant, {}).get("per_seed", [])}
-                kept = [r for r in entry["per_seed"] if r["seed"] not in fresh]
-                merged = sorted(kept + variants.get(variant, {}).get("per_seed", []), key=lambda r: r["seed"])
-                variants[variant] = {"per_seed": merged}
-    doc = {"protocol": protocol, "preset": args.preset, "overrides": args.overrides,
-           "teacher_model": args.teacher_model, "warm_model": args.warm_model,
-           "dataset": dataset, "synth_images": args.synth_images, "wall_s": round(wall_s), "variants": variants}
-    return write_json(headline, doc)
+    return headline if dataset == "synth" else headline.replace("_headline.json", f"_{dataset}_headline.json")
+
+
+def headline_key(args) -> dict:
+    """What must be equal for two calls' seeds to be paired in one headline file: the protocol, the given models
+    and the resolved base config (the variants set ``distill``, the seeds ``train.seed``). The resolved config, not
+    the ``--set`` strings: ``--set model.detector=fcos`` on the FCOS preset is the same run as leaving it out."""
+    return {"protocol": _protocol(args), "preset": args.preset, "synth_images": args.synth_images,
+            "teacher_model": args.teacher_model, "warm_model": args.warm_model,
+            "config": _base_config(args.preset, args.overrides)}
+
+
+def _base_config(preset: str, overrides: list[str]) -> dict:
+    config = load_config(preset=preset, overrides=overrides).to_dict()
+    config.pop("distill")
+    config["train"].pop("seed")
+    return config
+
+
+def mergeable_headline(args, dataset: str) -> dict | None:
+    """The earlier headline file ``--merge-headline`` adds to (None: no merge, or no file yet). Raises SystemExit,
+    naming what differs, where its seeds were run another way: pairing them with this call's would compare unlike
+    runs, and writing without them would lose them."""
+    path = os.path.join(RESULTS, headline_name(args, dataset))
+    if not (args.merge_headline and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    if "config" not in old:  # written before the resolved config was stored: resolve its --set strings now
+        old = {**old, "config": _base_config(old.get("preset", "bench"), old.get("overrides", []))}
+    differs = _differences(old, json.loads(json.dumps(headline_key(args))))
+    if differs:
+        raise SystemExit(f"--merge-headline: {path} was run another way: {'; '.join(differs)}; pass another "
+                         "--headline, or the settings it was run with")
+    return old
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: file's value, this call's value' for each leaf of new that old does not match (dotted keys)."""
+    lines = []
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            lines += _differences(old[key], value, f"{prefix}{key}.")
+        elif old.get(key) != value:
+            lines.append(f"{prefix}{key}: {old.get(key)!r} there, {value!r} here")
+    return lines
 
 
 def _protocol(args) -> str:

@@ -58,3 +58,37 @@ def test_beating_a_baseline_needs_the_interval_above_zero_not_a_positive_mean():
     assert win["beats od on AP_S"].startswith("MET") and win["beats od on AP_S"].endswith(", resolved")
     assert loss["beats od on AP_S"].startswith("NOT MET")
     assert tie["beats fitnet on AP_S"] == "not assessed (not run)"
+
+
+def test_merging_a_headline_adds_seeds_run_the_same_way_and_refuses_others_before_training(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.common
+    import benchmarks.quality as quality
+
+    monkeypatch.setattr(benchmarks.common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
+
+    def call(seeds, *extra, started):
+        args = quality._parser().parse_args(["--variants", "plain", "--headline", "h.json", "--merge-headline",
+                                             "--seeds", *map(str, seeds), *extra])
+        args.started = started
+        return args
+
+    def run(ap_s):
+        return {"AP": 0.3, "AP50": 0.5, "AP75": 0.3, "AP_S": ap_s, "AP_M": 0.4, "AP_L": -1.0, "params": 7}
+
+    quality.write_headline(call([0, 1], started="a"), {"plain": [run(0.40), run(0.41)]}, 100.0)
+    # A --set that the preset already holds is the same run: it merges.
+    same = call([2], "--set", "model.detector=fcos", started="b")
+    assert quality.mergeable_headline(same, "synth") is not None
+    quality.write_headline(same, {"plain": [run(0.42)]}, 50.0)
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert [r["seed"] for r in doc["variants"]["plain"]["per_seed"]] == [0, 1, 2]
+    assert doc["wall_s"] == 150 and [c["wall_s"] for c in doc["calls"]] == [100, 50]
+    before = (tmp_path / "h.json").read_text()
+    with pytest.raises(SystemExit, match=r"train\.distill_iterations"):
+        quality.mergeable_headline(call([3], "--set", "train.distill_iterations=900", started="c"), "synth")
+    with pytest.raises(SystemExit, match="warm_model"):
+        quality.mergeable_headline(call([3], "--warm-model", "w.pt", started="c"), "synth")
+    assert (tmp_path / "h.json").read_text() == before  # nothing lost
