@@ -6,8 +6,8 @@ result and ``<out>_headline.json`` (every variant's per-seed metrics; ``--merge-
 earlier run's); ``benchmarks/headline.py`` judges issue 12's targets from it.
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
-                                 [--variants plain fitnet od pkd crosskd scalekd scalekd_no_teacher scalekd_paper
-                                             no_sdf no_csa plain_attention no_locality no_assistant_warmup]
+                                 [--variants plain fitnet od pkd crosskd scalekd scalekd_crosskd scalekd_no_teacher
+                                             scalekd_paper no_sdf no_csa plain_attention no_locality no_assistant_warmup]
 
 ``--shared-teacher`` trains the teacher and the warm student once, in the *first* listed seed's folder, and
 lets the seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then
@@ -47,6 +47,9 @@ VARIANTS = {
     # Wang et al. 2024: the student's head features finished by the 2x teacher's head (its P_{l+1}), distilled
     # towards the teacher's own predictions (scalekd/distill/crosskd.py).
     "crosskd": {"method": "crosskd"},
+    # ScaleKD with CrossKD's cross-head terms beside it, from the same 2x teacher (distill.cross_head_weight); its
+    # no-teacher control is scalekd_no_teacher's (every teacher input from the student: no cross-head terms either).
+    "scalekd_crosskd": {"cross_head_weight": 1.0},
     "scalekd": {},  # the default recipe ("aligned"): the assistant starts as the teacher's predictions
     # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
     "scalekd_no_teacher": {"csa": {"keys_from": "student"}},

@@ -199,6 +199,12 @@ class DistillConfig:
     # weight the first steps' output term is ~20x the detection loss (KIT: kd/cls ~23 x beta 0.2 against a focal
     # loss of 0.2) and knocks the warm student's classification back (its focal loss 0.2 -> 1.0).
     kd_ramp_iterations: int = 0
+    # Not in the paper: with method=scalekd, CrossKD's cross-head terms (the student's head features finished by the
+    # 2x teacher's head on its scale-aligned maps, distilled towards that head's own predictions; scalekd/distill/
+    # crosskd.py, distill.crosskd) added to ScaleKD's loss at this multiple of CrossKD's weights (0: none). Both
+    # signals come from the same 2x teacher: the assistant's targets reach the student's outputs, the cross-head
+    # terms its head features. The no-teacher control (csa.keys_from=student) must leave it at 0.
+    cross_head_weight: float = 0.0
     sdf: SDFConfig = field(default_factory=SDFConfig)
     csa: CSAConfig = field(default_factory=CSAConfig)
     crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
@@ -618,6 +624,13 @@ def _validate_distill(cfg: Config) -> None:
     _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
            "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
     _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
+    _check(k.cross_head_weight >= 0, "distill.cross_head_weight", k.cross_head_weight,
+           ">= 0 (0: no cross-head terms)")
+    _check(k.cross_head_weight == 0 or (k.method == "scalekd" and cfg.one_stage and k.pairing == "scale_aligned"
+                                        and k.csa.keys_from == "teacher"), "distill.cross_head_weight",
+           k.cross_head_weight, "0 unless distill.method=scalekd (distill.method=crosskd is CrossKD alone) on a "
+           "one-stage detector with distill.pairing=scale_aligned and distill.csa.keys_from=teacher (the no-teacher "
+           "control must not see the teacher's head)")
 
 
 def _validate_assistant(cfg: Config) -> None:

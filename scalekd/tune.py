@@ -5,7 +5,8 @@ weak trials.
 Distillation losses can sit orders of magnitude above or below the detection loss on a new dataset;
 this search is the documented answer (DESIGN.md, "Loss scales"). ``teacher_anchor`` (not in the paper) is in the
 space because whether it pays depends on the data (README, Results: it helps on KIT AIS cars and costs on the
-synthetic set), so a user settles it on their own validation set.
+synthetic set), so a user settles it on their own validation set; so is ``cross_head_weight`` (CrossKD's cross-head
+terms beside ScaleKD's, not in the paper), for the same reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from scalekd.config import Config, ConfigError, replace
 log = logging.getLogger(__name__)
 WEIGHTS = ("alpha", "beta", "gamma")
 # What a search may vary, and where each lives under ``distill``.
-SEARCHABLE = {"alpha": ("alpha",), "beta": ("beta",), "gamma": ("gamma",), "teacher_anchor": ("csa", "teacher_anchor")}
+SEARCHABLE = {"alpha": ("alpha",), "beta": ("beta",), "gamma": ("gamma",), "teacher_anchor": ("csa", "teacher_anchor"),
+              "cross_head_weight": ("cross_head_weight",)}
 
 
 @dataclass(frozen=True)

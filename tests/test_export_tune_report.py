@@ -151,6 +151,11 @@ def test_a_search_space_the_config_refuses_fails_before_any_trial(tiny_cfg):
         space.validate(control)
     with pytest.raises(ConfigError, match="distill.csa.teacher_anchor"):
         run_tune(control, "t.pt", "s.pt", "data", "out", space)
+    cross_head = TuneSpace.parse("cross_head_weight=0|1")
+    assert replace(tiny_cfg, distill=distill_overrides({"cross_head_weight": 1.0})).distill.cross_head_weight == 1.0
+    cross_head.validate(tiny_cfg)
+    with pytest.raises(ConfigError, match="distill.cross_head_weight"):
+        cross_head.validate(control)
 
 
 def test_report_has_table_charts_and_drawn_examples(trained, tmp_path, synth_root):

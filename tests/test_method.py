@@ -487,6 +487,37 @@ def test_crosskd_needs_a_dense_head_and_a_conv_of_the_head(tiny_cfg):
     assert cfg.loss_weights()[1:] == (1.0, 1.0)  # CrossKD's own weights unless beta/gamma are given
 
 
+@pytest.mark.parametrize("detector", ("retinanet", "fcos"))
+def test_scalekd_with_cross_head_terms_adds_them_at_their_weight_to_the_student_loss(tiny_cfg, detector):
+    cfg = replace(tiny_cfg, model={"detector": detector}, distill={"cross_head_weight": 2.0})
+    torch.manual_seed(0)
+    distiller, opt = distiller_with_optimizers(cfg)
+    logs = distiller.train_step(tiny_batch(cfg), opt)
+    assert {"cross/cls", "cross/bbox", "kd/cls", "kd/bbox", "kd/feat"} <= set(logs)
+    alpha, beta, gamma = cfg.loss_weights()
+    weights = {"kd/feat": alpha, "kd/cls": beta, "kd/ctr": beta, "kd/bbox": gamma, "cross/cls": 2.0, "cross/bbox": 2.0}
+    terms = {k: v for k, v in logs.items() if k.startswith(("det/", "kd/", "cross/"))}
+    expected = sum(weights.get(k, 1.0) * float(v) for k, v in terms.items())
+    assert float(logs["loss/total"]) == pytest.approx(expected, rel=1e-5)
+    assert float(logs["cross/cls"]) > 0
+    without = distiller_with_optimizers(replace(cfg, distill={"cross_head_weight": 0.0}))
+    assert not any(k.startswith("cross/") for k in without[0].train_step(tiny_batch(cfg), without[1]))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"distill": {"cross_head_weight": -1.0}}, "cross_head_weight"),
+    ({"distill": {"cross_head_weight": 1.0, "method": "fitnet"}}, "cross_head_weight"),
+    ({"distill": {"cross_head_weight": 1.0, "method": "crosskd"}}, "cross_head_weight"),
+    ({"distill": {"cross_head_weight": 1.0, "csa": {"keys_from": "student"}}}, "cross_head_weight"),
+    ({"distill": {"cross_head_weight": 1.0, "pairing": "same_level"}, "model": {"student_min_level": 3}},
+     "cross_head_weight"),
+    ({"distill": {"cross_head_weight": 1.0}, "model": {"detector": "faster_rcnn"}}, "cross_head_weight"),
+])
+def test_cross_head_terms_refuse_what_they_cannot_run_on_and_the_no_teacher_control(tiny_cfg, overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        replace(tiny_cfg, **overrides)
+
+
 def test_crosskd_alignment_of_a_one_cell_map_of_one_image_is_finite():
     from scalekd.distill.crosskd import align_scale
 

@@ -381,6 +381,14 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
     crosskd = replace(tiny_cfg, distill={"method": "crosskd"})
     assert distill_key(crosskd.to_dict()) != distill_key(
         replace(crosskd, distill={"crosskd": {"head_index": 2}}).to_dict())
+    # The cross-head weight, added later: 0 keys as if absent; above 0 it reads CrossKD's section too.
+    before_cross_head = tiny_cfg.to_dict()
+    del before_cross_head["distill"]["cross_head_weight"]
+    assert distill_key(before_cross_head) == distill_key(tiny_cfg.to_dict())
+    cross_head = replace(tiny_cfg, distill={"cross_head_weight": 1.0})
+    assert distill_key(cross_head.to_dict()) != distill_key(tiny_cfg.to_dict())
+    assert distill_key(cross_head.to_dict()) != distill_key(
+        replace(cross_head, distill={"crosskd": {"head_index": 2}}).to_dict())
 
 
 def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):

@@ -1,8 +1,9 @@
 """One ScaleKD training iteration: teacher forward at 2x -> student forward -> assistant step on
 ground truth (only CSA parameters move) -> student step on L_det + alpha L_feat + beta L_cls + gamma L_bbox.
 
-The same class runs the baselines (plain student, FitNet, Chen et al. "OD") and every ablation, so
-they share one loop and one set of logs. Nothing here knows about Ray: gradient averaging across
+The same class runs the baselines (plain student, FitNet, Chen et al. "OD", PKD, CrossKD) and every ablation, so
+they share one loop and one set of logs; ``distill.cross_head_weight`` (not in the paper) adds CrossKD's cross-head
+terms to ScaleKD's. Nothing here knows about Ray: gradient averaging across
 workers comes in as a callable.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from scalekd.config import Config
+from scalekd.config import CROSSKD_WEIGHTS, Config
 from scalekd.data.transforms import DualBatch
 from scalekd.distill import losses as L
 from scalekd.distill.baselines import FitNetHint
@@ -112,6 +113,9 @@ class Distiller(nn.Module):
         self.alpha, self.beta, self.gamma = cfg.loss_weights()
         # The output-distillation terms' weights, for the student and (times teacher_anchor) the anchored assistant.
         self.output_weights = {"kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
+        # ScaleKD with CrossKD's cross-head terms beside it (distill.cross_head_weight, not in the paper).
+        self.cross_head_weights = {f"cross/{name}": k.cross_head_weight * w
+                                   for name, w in zip(("cls", "bbox"), CROSSKD_WEIGHTS)}
         self.student = student
         self.student_parts = DetectorParts(student, cfg.model.assigner, cfg.model.atss_topk)
         # The teacher is frozen and kept out of this module's state_dict and parameters().
@@ -239,7 +243,11 @@ class Distiller(nn.Module):
                     terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
                 if self.method == "crosskd":
                     terms.update(self._crosskd_losses(student_out, teacher_maps))
-        weights = {name: kd_scale * w for name, w in {"kd/feat": self.alpha, **self.output_weights}.items()}
+                elif self.cfg.distill.cross_head_weight:
+                    cross = self._crosskd_losses(student_out, teacher_maps)
+                    terms.update({name.replace("kd/", "cross/"): value for name, value in cross.items()})
+        weights = {name: kd_scale * w for name, w in
+                   {"kd/feat": self.alpha, **self.output_weights, **self.cross_head_weights}.items()}
         check_finite(terms)
         with phase("student_backward_step"):
             total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())

@@ -202,13 +202,15 @@ _OTHER_STAGES = {
 # Settings (paths into the config) left out of a stage's key when they cannot change its result, so that adding one
 # (with its default) does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS;
 # the box loss at "l1", the assistant's head at the CSA's rate and no teacher anchor are what every stage ran before
-# the fields existed; CrossKD's settings are read by CrossKD alone.
+# the fields existed; CrossKD's settings are read by CrossKD alone, or by ScaleKD with cross-head terms beside it.
 _LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
     ("model", "atss_topk"): lambda config: _setting(config, "model", "assigner") != "atss",
     ("model", "box_loss"): lambda config: _setting(config, "model", "box_loss") in (None, "l1"),
     ("distill", "csa", "head_lr"): lambda config: _setting(config, "distill", "csa", "head_lr") is None,
     ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
-    ("distill", "crosskd"): lambda config: _setting(config, "distill", "method") != "crosskd",
+    ("distill", "crosskd"): lambda config: (_setting(config, "distill", "method") != "crosskd"
+                                            and not _setting(config, "distill", "cross_head_weight")),
+    ("distill", "cross_head_weight"): lambda config: not _setting(config, "distill", "cross_head_weight"),
     ("data", "teacher_holdout"): lambda config: not _setting(config, "data", "teacher_holdout"),
     ("distill", "kd_ramp_iterations"): lambda config: not _setting(config, "distill", "kd_ramp_iterations"),
 }
