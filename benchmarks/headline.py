@@ -157,7 +157,10 @@ def main() -> None:
         doc = json.load(f)
     data = (f"{doc['synth_images']} synthetic images" if doc.get("dataset", "synth") == "synth"
             else f"dataset {doc['dataset']}")
-    print(f"{doc['protocol']}; preset {doc['preset']}, {data}; metrics in %")
+    m = doc.get("machine", {})
+    print(f"{doc['protocol']}; preset {doc['preset']}, {data}; metrics in %; measured on {m.get('cpu', '?')}, "
+          f"{m.get('isa', 'ISA not recorded')}, {m.get('threads', '?')} threads (seeds pair within one machine's "
+          "numerics)")
     if args.ours not in doc["variants"]:
         raise SystemExit(f"{args.file} has no variant {args.ours!r}; it has {', '.join(doc['variants'])}")
     columns = ["variant", "seeds", *KEYS, f"{args.ours} AP_S minus this, per seed", "95% interval"]

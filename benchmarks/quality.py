@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS, table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine, numerics, table, write_json  # noqa: E402
 from benchmarks.headline import verdicts  # noqa: E402
 from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
 from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
@@ -332,8 +332,8 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
             variants[variant] = {"per_seed": merged}
         earlier = old.get("calls") or [{"out": None, "wall_s": old.get("wall_s", 0)}]  # files from before calls
         calls = [c for c in earlier if c.get("started") != args.started] + calls  # this call: after every seed
-    doc = {**key, "overrides": args.overrides, "dataset": dataset, "wall_s": sum(c["wall_s"] for c in calls),
-           "calls": calls, "variants": variants}
+    doc = {**key, "machine": machine(), "overrides": args.overrides, "dataset": dataset,
+           "wall_s": sum(c["wall_s"] for c in calls), "calls": calls, "variants": variants}
     return write_json(os.path.basename(path), doc)
 
 
@@ -343,12 +343,14 @@ def headline_name(args, dataset: str) -> str:
 
 
 def headline_key(args) -> dict:
-    """What must be equal for two calls' seeds to be paired in one headline file: the protocol, the given models
-    and the resolved base config (the variants set ``distill``, the seeds ``train.seed``). The resolved config, not
-    the ``--set`` strings: ``--set model.detector=fcos`` on the FCOS preset is the same run as leaving it out."""
+    """What must be equal for two calls' seeds to be paired in one headline file: the protocol, the given models,
+    the resolved base config (the variants set ``distill``, the seeds ``train.seed``) and the machine's numerics
+    (``common.numerics``: the same seed on another ISA trains another teacher and student). The resolved config,
+    not the ``--set`` strings: ``--set model.detector=fcos`` on the FCOS preset is the same run as leaving it out.
+    A given model is named by its path: the numerics are what tell a file retrained elsewhere."""
     return {"protocol": _protocol(args), "preset": args.preset, "synth_images": args.synth_images,
             "teacher_model": args.teacher_model, "warm_model": args.warm_model,
-            "config": _base_config(args.preset, args.overrides)}
+            "config": _base_config(args.preset, args.overrides), "machine": numerics()}
 
 
 def _base_config(preset: str, overrides: list[str]) -> dict:

@@ -92,3 +92,32 @@ def test_merging_a_headline_adds_seeds_run_the_same_way_and_refuses_others_befor
     with pytest.raises(SystemExit, match="warm_model"):
         quality.mergeable_headline(call([3], "--warm-model", "w.pt", started="c"), "synth")
     assert (tmp_path / "h.json").read_text() == before  # nothing lost
+
+
+def test_merging_refuses_seeds_run_on_other_numerics_and_files_that_do_not_say(tmp_path, monkeypatch):
+    """The same seed on another vector ISA trains another teacher and student (AVX2 vs AVX-512: the FCOS warm
+    student's AP_S 58.16 vs 61.19), so pairing seeds across machines compares unlike runs."""
+    import json
+
+    import benchmarks.common
+    import benchmarks.quality as quality
+
+    monkeypatch.setattr(benchmarks.common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
+    args = quality._parser().parse_args(["--variants", "plain", "--headline", "h.json", "--merge-headline"])
+    args.started = "a"
+    run = {"AP": 0.3, "AP50": 0.5, "AP75": 0.3, "AP_S": 0.4, "AP_M": 0.4, "AP_L": -1.0, "params": 7}
+    quality.write_headline(args, {"plain": [run] * 3}, 10.0)
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert doc["machine"]["isa"] == benchmarks.common.numerics()["isa"] and "cpu" in doc["machine"]
+    assert quality.mergeable_headline(args, "synth") is not None
+    other = {**benchmarks.common.numerics(), "isa": "elsewhere", "cpu_capability": "elsewhere"}
+    monkeypatch.setattr(quality, "numerics", lambda: other)
+    with pytest.raises(SystemExit, match=r"machine\.isa: .* there, 'elsewhere' here"):
+        quality.mergeable_headline(args, "synth")
+    monkeypatch.setattr(quality, "numerics", benchmarks.common.numerics)
+    for field in ("isa", "cpu_capability"):
+        del doc["machine"][field]  # a file written before the numerics were stored
+    (tmp_path / "h.json").write_text(json.dumps(doc))
+    with pytest.raises(SystemExit, match=r"machine\.isa: None there"):
+        quality.mergeable_headline(args, "synth")
