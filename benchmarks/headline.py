@@ -9,7 +9,14 @@ errors, so a margin is resolved only when the seeds agree closely.
 ``--ours`` judges another variant by the same targets (e.g. an option not in the default recipe); its verdict is
 written under its own key, never in the default's place.
 
+``--rename OLD=NEW`` (with ``--write``) names variants as a later default names them: when an option a file ran
+under its own name becomes the default (stop 38: ``scalekd_crosskd`` is now ``scalekd``, the earlier default
+``scalekd_no_cross_head``), the file is written anew under ``--write`` with the renames applied together and
+recorded in its ``renamed`` field; the numbers are the source file's, untouched.
+
     python benchmarks/headline.py [--file quality_headline.json] [--ours scalekd]
+                                  [--rename scalekd=scalekd_no_cross_head --rename scalekd_crosskd=scalekd
+                                   --write quality_headline.json]
 """
 
 from __future__ import annotations
@@ -127,6 +134,20 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
     return out
 
 
+def renamed(doc: dict, renames: dict[str, str], source: str) -> dict:
+    """``doc`` with its variants renamed (all at once, so a name may be freed and reused in one call) and the renames
+    recorded; earlier verdicts are dropped, since they named the variants by their old names."""
+    missing = [old for old in renames if old not in doc["variants"]]
+    if missing:
+        raise SystemExit(f"--rename: {source} has no variant {', '.join(missing)}; it has {', '.join(doc['variants'])}")
+    variants = {renames.get(name, name): entry for name, entry in doc["variants"].items()}
+    if len(variants) != len(doc["variants"]):
+        raise SystemExit(f"--rename {renames}: two variants of {source} would share a name")
+    kept = {k: v for k, v in doc.items() if not k.startswith("verdict")}
+    record = [*doc.get("renamed", []), {"source": source, "renames": renames}]
+    return {**kept, "variants": variants, "renamed": record}
+
+
 def chart(variants: dict, path: str, title: str) -> None:
     """AP_S per variant: the seeds' mean, their spread as error bars, the seed count under each bar."""
     import matplotlib
@@ -151,10 +172,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--file", default="quality_headline.json")
     ap.add_argument("--ours", default="scalekd", help="the variant judged by the targets (default: the default recipe)")
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="rename a variant (with --write; repeatable, applied together)")
+    ap.add_argument("--write", help="write the (renamed) file and its verdicts under this name instead of --file")
     args = ap.parse_args()
     path = os.path.join(RESULTS, args.file)
     with open(path) as f:
         doc = json.load(f)
+    if args.rename:
+        if not args.write or not all("=" in r for r in args.rename):
+            ap.error("--rename takes OLD=NEW and needs --write (the source file keeps its names)")
+        doc = renamed(doc, dict(r.split("=", 1) for r in args.rename), args.file)
+    if args.write:
+        path = os.path.join(RESULTS, args.write)
     data = (f"{doc['synth_images']} synthetic images" if doc.get("dataset", "synth") == "synth"
             else f"dataset {doc['dataset']}")
     m = doc.get("machine", {})

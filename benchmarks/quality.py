@@ -6,8 +6,9 @@ result and ``<out>_headline.json`` (every variant's per-seed metrics; ``--merge-
 earlier run's); ``benchmarks/headline.py`` judges issue 12's targets from it.
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
-                                 [--variants plain fitnet od pkd crosskd scalekd scalekd_crosskd scalekd_no_teacher
-                                             scalekd_paper no_sdf no_csa plain_attention no_locality no_assistant_warmup]
+                                 [--variants plain fitnet od pkd crosskd scalekd scalekd_crosskd
+                                             scalekd_no_cross_head scalekd_no_teacher scalekd_paper no_sdf no_csa
+                                             plain_attention no_locality no_assistant_warmup]
 
 ``--shared-teacher`` trains the teacher and the warm student once, in the *first* listed seed's folder, and
 lets the seeds vary the distillation stage only: a third of the CPU time, and the spread it reports is then
@@ -26,6 +27,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, machine, numerics, table, write_json  # noqa: E402
@@ -36,6 +39,7 @@ from scalekd.data.holdout import image_source  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
+from scalekd.train.memory_format import use_channels_last  # noqa: E402
 
 VARIANTS = {
     "plain": {"method": "none"},
@@ -49,8 +53,15 @@ VARIANTS = {
     "crosskd": {"method": "crosskd"},
     # ScaleKD with CrossKD's cross-head terms beside it, from the same 2x teacher (distill.cross_head_weight); its
     # no-teacher control is scalekd_no_teacher's (every teacher input from the student: no cross-head terms either).
+    # The default since stop 38 (cross_head_weight=auto resolves to 1 here): the stop-36 pilot's name, kept so that
+    # its files read the same; its stages key as the default's.
     "scalekd_crosskd": {"cross_head_weight": 1.0},
-    "scalekd": {},  # the default recipe ("aligned"): the assistant starts as the teacher's predictions
+    # The default recipe ("aligned"): the assistant starts as the teacher's predictions, CrossKD's cross-head terms
+    # beside ScaleKD's (cross_head_weight=auto).
+    "scalekd": {},
+    # The default of stops 33-37: the same without the cross-head terms (the headline files of those stops call it
+    # "scalekd").
+    "scalekd_no_cross_head": {"cross_head_weight": 0.0},
     # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
     "scalekd_no_teacher": {"csa": {"keys_from": "student"}},
     # The previous default: the assistant starts as the student (the paper) instead of the 2x teacher's predictions.
@@ -63,13 +74,16 @@ VARIANTS = {
     "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
     # How much of what the assistant passes on survives its training on the ground truth: its own head frozen (only
     # the attention trains), or nothing trained at all (frozen, no warm-up: it stays the teacher's scale-aligned
-    # predictions, so the student learns OD's targets plus SDF's features). Before csa.lr=0 froze it, this variant
+    # predictions, so the student learns OD's targets plus SDF's features,
+    # and since stop 38 the default's cross-head terms). Before csa.lr=0 froze it, this variant
     # ran at csa.lr=1e-12 (the README's KIT and synthetic results), which paid for the assistant's backward pass.
     "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
     "assistant_untrained": {"csa": {"lr": 0.0, "warmup_iterations": 0}},
-    # The same without SDF: the student's targets are then OD's exactly (the frozen assistant is the teacher's
-    # scale-aligned predictions), so any gap to `od` is what the ScaleKD path adds or costs beyond SDF.
-    "assistant_untrained_no_sdf": {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0}},
+    # The same without SDF (and without the default's cross-head terms): the student's targets are then OD's exactly
+    # (the frozen assistant is the teacher's scale-aligned predictions), so any gap to `od` is what the ScaleKD path
+    # adds or costs beyond SDF.
+    "assistant_untrained_no_sdf": {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0},
+                                   "cross_head_weight": 0.0},
     # Between the two: the assistant trains on the ground truth and is distilled from the teacher's own predictions
     # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
     "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},
@@ -332,7 +346,7 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
             variants[variant] = {"per_seed": merged}
         earlier = old.get("calls") or [{"out": None, "wall_s": old.get("wall_s", 0)}]  # files from before calls
         calls = [c for c in earlier if c.get("started") != args.started] + calls  # this call: after every seed
-    doc = {**key, "machine": machine(), "overrides": args.overrides, "dataset": dataset,
+    doc = {**key, "machine": {**machine(), **key["machine"]}, "overrides": args.overrides, "dataset": dataset,
            "wall_s": sum(c["wall_s"] for c in calls), "calls": calls, "variants": variants}
     return write_json(os.path.basename(path), doc)
 
@@ -350,13 +364,24 @@ def headline_key(args) -> dict:
     A given model is named by its path: the numerics are what tell a file retrained elsewhere."""
     return {"protocol": _protocol(args), "preset": args.preset, "synth_images": args.synth_images,
             "teacher_model": args.teacher_model, "warm_model": args.warm_model,
-            "config": _base_config(args.preset, args.overrides), "machine": numerics()}
+            "config": _base_config(args.preset, args.overrides), "machine": run_numerics(args)}
+
+
+def run_numerics(args) -> dict:
+    """``common.numerics()`` and the weight layout this call's stages train in: ``train.channels_last: auto`` picks
+    it by timing on each machine, and the layout changes the floating-point results (stop 38: an AVX2 EPYC that
+    timed NCHW faster trained the FCOS warm student to AP_S 54.64, where stop 36's, which timed channels_last
+    faster, had 58.16, same code and seed). The resolved layout, not the setting, is what pairs two calls."""
+    cfg = load_config(preset=args.preset, overrides=args.overrides)
+    device = torch.device("cuda" if cfg.scaling.gpu and torch.cuda.is_available() else "cpu")
+    return {**numerics(), "channels_last": use_channels_last(cfg.train.channels_last, device)}
 
 
 def _base_config(preset: str, overrides: list[str]) -> dict:
     config = load_config(preset=preset, overrides=overrides).to_dict()
     config.pop("distill")
     config["train"].pop("seed")
+    config["train"].pop("channels_last")  # its resolved layout is among the numerics (run_numerics)
     return config
 
 

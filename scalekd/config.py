@@ -203,8 +203,11 @@ class DistillConfig:
     # 2x teacher's head on its scale-aligned maps, distilled towards that head's own predictions; scalekd/distill/
     # crosskd.py, distill.crosskd) added to ScaleKD's loss at this multiple of CrossKD's weights (0: none). Both
     # signals come from the same 2x teacher: the assistant's targets reach the student's outputs, the cross-head
-    # terms its head features. The no-teacher control (csa.keys_from=student) must leave it at 0.
-    cross_head_weight: float = 0.0
+    # terms its head features. "auto" (the default since stop 38, README, Results): 1 where the terms can be formed
+    # (Config.cross_head_possible), else 0, so the no-teacher control (csa.keys_from=student, whose "teacher" head
+    # would be the student's own: the terms vanish), the baselines, two-stage detectors and the paper's same-level
+    # reading get none; a number > 0 is refused where they cannot be formed. 0 is the default of stops 33-37.
+    cross_head_weight: float | Literal["auto"] = "auto"
     sdf: SDFConfig = field(default_factory=SDFConfig)
     csa: CSAConfig = field(default_factory=CSAConfig)
     crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
@@ -301,6 +304,23 @@ class Config:
         return wanted and c.keys_from == "teacher"
 
     @property
+    def cross_head_possible(self) -> bool:
+        """CrossKD's cross-head terms can be formed beside ScaleKD's: the student's head features finished by the 2x
+        teacher's P_{l+1} head, which is the same grid and anchors only with scale-aligned pairing on a one-stage
+        detector, and a teacher to read (the no-teacher control's keys come from the student)."""
+        k = self.distill
+        return (k.method == "scalekd" and self.one_stage and k.pairing == "scale_aligned"
+                and k.csa.keys_from == "teacher")
+
+    @property
+    def cross_head_weight(self) -> float:
+        """``distill.cross_head_weight`` with ``auto`` resolved: AUTO_CROSS_HEAD_WEIGHT where possible, else 0."""
+        weight = self.distill.cross_head_weight
+        if weight == "auto":
+            return AUTO_CROSS_HEAD_WEIGHT if self.cross_head_possible else 0.0
+        return float(weight)
+
+    @property
     def assistant_head_lr(self) -> float:
         """The rate of the assistant's own head (``csa.head=own``): ``csa.head_lr``, or ``csa.lr`` when null."""
         c = self.distill.csa
@@ -332,6 +352,7 @@ class Config:
 # The paper's literal reading, one switch away (distill.recipe=paper): what the "aligned" defaults change.
 PAPER_RECIPE: dict = {
     "pairing": "same_level",
+    "cross_head_weight": 0.0,
     "csa": {"head": "shared", "rates": [2, 4], "warmup_iterations": 0, "locality": "none",
             "zero_init_output": False, "starts_as": "student"},
 }
@@ -339,6 +360,9 @@ PAPER_RECIPE: dict = {
 PKD_WEIGHT = 10.0
 # CrossKD's (beta, gamma) when not given: its configs weigh the classification and the GIoU term 1.0 each.
 CROSSKD_WEIGHTS = (1.0, 1.0)
+# What distill.cross_head_weight=auto means where the terms can be formed: CrossKD's own weights, the only value
+# measured (README, Results).
+AUTO_CROSS_HEAD_WEIGHT = 1.0
 
 
 # Presets: overrides on the defaults, sized from the CPU costs in ../shared/notes/ENVIRONMENT.md.
@@ -624,12 +648,11 @@ def _validate_distill(cfg: Config) -> None:
     _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
            "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
     _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
-    _check(k.cross_head_weight >= 0, "distill.cross_head_weight", k.cross_head_weight,
-           ">= 0 (0: no cross-head terms)")
-    _check(k.cross_head_weight == 0 or (k.method == "scalekd" and cfg.one_stage and k.pairing == "scale_aligned"
-                                        and k.csa.keys_from == "teacher"), "distill.cross_head_weight",
-           k.cross_head_weight, "0 unless distill.method=scalekd (distill.method=crosskd is CrossKD alone) on a "
-           "one-stage detector with distill.pairing=scale_aligned and distill.csa.keys_from=teacher (the no-teacher "
+    _check(k.cross_head_weight == "auto" or k.cross_head_weight >= 0, "distill.cross_head_weight",
+           k.cross_head_weight, ">= 0 (0: no cross-head terms) or auto")
+    _check(k.cross_head_weight in ("auto", 0) or cfg.cross_head_possible, "distill.cross_head_weight",
+           k.cross_head_weight, "0 or auto unless distill.method=scalekd (distill.method=crosskd is CrossKD alone) on "
+           "a one-stage detector with distill.pairing=scale_aligned and distill.csa.keys_from=teacher (the no-teacher "
            "control must not see the teacher's head)")
 
 

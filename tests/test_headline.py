@@ -3,7 +3,7 @@ printing those verdicts."""
 
 import pytest
 
-from benchmarks.headline import paired_interval, rows, verdicts
+from benchmarks.headline import paired_interval, renamed, rows, verdicts
 
 
 def test_the_paired_interval_is_the_mean_plus_minus_t_standard_errors():
@@ -60,6 +60,20 @@ def test_beating_a_baseline_needs_the_interval_above_zero_not_a_positive_mean():
     assert tie["beats fitnet on AP_S"] == "not assessed (not run)"
 
 
+def test_renaming_swaps_names_together_keeps_the_numbers_records_it_and_drops_stale_verdicts():
+    doc = {"protocol": "p", "variants": {"scalekd": _seeds([70.0]), "scalekd_crosskd": _seeds([72.0])},
+           "verdict": {"old": "MET"}, "verdict_scalekd_crosskd": {"old": "MET"}}
+    out = renamed(doc, {"scalekd": "scalekd_no_cross_head", "scalekd_crosskd": "scalekd"}, "pilot.json")
+    assert out["variants"] == {"scalekd_no_cross_head": _seeds([70.0]), "scalekd": _seeds([72.0])}
+    assert out["renamed"] == [{"source": "pilot.json",
+                               "renames": {"scalekd": "scalekd_no_cross_head", "scalekd_crosskd": "scalekd"}}]
+    assert not any(key.startswith("verdict") for key in out) and out["protocol"] == "p"
+    with pytest.raises(SystemExit, match="no variant od"):
+        renamed(doc, {"od": "x"}, "pilot.json")
+    with pytest.raises(SystemExit, match="share a name"):
+        renamed(doc, {"scalekd_crosskd": "scalekd"}, "pilot.json")
+
+
 def test_merging_a_headline_adds_seeds_run_the_same_way_and_refuses_others_before_training(tmp_path, monkeypatch):
     import json
 
@@ -94,6 +108,10 @@ def test_merging_a_headline_adds_seeds_run_the_same_way_and_refuses_others_befor
     assert (tmp_path / "h.json").read_text() == before  # nothing lost
 
 
+def sys_args(args) -> list[str]:
+    return ["--variants", *args.variants, "--headline", args.headline, "--merge-headline"]
+
+
 def test_merging_refuses_seeds_run_on_other_numerics_and_files_that_do_not_say(tmp_path, monkeypatch):
     """The same seed on another vector ISA trains another teacher and student (AVX2 vs AVX-512: the FCOS warm
     student's AP_S 58.16 vs 61.19), so pairing seeds across machines compares unlike runs."""
@@ -116,6 +134,19 @@ def test_merging_refuses_seeds_run_on_other_numerics_and_files_that_do_not_say(t
     with pytest.raises(SystemExit, match=r"machine\.isa: .* there, 'elsewhere' here"):
         quality.mergeable_headline(args, "synth")
     monkeypatch.setattr(quality, "numerics", benchmarks.common.numerics)
+    # The weight layout train.channels_last=auto picks by timing changes the numerics too: the resolved layout pairs
+    # calls, not the setting (stop 38: NCHW gave the FCOS warm student AP_S 54.64 where channels_last gave 58.16).
+    layout = doc["machine"]["channels_last"]
+    assert isinstance(layout, bool) and "channels_last" not in doc["config"]["train"]
+    assert quality.mergeable_headline(
+        quality._parser().parse_args([*sys_args(args), "--set", f"train.channels_last={str(layout).lower()}"]),
+        "synth") is not None
+    monkeypatch.setattr(quality, "use_channels_last", lambda setting, device: not layout)
+    with pytest.raises(SystemExit, match=rf"machine\.channels_last: {layout} there, {not layout} here"):
+        quality.mergeable_headline(args, "synth")
+    monkeypatch.undo()
+    monkeypatch.setattr(benchmarks.common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
     for field in ("isa", "cpu_capability"):
         del doc["machine"][field]  # a file written before the numerics were stored
     (tmp_path / "h.json").write_text(json.dumps(doc))

@@ -138,9 +138,12 @@ def test_kd_scale_weighs_the_distillation_terms_and_never_the_detection_loss(tin
         distiller, opt = distiller_with_optimizers(tiny_cfg, student_lr=0.0, assistant_lr=0.0)
         logs = distiller.train_step(batch, opt, kd_scale=scale)
         alpha, beta, gamma = tiny_cfg.loss_weights()
-        weights = {"kd/feat": alpha, "kd/cls": beta, "kd/ctr": beta, "kd/bbox": gamma}
+        cross = tiny_cfg.cross_head_weight  # the default's cross-head terms are distillation terms too
+        weights = {"kd/feat": alpha, "kd/cls": beta, "kd/ctr": beta, "kd/bbox": gamma, "cross/cls": cross,
+                   "cross/bbox": cross}
+        assert cross > 0 and {"cross/cls", "cross/bbox"} <= set(logs)
         det = sum(float(v) for k, v in logs.items() if k.startswith("det/"))
-        kd = sum(weights[k] * float(v) for k, v in logs.items() if k.startswith("kd/"))
+        kd = sum(weights[k] * float(v) for k, v in logs.items() if k.startswith(("kd/", "cross/")))
         assert kd > 0
         totals[scale] = (float(logs["loss/total"]), det + scale * kd)
     for total, expected in totals.values():
@@ -516,6 +519,27 @@ def test_scalekd_with_cross_head_terms_adds_them_at_their_weight_to_the_student_
 def test_cross_head_terms_refuse_what_they_cannot_run_on_and_the_no_teacher_control(tiny_cfg, overrides, field):
     with pytest.raises(ConfigError, match=field):
         replace(tiny_cfg, **overrides)
+
+
+@pytest.mark.parametrize("overrides, weight", [
+    ({}, 1.0),
+    ({"distill": {"csa": {"keys_from": "student"}}}, 0.0),  # the no-teacher control: no teacher head to read
+    ({"distill": {"method": "crosskd"}}, 0.0),  # CrossKD alone has its terms at beta and gamma already
+    ({"distill": {"method": "od"}}, 0.0),
+    ({"distill": {"pairing": "same_level"}, "model": {"student_min_level": 3}}, 0.0),
+    ({"model": {"detector": "faster_rcnn"}}, 0.0),
+])
+def test_cross_head_weight_auto_is_crosskds_weight_only_where_the_terms_can_be_formed(tiny_cfg, overrides, weight):
+    cfg = replace(tiny_cfg, distill={"cross_head_weight": "auto"})
+    cfg = replace(cfg, **overrides)
+    assert cfg.distill.cross_head_weight == "auto"  # recorded as asked; resolved where it is read
+    assert cfg.cross_head_weight == weight
+
+
+@pytest.mark.parametrize("value", ("often", float("nan"), float("inf"), True, [1.0]))
+def test_cross_head_weight_refuses_what_is_neither_a_finite_weight_nor_auto(tiny_cfg, value):
+    with pytest.raises(ConfigError, match="cross_head_weight"):
+        replace(tiny_cfg, distill={"cross_head_weight": value})
 
 
 def test_crosskd_alignment_of_a_one_cell_map_of_one_image_is_finite():

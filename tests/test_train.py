@@ -172,7 +172,8 @@ def test_a_frozen_teacher_start_assistant_without_sdf_trains_the_student_exactly
     base = replace(tiny_cfg, data={"hflip_prob": 0.5}, train={"distill_iterations": 4})
     weights = []
     for name, distill in (("od", {"method": "od"}),
-                          ("frozen", {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0}})):
+                          ("frozen", {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0},
+                                      "cross_head_weight": 0.0})):  # the default's cross-head terms are not OD's
         cfg = replace(base, distill=distill)
         run_stage(StageRequest("distill", cfg.to_dict(), cfg.data.root, str(tmp_path / name),
                                teacher=models["teacher"], student_init=models["warm"]))
@@ -362,7 +363,7 @@ def test_the_starting_models_are_inputs_of_the_distill_stage(tiny_cfg, tmp_path)
 
 
 def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
-    from scalekd.train.loop import inputs_key
+    from scalekd.train.loop import inputs_key, stage_inputs_config
 
     def key(config: dict) -> str:
         return inputs_key(StageRequest("warmup", config, tiny_cfg.data.root, "unused"))
@@ -371,24 +372,40 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
     del before_box_loss["model"]["box_loss"]
     assert key(before_box_loss) == key(tiny_cfg.to_dict())
     assert key(replace(tiny_cfg, model={"box_loss": "giou"}).to_dict()) != key(tiny_cfg.to_dict())
-    # CrossKD's section, added later, is read by CrossKD alone: a ScaleKD stage keys as if it were absent.
+    # CrossKD's section, added later, is read by CrossKD alone (or beside ScaleKD with cross-head terms): a ScaleKD
+    # stage without them keys as if it were absent.
     def distill_key(config: dict) -> str:
         return inputs_key(StageRequest("distill", config, tiny_cfg.data.root, "unused"))
 
-    before_crosskd = tiny_cfg.to_dict()
+    no_cross_head = replace(tiny_cfg, distill={"cross_head_weight": 0.0})
+    before_crosskd = no_cross_head.to_dict()
     del before_crosskd["distill"]["crosskd"]
-    assert distill_key(before_crosskd) == distill_key(tiny_cfg.to_dict())
+    assert distill_key(before_crosskd) == distill_key(no_cross_head.to_dict())
     crosskd = replace(tiny_cfg, distill={"method": "crosskd"})
     assert distill_key(crosskd.to_dict()) != distill_key(
         replace(crosskd, distill={"crosskd": {"head_index": 2}}).to_dict())
-    # The cross-head weight, added later: 0 keys as if absent; above 0 it reads CrossKD's section too.
-    before_cross_head = tiny_cfg.to_dict()
+    # The cross-head weight, added later at 0: 0 keys as the stages finished before it existed; above 0 it reads
+    # CrossKD's section too.
+    before_cross_head = no_cross_head.to_dict()
     del before_cross_head["distill"]["cross_head_weight"]
-    assert distill_key(before_cross_head) == distill_key(tiny_cfg.to_dict())
+    del before_cross_head["distill"]["crosskd"]
+    old_stage_config = stage_inputs_config("distill", before_cross_head)  # what a stage of stop 35 was keyed on
+    assert stage_inputs_config("distill", no_cross_head.to_dict()) == old_stage_config
     cross_head = replace(tiny_cfg, distill={"cross_head_weight": 1.0})
-    assert distill_key(cross_head.to_dict()) != distill_key(tiny_cfg.to_dict())
+    assert distill_key(cross_head.to_dict()) != distill_key(no_cross_head.to_dict())
     assert distill_key(cross_head.to_dict()) != distill_key(
         replace(cross_head, distill={"crosskd": {"head_index": 2}}).to_dict())
+    # "auto" (the default) keys as the weight it resolves to: CrossKD's 1 where the terms can be formed, 0 (absent)
+    # elsewhere; a dict written without the field runs at the default, so it keys as the default does.
+    auto = replace(tiny_cfg, distill={"cross_head_weight": "auto"})
+    assert auto == tiny_cfg
+    assert distill_key(auto.to_dict()) == distill_key(cross_head.to_dict())
+    without_field = tiny_cfg.to_dict()
+    del without_field["distill"]["cross_head_weight"]
+    assert distill_key(without_field) == distill_key(cross_head.to_dict())
+    auto_control = replace(auto, distill={"csa": {"keys_from": "student"}})
+    assert distill_key(auto_control.to_dict()) == distill_key(
+        replace(no_cross_head, distill={"csa": {"keys_from": "student"}}).to_dict())
 
 
 def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):

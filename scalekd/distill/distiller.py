@@ -2,8 +2,8 @@
 ground truth (only CSA parameters move) -> student step on L_det + alpha L_feat + beta L_cls + gamma L_bbox.
 
 The same class runs the baselines (plain student, FitNet, Chen et al. "OD", PKD, CrossKD) and every ablation, so
-they share one loop and one set of logs; ``distill.cross_head_weight`` (not in the paper) adds CrossKD's cross-head
-terms to ScaleKD's. Nothing here knows about Ray: gradient averaging across
+they share one loop and one set of logs; ``distill.cross_head_weight`` (not in the paper; on by default since stop 38,
+``auto``) adds CrossKD's cross-head terms to ScaleKD's. Nothing here knows about Ray: gradient averaging across
 workers comes in as a callable.
 """
 
@@ -114,7 +114,7 @@ class Distiller(nn.Module):
         # The output-distillation terms' weights, for the student and (times teacher_anchor) the anchored assistant.
         self.output_weights = {"kd/cls": self.beta, "kd/ctr": self.beta, "kd/bbox": self.gamma}
         # ScaleKD with CrossKD's cross-head terms beside it (distill.cross_head_weight, not in the paper).
-        self.cross_head_weights = {f"cross/{name}": k.cross_head_weight * w
+        self.cross_head_weights = {f"cross/{name}": cfg.cross_head_weight * w
                                    for name, w in zip(("cls", "bbox"), CROSSKD_WEIGHTS)}
         self.student = student
         self.student_parts = DetectorParts(student, cfg.model.assigner, cfg.model.atss_topk)
@@ -243,7 +243,7 @@ class Distiller(nn.Module):
                     terms.update(self._output_losses(student_out.predictions, student_out.context, target_preds))
                 if self.method == "crosskd":
                     terms.update(self._crosskd_losses(student_out, teacher_maps))
-                elif self.cfg.distill.cross_head_weight:
+                elif self.cfg.cross_head_weight:
                     cross = self._crosskd_losses(student_out, teacher_maps)
                     terms.update({name.replace("kd/", "cross/"): value for name, value in cross.items()})
         weights = {name: kd_scale * w for name, w in

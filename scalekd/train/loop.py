@@ -251,12 +251,22 @@ def _without(config: dict, path: tuple[str, ...]) -> dict:
     return {**config, head: _without(inner, tuple(rest)) if isinstance(inner, dict) else inner}
 
 
+def _with_cross_head_weight_resolved(config: dict, cfg: Config) -> dict:
+    """The config with ``distill.cross_head_weight`` set to the weight the stage runs at (``auto`` resolved, and a
+    dict written without the field given the default's weight), so that a stage run at ``auto`` and one run at that
+    number share a key, and one run at 0 keys as the stages finished before the field existed."""
+    distill = config.get("distill")
+    if not isinstance(distill, dict):
+        return config
+    return {**config, "distill": {**distill, "cross_head_weight": cfg.cross_head_weight}}
+
+
 def inputs_key(request: StageRequest) -> str:
     """sha256 over what determines a stage's result: the stage, its config, its training annotations and the
     bytes of the models it starts from. A finished stage is reused only for the same key."""
-    config = stage_inputs_config(request.stage, request.config)
-    h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
     cfg = config_from_dict(request.config)
+    config = stage_inputs_config(request.stage, _with_cross_head_weight_resolved(request.config, cfg))
+    h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
     h.update(storage.read_bytes(storage.join(request.data, "annotations", f"instances_{cfg.data.train_split}.json")))
     for model in (request.teacher, request.student_init):
         h.update(storage.read_bytes(model) if model else b"-")
