@@ -74,9 +74,9 @@ VARIANTS = {
     "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
     # How much of what the assistant passes on survives its training on the ground truth: its own head frozen (only
     # the attention trains), or nothing trained at all (frozen, no warm-up: it stays the teacher's scale-aligned
-    # predictions, so the student learns OD's targets plus SDF's features,
-    # and since stop 38 the default's cross-head terms). Before csa.lr=0 froze it, this variant
-    # ran at csa.lr=1e-12 (the README's KIT and synthetic results), which paid for the assistant's backward pass.
+    # predictions, so the student learns OD's targets plus SDF's features and, since stop 38, the default's cross-head
+    # terms). Before csa.lr=0 froze it, this variant ran at csa.lr=1e-12 (the README's KIT and synthetic results),
+    # which paid for the assistant's backward pass.
     "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
     "assistant_untrained": {"csa": {"lr": 0.0, "warmup_iterations": 0}},
     # The same without SDF (and without the default's cross-head terms): the student's targets are then OD's exactly
