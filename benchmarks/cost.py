@@ -4,6 +4,11 @@ student parameters and inference speed, distilled vs plain (they must be equal).
 
     python benchmarks/cost.py [--student-size 256] [--iterations 12] [--device cpu|cuda] [--nchw]
     python benchmarks/cost.py --teacher resnet50 --student resnet18 --out cost_r50_r18.json
+    python benchmarks/cost.py --preset bench --batch 4 --out cost_bench.json   # the presets' FCOS P2-P6 recipe
+
+Without ``--preset`` it measures the recipe of its first tables (RetinaNet, P3-P7 student, anchor_scale 2, FPN 256,
+256 px student), so that their commands still reproduce; with one, the preset's models and sizes, and only the model
+flags given override them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import PeakMemory, PhaseClock, table, write_json  # noqa: E402
-from scalekd.config import load_config, replace  # noqa: E402
+from scalekd.config import Config, load_config, replace  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.data.coco import dataset_from_root  # noqa: E402
 from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
@@ -34,7 +39,13 @@ from scalekd.train.loop import detection_step, student_spec, teacher_spec  # noq
 C5_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 # The distillation iterations timed after the plain step and the teacher's forward: key, row name, overrides.
-METHODS = (("scalekd", "ScaleKD", {}),
+# "scalekd" is the default recipe: since stop 38 it adds CrossKD's cross-head terms where they can be formed
+# (distill.cross_head_weight=auto: a one-stage detector with scale-aligned pairing), so the two rows after it
+# split what those terms cost from what ScaleKD's own parts cost.
+METHODS = (("scalekd", "ScaleKD (the default recipe)", {}),
+           ("scalekd_no_cross_head", "ScaleKD without cross-head terms (the default of stops 33-37)",
+            {"cross_head_weight": 0.0}),
+           ("crosskd", "CrossKD alone", {"method": "crosskd"}),
            ("scalekd_recompute", "ScaleKD, assistant outputs recomputed after its step", {"csa": {"recompute": True}}),
            # The default assistant has its own head (a copy of the teacher's); the paper's shares the student's.
            ("scalekd_shared_head", "ScaleKD, assistant sharing the student's head", {"csa": {"head": "shared"}}),
@@ -42,20 +53,39 @@ METHODS = (("scalekd", "ScaleKD", {}),
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--student-size", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", help="measure this preset's recipe (e.g. bench); the model flags override it only "
+                                     "where given")
+    ap.add_argument("--student-size", type=int)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--detector", default="retinanet")
-    ap.add_argument("--student", default="mobilenet_v2")
-    ap.add_argument("--teacher", default="resnet18")
-    ap.add_argument("--fpn", type=int, default=256)
+    ap.add_argument("--detector")
+    ap.add_argument("--student")
+    ap.add_argument("--teacher")
+    ap.add_argument("--fpn", type=int)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nchw", action="store_true", help="contiguous NCHW weights instead of training's default "
                                                           "channels_last (train.channels_last=false)")
     ap.add_argument("--out", default="cost.json")
     return ap
+
+
+# Without --preset: the recipe of the first cost tables (README, Cost per iteration), kept so they reproduce.
+FIRST_TABLES = {"student_size": 256, "detector": "retinanet", "student": "mobilenet_v2", "teacher": "resnet18",
+                "fpn": 256}
+
+
+def cost_config(args) -> Config:
+    """The measured config: the preset's (or the first tables' recipe), the model flags given on top of it."""
+    given = {k: getattr(args, k) for k in FIRST_TABLES if getattr(args, k) is not None}
+    flags = given if args.preset else {**FIRST_TABLES, **given}
+    paths = {"student_size": "data.student_size", "detector": "model.detector", "student": "model.student_backbone",
+             "teacher": "model.teacher_backbone", "fpn": "model.fpn_channels"}
+    overrides = [f"{paths[k]}={v}" for k, v in flags.items()] + [f"train.channels_last={not args.nchw}"]
+    if not args.preset:
+        overrides.append("model.anchor_scale=2.0")
+    return load_config(preset=args.preset, overrides=overrides)
 
 
 class CostBench:
@@ -64,16 +94,17 @@ class CostBench:
 
     def __init__(self, args):
         self.args, self.device = args, torch.device(args.device)
-        data = ensure_synthetic(os.path.join("runs", "bench", f"synth{2 * args.student_size}"), 40, seed=0,
-                                size=2 * args.student_size)
-        self.cfg = load_config(overrides=[
-            f"data.root={data}", f"data.student_size={args.student_size}", f"model.detector={args.detector}",
-            f"model.student_backbone={args.student}", f"model.teacher_backbone={args.teacher}",
-            f"model.fpn_channels={args.fpn}", "model.anchor_scale=2.0", f"train.channels_last={not args.nchw}"])
+        cfg = cost_config(args)
+        student_size = cfg.data.student_size
+        data = ensure_synthetic(os.path.join("runs", "bench", f"synth{2 * student_size}"), 40, seed=0,
+                                size=2 * student_size)
+        self.cfg = replace(cfg, data={"root": data})
         self.ds = dataset_from_root(data, "train")
         collate = DualResolutionCollate(self.cfg.data.student_size, 2.0, self.cfg.data.max_size_ratio)
-        self.batches = [collate([self.ds[i * args.batch + j] for j in range(args.batch)]).to(self.device)
-                        for i in range(args.iterations + args.warmup)]
+        # The 40-image set has 32 training images: larger batches or more iterations wrap around it (the first
+        # tables' 14 batches of 2 never did, so they reproduce).
+        self.batches = [collate([self.ds[(i * args.batch + j) % len(self.ds)] for j in range(args.batch)])
+                        .to(self.device) for i in range(args.iterations + args.warmup)]
         self.rows: list[dict] = []
         self.results: dict = {}
 
@@ -172,7 +203,8 @@ def measure_sdf_sharing(bench: CostBench, plain: Distiller, parts: DetectorParts
         c5_teacher = parts.teacher_features(batch.teacher_images)[0]
     for sharing in (True, False):
         name = "shared" if sharing else "separate"
-        sdf = ScaleDecoupledFeatures(C5_CHANNELS[bench.args.student], C5_CHANNELS[bench.args.teacher], 128,
+        model = bench.cfg.model
+        sdf = ScaleDecoupledFeatures(C5_CHANNELS[model.student_backbone], C5_CHANNELS[model.teacher_backbone], 128,
                                      (1, 2, 3), sharing).to(bench.device)
         sdf_opt = torch.optim.SGD([p for p in sdf.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         with PeakMemory(bench.device) as memory:
@@ -208,9 +240,13 @@ def print_summary(rows: list[dict], results: dict) -> None:
     print(table(rows, ["what", "ms/iter", "peak MB", "phases (ms)"]))
     print(f"\nScaleKD overhead over teacher forward + student step: {results['scalekd_overhead_pct']:.1f}% "
           f"(target <= 25%; {results['scalekd_overhead_same_iteration_pct']:.1f}% from its own phases);\n"
-          f"SDF + CSA attention + output losses {results['sdf_csa_losses_forward_ms']:.0f} ms, "
+          f"SDF + CSA attention + output (and cross-head) losses {results['sdf_csa_losses_forward_ms']:.0f} ms, "
           f"the assistant's pass through the head (forward, backward, step) "
           f"{results['assistant_head_pass_ms']:.0f} ms")
+    if "scalekd_no_cross_head_ms" in results:
+        print(f"the cross-head terms: {results['scalekd_ms'] - results['scalekd_no_cross_head_ms']:+.0f} ms per "
+              f"iteration (default {results['scalekd_ms']:.0f} vs {results['scalekd_no_cross_head_ms']:.0f} ms "
+              f"without them; CrossKD alone {results['crosskd_ms']:.0f} ms)")
     print(f"student params plain {results['plain_student_params']:,} vs distilled "
           f"{results['distilled_student_params']:,}; CSA {results['csa_params']:,}; SDF "
           f"{results['sdf_params_shared']:,} shared / {results['sdf_params_separate']:,} separate; SDF weights + "
