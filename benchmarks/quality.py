@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, machine, numerics, table, write_json  # noqa: E402
 from benchmarks.headline import verdicts  # noqa: E402
-from scalekd.config import load_config, paper_recipe, replace  # noqa: E402
+from scalekd.config import Config, load_config, paper_recipe, replace  # noqa: E402
 from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
 from scalekd.data.holdout import image_source  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
@@ -362,23 +362,23 @@ def headline_key(args) -> dict:
     (``common.numerics``: the same seed on another ISA trains another teacher and student). The resolved config,
     not the ``--set`` strings: ``--set model.detector=fcos`` on the FCOS preset is the same run as leaving it out.
     A given model is named by its path: the numerics are what tell a file retrained elsewhere."""
+    cfg = load_config(preset=args.preset, overrides=args.overrides)
     return {"protocol": _protocol(args), "preset": args.preset, "synth_images": args.synth_images,
             "teacher_model": args.teacher_model, "warm_model": args.warm_model,
-            "config": _base_config(args.preset, args.overrides), "machine": run_numerics(args)}
+            "config": _base_config(cfg), "machine": run_numerics(cfg)}
 
 
-def run_numerics(args) -> dict:
+def run_numerics(cfg: Config) -> dict:
     """``common.numerics()`` and the weight layout this call's stages train in: ``train.channels_last: auto`` picks
     it by timing on each machine, and the layout changes the floating-point results (stop 38: an AVX2 EPYC that
     timed NCHW faster trained the FCOS warm student to AP_S 54.64, where stop 36's, which timed channels_last
     faster, had 58.16, same code and seed). The resolved layout, not the setting, is what pairs two calls."""
-    cfg = load_config(preset=args.preset, overrides=args.overrides)
     device = torch.device("cuda" if cfg.scaling.gpu and torch.cuda.is_available() else "cpu")
     return {**numerics(), "channels_last": use_channels_last(cfg.train.channels_last, device)}
 
 
-def _base_config(preset: str, overrides: list[str]) -> dict:
-    config = load_config(preset=preset, overrides=overrides).to_dict()
+def _base_config(cfg: Config) -> dict:
+    config = cfg.to_dict()
     config.pop("distill")
     config["train"].pop("seed")
     config["train"].pop("channels_last")  # its resolved layout is among the numerics (run_numerics)
@@ -395,7 +395,8 @@ def mergeable_headline(args, dataset: str) -> dict | None:
     with open(path) as f:
         old = json.load(f)
     if "config" not in old:  # written before the resolved config was stored: resolve its --set strings now
-        old = {**old, "config": _base_config(old.get("preset", "bench"), old.get("overrides", []))}
+        old = {**old, "config": _base_config(load_config(preset=old.get("preset", "bench"),
+                                                         overrides=old.get("overrides", [])))}
     differs = _differences(old, json.loads(json.dumps(headline_key(args))))
     if differs:
         raise SystemExit(f"--merge-headline: {path} was run another way: {'; '.join(differs)}; pass another "
