@@ -111,10 +111,13 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
         gains = _paired(ours, plain)
         mean_gain = statistics.mean(gains)
         base = statistics.mean(r["AP_S"] for r in plain)
-        met = (mean_gain >= 2.0 or mean_gain >= 0.15 * base) and all(g > 0 for g in gains)
+        # 15% of a plain student that finds no small object (AP_S 0: VisDrone's sample) is no margin: 2.0 holds.
+        threshold = min(2.0, 0.15 * base) if base > 0 else 2.0
+        relative = f"{100 * mean_gain / base:+.1f}%" if base > 0 else "plain's AP_S is 0: no relative gain"
+        met = mean_gain >= threshold and all(g > 0 for g in gains)
         out["beats plain on AP_S by >= 2.0 (or 15%), every seed"] = (
-            f"{'MET' if met else 'NOT MET'}: {mean_gain:+.2f} ({100 * mean_gain / base:+.1f}%), per seed {gains}; "
-            f"{_resolved(gains, min(2.0, 0.15 * base))}")
+            f"{'MET' if met else 'NOT MET'}: {mean_gain:+.2f} ({relative}), per seed {gains}; "
+            f"{_resolved(gains, threshold)}")
         dm = statistics.mean(_paired(ours, plain, "AP_M"))
         params = {r.get("params") for r in ours + plain}
         out["AP_M within 1 point of plain; identical parameters"] = (

@@ -27,6 +27,16 @@ def test_a_verdict_met_on_the_mean_says_when_its_interval_does_not_resolve_it():
     assert spread[control].startswith("MET") and spread[control].endswith("not resolved")  # mean +2, seeds -4..+10
 
 
+def test_a_plain_student_with_no_small_object_found_gets_a_verdict_not_a_division_by_zero():
+    # VisDrone's sample: every student at AP_S 0 (stop 40 crashed here after 77 min of training).
+    plain_target = "beats plain on AP_S by >= 2.0 (or 15%), every seed"
+    tie = verdicts({"scalekd": _seeds([0.0]), "plain": _seeds([0.0])})
+    assert tie[plain_target].startswith("NOT MET: +0.00 (plain's AP_S is 0: no relative gain)")
+    # 15% of nothing is no margin: a gain under 2.0 over a zero plain is not met, 2.0 or more is.
+    assert verdicts({"scalekd": _seeds([1.5]), "plain": _seeds([0.0])})[plain_target].startswith("NOT MET")
+    assert verdicts({"scalekd": _seeds([2.5]), "plain": _seeds([0.0])})[plain_target].startswith("MET")
+
+
 def test_quality_hands_the_verdicts_its_per_seed_metrics_and_the_control_is_not_judged_against_itself():
     from benchmarks.quality import headline_variants
 
