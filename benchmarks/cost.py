@@ -201,12 +201,11 @@ def measure_sdf_sharing(bench: CostBench, plain: Distiller, parts: DetectorParts
     with torch.no_grad():
         c5_student = plain.student_parts.forward_train(batch.student_images, batch.student_targets).c5
         c5_teacher = parts.teacher_features(batch.teacher_images)[0]
+    model = bench.cfg.model
     for sharing in (True, False):
         name = "shared" if sharing else "separate"
-        model = bench.cfg.model
         sdf = ScaleDecoupledFeatures(C5_CHANNELS[model.student_backbone], C5_CHANNELS[model.teacher_backbone],
-                                     bench.cfg.distill.sdf.embed_channels,
-                                     (1, 2, 3), sharing).to(bench.device)
+                                     bench.cfg.distill.sdf.embed_channels, (1, 2, 3), sharing).to(bench.device)
         sdf_opt = torch.optim.SGD([p for p in sdf.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         with PeakMemory(bench.device) as memory:
             for _ in range(3):

@@ -37,6 +37,16 @@ def test_a_plain_student_with_no_small_object_found_gets_a_verdict_not_a_divisio
     assert verdicts({"scalekd": _seeds([2.5]), "plain": _seeds([0.0])})[plain_target].startswith("MET")
 
 
+def test_a_validation_set_without_small_objects_leaves_the_ap_s_targets_not_assessed_instead_of_raising():
+    # quality.py leaves out a metric COCO could not compute (-1: no object of that size), so AP_S may be missing.
+    no_small = {"per_seed": [{"seed": 0, "AP": 30.0, "AP_M": 40.0, "params": 1}]}
+    lines = verdicts({"scalekd": no_small, "plain": no_small, "scalekd_no_teacher": no_small, "od": no_small})
+    for target in ("beats plain on AP_S by >= 2.0 (or 15%), every seed",
+                   "beats the no-teacher control on AP_S by >= 1.0", "beats od on AP_S"):
+        assert lines[target].startswith("not assessed (no seed where both have the metric")
+    assert lines["AP_M within 1 point of plain; identical parameters"].startswith("MET: AP_M +0.00")
+
+
 def test_quality_hands_the_verdicts_its_per_seed_metrics_and_the_control_is_not_judged_against_itself():
     from benchmarks.quality import headline_variants
 
