@@ -1,16 +1,16 @@
-"""The issue-12 targets, judged from the headline file ``benchmarks/results/quality_headline.json`` (written by
+"""The quality targets, judged from the headline file ``benchmarks/results/quality_headline.json`` (written by
 ``quality.py`` after every seed): a table of every variant (mean ± std over its seeds, the AP_S difference to the
 default recipe paired by seed, with a 95% Student-t interval over those per-seed differences) and one verdict
 line per target. Adds the verdict to the file.
 
-A target is judged on the mean paired difference, as issue 12 states it; each verdict also says whether the 95%
+A target is judged on the mean paired difference, as the targets state it; each verdict also says whether the 95%
 interval excludes the threshold (``resolved``) or not: with 3 seeds the interval is the mean +- 4.30 standard
 errors, so a margin is resolved only when the seeds agree closely.
 ``--ours`` judges another variant by the same targets (e.g. an option not in the default recipe); its verdict is
 written under its own key, never in the default's place.
 
 ``--rename OLD=NEW`` (with ``--write``) names variants as a later default names them: when an option a file ran
-under its own name becomes the default (stop 38: ``scalekd_crosskd`` is now ``scalekd``, the earlier default
+under its own name becomes the default (``scalekd_crosskd`` became ``scalekd``, the earlier default
 ``scalekd_no_cross_head``), the file is written anew under ``--write`` with the renames applied together and
 recorded in its ``renamed`` field; the numbers are the source file's, untouched.
 
@@ -31,48 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, table  # noqa: E402
 from scalekd import storage  # noqa: E402
+from scalekd.eval.paired import interval_above as _above  # noqa: E402
+from scalekd.eval.paired import interval_text as _interval_text  # noqa: E402
+from scalekd.eval.paired import paired_differences as _paired  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy in the pinned environment); 1.96 past 30.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042}
-
-
 def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "-"
-
-
-def _paired(ours: list[dict], theirs: list[dict], key: str = "AP_S") -> list[float]:
-    """ours minus theirs on ``key``, per seed both ran and both have the metric (a file leaves out one COCO could not
-    compute, e.g. AP_S on a validation set with no small object)."""
-    by_seed = {r["seed"]: r for r in theirs}
-    return [round(r[key] - by_seed[r["seed"]][key], 2) for r in ours
-            if key in r and key in by_seed.get(r["seed"], {})]
-
-
-def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
-    """95% interval of the mean of per-seed paired differences (Student's t, n - 1 degrees of freedom).
-
-    None below two seeds: one difference says nothing about the seed-to-seed spread."""
-    if len(diffs) < 2:
-        return None
-    mean = statistics.mean(diffs)
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean - half, mean + half
-
-
-def _interval_text(diffs: list[float]) -> str:
-    interval = paired_interval(diffs)
-    return "-" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
-
-
-def _above(diffs: list[float], threshold: float) -> bool:
-    """Whether the 95% interval lies above ``threshold`` (one seed has no interval: never)."""
-    interval = paired_interval(diffs)
-    return interval is not None and interval[0] > threshold
 
 
 def _resolved(diffs: list[float], threshold: float) -> str:
@@ -99,14 +65,14 @@ def rows(variants: dict, ours_name: str = "scalekd") -> list[dict]:
 
 def _beats(gains: list[float]) -> str:
     """'Beats' needs the paired interval above zero: a positive mean whose interval spans zero is a tie, not a win
-    (stop 33's headline called +0.03 over OD, interval [-0.54, +0.60], 'MET')."""
+    (a headline once called +0.03 over OD, interval [-0.54, +0.60], 'MET')."""
     if statistics.mean(gains) <= 0:
         return "NOT MET"
     return "MET" if _above(gains, 0.0) else "NOT SHOWN (a tie within the interval)"
 
 
 def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
-    """One line per target of issue 12 for ``ours_name``; 'not assessed' where a variant did not run."""
+    """One line per quality target for ``ours_name``; 'not assessed' where a variant did not run."""
     get = lambda name: variants.get(name, {}).get("per_seed", [])  # noqa: E731
     ours, plain, control = get(ours_name), get("plain"), get("scalekd_no_teacher")
     out = {}
@@ -126,7 +92,7 @@ def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
 
 def _verdict(judge, ours: list[dict], theirs: list[dict], *extra, key: str = "AP_S") -> str:
     """``judge(paired differences on key, theirs, *extra)``, or 'not assessed' where
-    no seed pairs the metric. Why: a report that raised here lost its table after hours of training (stop 40: a
+    no seed pairs the metric. Why: a report that raised here lost its table after hours of training (a
     division by zero on VisDrone's sample; a validation set without small objects has no AP_S at all)."""
     diffs = _paired(ours, theirs, key)
     if not diffs:

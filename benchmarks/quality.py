@@ -3,7 +3,7 @@ PKD, CrossKD, ScaleKD (the default recipe), the no-teacher control, the paper's 
 synthetic small-object set (and the real KIT AIS cars, split by image with a fixed seed), one student
 architecture and one iteration budget for all, several seeds; AP, AP50, AP75, AP_S/M/L. Writes the full
 result and ``<out>_headline.json`` (every variant's per-seed metrics; ``--merge-headline`` adds to an
-earlier run's); ``benchmarks/headline.py`` judges issue 12's targets from it.
+earlier run's); ``benchmarks/headline.py`` judges the quality targets from it.
 
     python benchmarks/quality.py [--preset bench] [--seeds 0 1 2] [--datasets synth kit] [--shared-teacher]
                                  [--variants plain fitnet od pkd crosskd scalekd scalekd_crosskd
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS, machine, numerics, table, write_json  # noqa: E402
 from benchmarks.headline import verdicts  # noqa: E402
-from scalekd.config import Config, load_config, paper_recipe, replace  # noqa: E402
+from scalekd.compare import VARIANTS, eval_config, variant_config  # noqa: E402
+from scalekd.config import Config, load_config, replace  # noqa: E402
 from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
 from scalekd.data.holdout import image_source  # noqa: E402
 from scalekd.data.synth import ensure_synthetic  # noqa: E402
@@ -41,72 +42,11 @@ from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
 from scalekd.train.memory_format import use_channels_last  # noqa: E402
 
-VARIANTS = {
-    "plain": {"method": "none"},
-    "fitnet": {"method": "fitnet"},
-    # Chen et al.'s output distillation from the same 2x teacher: with scale-aligned pairing its P_{l+1} outputs are
-    # predictions on the student's own anchors (the teacher is never run outside the resolution it was trained at).
-    "od": {"method": "od"},
-    "pkd": {"method": "pkd"},  # Cao et al. 2022, mmrazor's modern feature baseline, scale-aligned maps
-    # Wang et al. 2024: the student's head features finished by the 2x teacher's head (its P_{l+1}), distilled
-    # towards the teacher's own predictions (scalekd/distill/crosskd.py).
-    "crosskd": {"method": "crosskd"},
-    # ScaleKD with CrossKD's cross-head terms beside it, from the same 2x teacher (distill.cross_head_weight); its
-    # no-teacher control is scalekd_no_teacher's (every teacher input from the student: no cross-head terms either).
-    # The default since stop 38 (cross_head_weight=auto resolves to 1 here): the stop-36 pilot's name, kept so that
-    # its files read the same; its stages key as the default's.
-    "scalekd_crosskd": {"cross_head_weight": 1.0},
-    # The default recipe ("aligned"): the assistant starts as the teacher's predictions, CrossKD's cross-head terms
-    # beside ScaleKD's (cross_head_weight=auto).
-    "scalekd": {},
-    # The default of stops 33-37: the same without the cross-head terms (the headline files of those stops call it
-    # "scalekd").
-    "scalekd_no_cross_head": {"cross_head_weight": 0.0},
-    # The control: the same recipe, keys and values from the student's own maps: what is left is self-distillation.
-    "scalekd_no_teacher": {"csa": {"keys_from": "student"}},
-    # The previous default: the assistant starts as the student (the paper) instead of the 2x teacher's predictions.
-    "scalekd_student_start": {"csa": {"starts_as": "student"}},
-    "scalekd_paper": "paper",  # the paper's literal reading (config.PAPER_RECIPE), on the same warm student
-    "no_sdf": {"sdf": {"enabled": False}},
-    "no_csa": {"csa": {"enabled": False}},
-    "plain_attention": {"csa": {"attention": "plain"}},
-    "no_locality": {"csa": {"locality": "none", "zero_init_output": False}},
-    "no_assistant_warmup": {"csa": {"warmup_iterations": 0}},
-    # How much of what the assistant passes on survives its training on the ground truth: its own head frozen (only
-    # the attention trains), or nothing trained at all (frozen, no warm-up: it stays the teacher's scale-aligned
-    # predictions, so the student learns OD's targets plus SDF's features and, since stop 38, the default's cross-head
-    # terms). Before csa.lr=0 froze it, this variant ran at csa.lr=1e-12 (the README's KIT and synthetic results),
-    # which paid for the assistant's backward pass.
-    "assistant_head_frozen": {"csa": {"head_lr": 0.0}},
-    "assistant_untrained": {"csa": {"lr": 0.0, "warmup_iterations": 0}},
-    # The same without SDF (and without the default's cross-head terms): the student's targets are then OD's exactly
-    # (the frozen assistant is the teacher's scale-aligned predictions), so any gap to `od` is what the ScaleKD path
-    # adds or costs beyond SDF.
-    "assistant_untrained_no_sdf": {"sdf": {"enabled": False}, "csa": {"lr": 0.0, "warmup_iterations": 0},
-                                   "cross_head_weight": 0.0},
-    # Between the two: the assistant trains on the ground truth and is distilled from the teacher's own predictions
-    # (OD's terms at beta and gamma), so it moves from them only where the ground truth pays for it.
-    "assistant_teacher_anchored": {"csa": {"teacher_anchor": 1.0}},
-    "assistant_teacher_anchored_5": {"csa": {"teacher_anchor": 5.0}},
-    # The distillation weights ramped in over the student's first 100 of the bench's 300 iterations (after the lr
-    # warm-up's 30): at full weight from the first step the output term knocks a warm student's classification back.
-    "od_kd_ramp": {"method": "od", "kd_ramp_iterations": 100},
-    "scalekd_kd_ramp": {"kd_ramp_iterations": 100},
-}
-
-
-def variant_config(base, name: str):
-    """The variant's config: its overrides on the base (the paper's recipe: ``config.paper_recipe``)."""
-    overrides = VARIANTS[name]
-    if overrides == "paper":
-        overrides = {"recipe": "paper", **paper_recipe(base.model.student_min_level)}
-    return replace(base, distill=overrides)
-
-
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 KIT = os.path.join(SHARED_DATA, "kit_ais_cars")
 VISDRONE = os.path.join(SHARED_DATA, "visdrone_sample")
+DSB2018 = os.path.join(SHARED_DATA, "dsb2018_nuclei")  # already a dataset root (train/val COCO JSON + images/)
 
 
 def kit_dataset(out: str, seed: int = 0, val_fraction: float = 0.25, tile: int = 0) -> str:
@@ -191,6 +131,10 @@ def dataset_root(dataset: str, args, base) -> str:
                                 size=2 * base.data.student_size)
     if dataset == "kit":
         return kit_dataset(os.path.join(args.workdir, f"kit-data-tile{args.kit_tile}"), tile=args.kit_tile)
+    if dataset == "dsb2018":
+        if not os.path.isdir(DSB2018):
+            raise SystemExit(f"DSB2018 nuclei not found at {DSB2018} (../shared/data beside the checkout)")
+        return DSB2018
     return visdrone_dataset(os.path.join(args.workdir, "visdrone-data-patches4"))
 
 
@@ -198,7 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--datasets", nargs="+", default=["synth", "kit"], choices=["synth", "kit", "visdrone"])
+    ap.add_argument("--datasets", nargs="+", default=["synth", "kit"], choices=["synth", "kit", "visdrone", "dsb2018"])
+    ap.add_argument("--max-detections", type=int, default=100,
+                    help="detections per image, for the detector and COCO's AP alike (500 for sets whose images hold "
+                         "more than 100 objects: DSB2018 nuclei, VisDrone)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--kit-tile", type=int, default=320, help="KIT: tiles of this side in px (0: whole images, "
                     "where a 128 px student sees a car at ~3 px; 320: 6.5-26 px, median 10)")
@@ -264,7 +211,7 @@ def run_dataset(args, dataset: str, started: float) -> dict[str, list[dict]]:
             run_stage(StageRequest("distill", variant_config(cfg, variant).to_dict(), root, out,
                                    teacher=models["teacher"], student_init=models["warm"]))
             models[variant] = os.path.join(out, "model.pt")
-        for result in evaluate_models(models, root, replace(cfg, eval={"score_threshold": 0.001})):
+        for result in evaluate_models(models, root, eval_config(cfg, args.max_detections)):
             runs[result.name].append({**result.metrics, "params": result.parameters,
                                       "images_per_s": result.images_per_s})
         print(f"[{time.time() - started:.0f}s] {dataset} seed {seed} done", flush=True)
@@ -322,9 +269,14 @@ def _print_verdicts(variant: str, lines: dict[str, str]) -> dict[str, str]:
 def headline_variants(seeds: list[int], runs: dict[str, list[dict]]) -> dict:
     """The headline file's ``variants``: per variant, its per-seed metrics in percent (one COCO could not
     compute, -1 where no object has that size, left out) and its parameter count."""
-    return {name: {"per_seed": [{"seed": seed, **{k: round(100 * v[k], 3) for k in KEYS if v[k] >= 0},
+    return {name: {"per_seed": [{"seed": seed, **{k: round(100 * v[k], 3) for k in _reported(v) if v[k] >= 0},
                                  "params": v["params"]} for seed, v in zip(seeds, values)]}
             for name, values in runs.items()}
+
+
+def _reported(metrics: dict) -> list[str]:
+    """COCO's AP keys and the tiny-object size bands (``AP_0-8px``, ...) the evaluation produced."""
+    return [*KEYS, *(k for k in metrics if k.startswith("AP_") and k.endswith("px"))]
 
 
 def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: str = "synth") -> str:
@@ -364,15 +316,16 @@ def headline_key(args) -> dict:
     A given model is named by its path: the numerics are what tell a file retrained elsewhere."""
     cfg = load_config(preset=args.preset, overrides=args.overrides)
     return {"protocol": _protocol(args), "preset": args.preset, "synth_images": args.synth_images,
+            **({"max_detections": args.max_detections} if args.max_detections != 100 else {}),
             "teacher_model": args.teacher_model, "warm_model": args.warm_model,
             "config": _base_config(cfg), "machine": run_numerics(cfg)}
 
 
 def run_numerics(cfg: Config) -> dict:
     """``common.numerics()`` and the weight layout this call's stages train in: ``train.channels_last: auto`` picks
-    it by timing on each machine, and the layout changes the floating-point results (stop 38: an AVX2 EPYC that
-    timed NCHW faster trained the FCOS warm student to AP_S 54.64, where stop 36's, which timed channels_last
-    faster, had 58.16, same code and seed). The resolved layout, not the setting, is what pairs two calls."""
+    it by timing on each machine, and the layout changes the floating-point results (an AVX2 EPYC that
+    timed NCHW faster trained the FCOS warm student to AP_S 54.64, where one that timed channels_last
+    faster had 58.16, same code and seed). The resolved layout, not the setting, is what pairs two calls."""
     device = torch.device("cuda" if cfg.scaling.gpu and torch.cuda.is_available() else "cpu")
     return {**numerics(), "channels_last": use_channels_last(cfg.train.channels_last, device)}
 

@@ -9,11 +9,11 @@ import os
 import tempfile
 import time
 
-from pipelines import training, tuning
+from pipelines import comparison, training, tuning
 
 log = logging.getLogger(__name__)
 COMPILED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled")
-PIPELINES = {"training": training.build, "tune": tuning.build}
+PIPELINES = {"training": training.build, "tune": tuning.build, "compare": comparison.build}
 
 
 def compile_all(out: str = COMPILED_DIR) -> list[str]:
@@ -34,7 +34,8 @@ def _arguments(params: dict, preset: str) -> dict:
 
     args = {"preset": preset, **params}
     for key, kind in [(k, int) for k in ("synth_images", "student_size", "teacher_iterations", "warmup_iterations",
-                                         "distill_iterations", "workers", "trials", "rungs")] + [
+                                         "distill_iterations", "workers", "trials", "rungs",
+                                         "max_detections")] + [
             (k, float) for k in ("alpha", "beta", "gamma")]:
         if key in args:
             try:
@@ -44,6 +45,12 @@ def _arguments(params: dict, preset: str) -> dict:
                                   else "a number") from None
     if "gpu" in args:
         args["gpu"] = str(args["gpu"]).lower() in ("1", "true", "yes")
+    for key, kind in (("seeds", int), ("variants", str)):
+        if isinstance(args.get(key), str):
+            try:
+                args[key] = [kind(v) for v in args[key].replace(",", " ").split()]
+            except ValueError:
+                raise ConfigError(f"--param {key}", args[key], "integers separated by commas") from None
     if "overrides" in args and isinstance(args["overrides"], str):
         args["overrides"] = [o for o in args["overrides"].split(";") if o]
     return args

@@ -76,6 +76,22 @@ def _refuse_to_overwrite(out: str, force: bool, folder: bool) -> None:
                           "--force to overwrite")
 
 
+def _data_upload(args) -> int:
+    """``scalekd data upload``: a local dataset root to S3, checked first so that nothing half-useful lands there."""
+    if not storage.is_s3(args.dest):
+        raise ConfigError("DEST", args.dest, "an s3://bucket/prefix URI")
+    if not os.path.isdir(args.root):
+        raise ConfigError("ROOT", args.root, "a local dataset root (a folder with annotations/ and images/)")
+    splits = sorted(f for f in os.listdir(os.path.join(args.root, "annotations"))
+                    if f.startswith("instances_") and f.endswith(".json")) \
+        if os.path.isdir(os.path.join(args.root, "annotations")) else []
+    if not splits or not os.path.isdir(os.path.join(args.root, "images")):
+        raise ConfigError("ROOT", args.root, "a dataset root: annotations/instances_<split>.json and images/")
+    storage.upload_dir(args.root, args.dest)
+    print(f"uploaded {args.root} to {args.dest} ({', '.join(splits)})")
+    return 0
+
+
 def _data_convert(args) -> int:
     """``scalekd data convert``: VisDrone or YOLO to COCO JSON, optionally as patches or tiles."""
     from scalekd.data import convert
@@ -124,6 +140,8 @@ def cmd_data(args) -> int:
         return 0
     if args.data_command == "convert":
         return _data_convert(args)
+    if args.data_command == "upload":
+        return _data_upload(args)
     if args.data_command == "stats":
         result = stats.dataset_stats(args.annotations)
         if args.images:
@@ -221,6 +239,20 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from scalekd.compare import CompareRequest, run_compare
+
+    if not args.data:
+        raise ConfigError("--data", None, "the dataset root to compare on (local or s3://)")
+    cfg = _load(args)
+    request = CompareRequest(cfg.data.root, args.out, seeds=tuple(args.seeds), variants=tuple(args.variants),
+                             eval_split=args.eval_split, max_detections=args.max_detections, use_ray=not args.no_ray)
+    doc = run_compare(cfg, request)
+    print("\n".join(doc["verdict"]))
+    print(f"report: {storage.join(args.out, 'report.md')}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from pipelines import runner
 
@@ -235,15 +267,17 @@ def cmd_pipeline(args) -> int:
             raise ConfigError("--param", item, "NAME=VALUE, e.g. --param workdir=s3://bucket/run")
         params[name.strip()] = value
     if args.pipeline_command == "run":
-        result = runner.run_local(params, preset=args.preset)
+        result = runner.run_local(params, preset=args.preset, pipeline=args.pipeline)
         print(json.dumps(result, indent=2))
         return 0
     if args.pipeline_command == "submit":
-        run_id = runner.submit(args.host, params, experiment=args.experiment, preset=args.preset)
+        run_id = runner.submit(args.host, params, experiment=args.experiment, preset=args.preset,
+                               pipeline=args.pipeline)
         print(f"created run {run_id} on {storage.redact(args.host)}")
         return 0
     if args.pipeline_command == "schedule":
-        job_id = runner.schedule(args.host, args.cron, params, experiment=args.experiment, preset=args.preset)
+        job_id = runner.schedule(args.host, args.cron, params, experiment=args.experiment, preset=args.preset,
+                                 pipeline=args.pipeline)
         print(f"created recurring run {job_id} on {storage.redact(args.host)} ({args.cron})")
         return 0
     raise SystemExit(2)
@@ -266,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_command(sub)
     _add_export_command(sub)
     _add_tune_command(sub)
+    _add_compare_command(sub)
     _add_pipeline_command(sub)
     _add_demo_command(sub)
     return parser
@@ -313,6 +348,10 @@ def _add_data_command(sub) -> None:
                         "each tile")
     q.add_argument("--images-out", help="where --patches/--tile write their images (default: OUT's folder/images)")
     q.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    q = dsub.add_parser("upload", help="copy a local dataset root to s3://bucket/prefix (credentials: AWS_* "
+                                       "variables or AWS_PROFILE; AWS_ENDPOINT_URL for any S3-compatible server)")
+    q.add_argument("root")
+    q.add_argument("dest")
     q = dsub.add_parser("stats", help="objects, ignore regions, per-category and size-class counts; with a config "
                                       "(--preset/--config/--set), the student's and teacher's anchor coverage")
     q.add_argument("annotations")
@@ -380,6 +419,23 @@ def _add_tune_command(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _add_compare_command(sub) -> None:
+    """``scalekd compare``: does the 2x teacher help on this dataset?"""
+    from scalekd.compare import DEFAULT_VARIANTS, VARIANTS
+
+    p = sub.add_parser("compare", help="does the 2x teacher help on this dataset? teacher and warm student once, "
+                                       "then each variant over paired seeds; a report with 95%% intervals")
+    _stage_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
+                   help=f"default: {' '.join(DEFAULT_VARIANTS)}; any of {', '.join(VARIANTS)}")
+    p.add_argument("--eval-split", default="val", help="evaluate on annotations/instances_SPLIT.json")
+    p.add_argument("--max-detections", type=int, default=100,
+                   help="detections per image, for the detector and COCO's AP (raise it where images hold more than "
+                        "100 objects, e.g. 500)")
+    p.set_defaults(func=cmd_compare)
+
+
 def _add_pipeline_command(sub) -> None:
     """``scalekd pipeline compile|run|submit|schedule``."""
     p = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the kfp pipelines")
@@ -390,6 +446,9 @@ def _add_pipeline_command(sub) -> None:
         q = psub.add_parser(name)
         q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
         q.add_argument("--preset", default="demo")
+        q.add_argument("--pipeline", default="training", choices=("training", "tune", "compare"),
+                       help="training (the default), tune (Ray Tune over the loss weights) or compare (paired seeds "
+                            "with and without the teacher)")
         if name == "run":
             q.add_argument("--local", action="store_true", required=True, help="kfp's local SubprocessRunner")
         else:

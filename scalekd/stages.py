@@ -105,6 +105,20 @@ def evaluate(config_path: str, data_root: str, models: dict[str, str], workdir: 
             "markdown": metrics_table(results), "report": storage.join(report_uri, "report.md")}
 
 
+def compare(config_path: str, data_root: str, workdir: str, seeds: list, variants: list, eval_split: str,
+            max_detections: int) -> dict:
+    """``scalekd compare`` under ``workdir/compare``: the report's JSON with its Markdown and where it lies."""
+    from scalekd.compare import CompareRequest, run_compare
+    from scalekd.compare_report import markdown
+
+    cfg = read_config(config_path)
+    out = storage.join(workdir, "compare")
+    request = CompareRequest(data_root, out, seeds=tuple(int(s) for s in seeds), variants=tuple(variants),
+                             eval_split=eval_split, max_detections=max_detections)
+    doc = run_compare(cfg, request)
+    return {**doc, "markdown": markdown(doc), "report": storage.join(out, "report.md")}
+
+
 def export(config_path: str, data_root: str, model_uri: str, workdir: str, out_dir: str) -> dict:
     from scalekd.export import export_model
 

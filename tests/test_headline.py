@@ -1,9 +1,10 @@
-"""benchmarks/headline.py: the paired interval its verdicts quote (issue 12: per-seed paired intervals), and quality.py
+"""benchmarks/headline.py: the paired interval its verdicts quote (per-seed paired intervals), and quality.py
 printing those verdicts."""
 
 import pytest
 
-from benchmarks.headline import paired_interval, renamed, rows, verdicts
+from benchmarks.headline import renamed, rows, verdicts
+from scalekd.eval.paired import paired_interval
 
 
 def test_the_paired_interval_is_the_mean_plus_minus_t_standard_errors():
@@ -28,7 +29,7 @@ def test_a_verdict_met_on_the_mean_says_when_its_interval_does_not_resolve_it():
 
 
 def test_a_plain_student_with_no_small_object_found_gets_a_verdict_not_a_division_by_zero():
-    # VisDrone's sample: every student at AP_S 0 (stop 40 crashed here after 77 min of training).
+    # VisDrone's sample: every student at AP_S 0 (a report once crashed here after 77 min of training).
     plain_target = "beats plain on AP_S by >= 2.0 (or 15%), every seed"
     tie = verdicts({"scalekd": _seeds([0.0]), "plain": _seeds([0.0])})
     assert tie[plain_target].startswith("NOT MET: +0.00 (plain's AP_S is 0: no relative gain)")
@@ -155,7 +156,7 @@ def test_merging_refuses_seeds_run_on_other_numerics_and_files_that_do_not_say(t
         quality.mergeable_headline(args, "synth")
     monkeypatch.setattr(quality, "numerics", benchmarks.common.numerics)
     # The weight layout train.channels_last=auto picks by timing changes the numerics too: the resolved layout pairs
-    # calls, not the setting (stop 38: NCHW gave the FCOS warm student AP_S 54.64 where channels_last gave 58.16).
+    # calls, not the setting (NCHW gave an FCOS warm student AP_S 54.64 where channels_last gave 58.16).
     layout = doc["machine"]["channels_last"]
     assert isinstance(layout, bool) and "channels_last" not in doc["config"]["train"]
     assert quality.mergeable_headline(

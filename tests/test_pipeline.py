@@ -65,6 +65,19 @@ def test_training_pipeline_runs_locally_end_to_end(tmp_path):
         assert (workdir / stage / "model.pt").exists()
 
 
+def test_compare_pipeline_runs_locally_with_the_commands_parameters(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scalekd.cli", "pipeline", "run", "--local", "--pipeline", "compare",
+                           "--preset", "tiny", "--param", f"workdir={workdir}", "--param", "synth_images=12",
+                           "--param", "seeds=0,1", "--param", "variants=plain", "--param", "max_detections=200"],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, SCALEKD_NO_PROGRESS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((workdir / "compare" / "report.json").read_text())
+    # One variant keeps the test short (each stage starts Ray Train); tests/test_compare.py pairs several.
+    assert list(doc["variants"]) == ["plain"] and doc["seeds"] == [0, 1]
+    assert doc["max_detections"] == 200 and (workdir / "compare" / "report.md").stat().st_size > 100
+
+
 def test_submit_and_schedule_call_the_kfp_api():
     server, recorder, url = start()
     try:

@@ -1,0 +1,31 @@
+"""The compare pipeline: config -> data -> ``scalekd compare`` (teacher and warm student once, each variant over
+paired seeds, the report). The same parameters as the command."""
+
+from kfp import dsl
+
+from components.compare import compare
+from components.config import resolve_config
+from components.prepare_data import prepare_data
+from pipelines.training import for_cluster
+
+
+def build(cluster: bool):
+    wrap = for_cluster if cluster else (lambda task: task)
+
+    @dsl.pipeline(name="scalekd-compare", description="Does the 2x teacher help on this dataset? Paired seeds of "
+                  "the plain student, ScaleKD and the no-teacher control (or any variants), with a report")
+    def comparison(dataset_uri: str = "", workdir: str = "runs/compare-pipeline", preset: str = "demo",
+                   synth_images: int = 240, seeds: list = [0, 1, 2],  # noqa: B006 - kfp needs a literal default
+                   variants: list = ["plain", "scalekd", "scalekd_no_teacher"],  # noqa: B006
+                   eval_split: str = "val", max_detections: int = 100, ray_address: str = "", workers: int = 0,
+                   overrides: list = []):  # noqa: B006
+        config = wrap(resolve_config(
+            preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0,
+            teacher_iterations=0, warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0,
+            ray_address=ray_address, workers=workers, gpu=False, overrides=overrides)).outputs["config"]
+        data = wrap(prepare_data(config=config, dataset_uri=dataset_uri, workdir=workdir,
+                                 synth_images=synth_images)).outputs["dataset"]
+        wrap(compare(config=config, dataset=data, workdir=workdir, seeds=seeds, variants=variants,
+                     eval_split=eval_split, max_detections=max_detections).set_caching_options(False))
+
+    return comparison
