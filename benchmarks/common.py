@@ -97,7 +97,7 @@ def machine() -> dict:
 def numerics() -> dict:
     """What decides a run's floating-point results beside its config and seed: the torch build, its thread count,
     the vector ISA its kernels dispatch on (ATen's capability, oneDNN's ISA) and the device. A seeded run repeats to
-    the last digit only where these agree: on a 2-core AVX2 EPYC the FCOS warm student of the stop-33 round came
+    the last digit only where these agree: on a 2-core AVX2 EPYC an FCOS warm student came
     out at AP_S 58.16, where the AVX-512 EPYC that trained it had 61.19, from the same code and seed."""
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

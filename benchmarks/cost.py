@@ -39,11 +39,11 @@ from scalekd.train.loop import detection_step, student_spec, teacher_spec  # noq
 C5_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 # The distillation iterations timed after the plain step and the teacher's forward: key, row name, overrides.
-# "scalekd" is the default recipe: since stop 38 it adds CrossKD's cross-head terms where they can be formed
+# "scalekd" is the default recipe: it adds CrossKD's cross-head terms where they can be formed
 # (distill.cross_head_weight=auto: a one-stage detector with scale-aligned pairing), so the two rows after it
 # split what those terms cost from what ScaleKD's own parts cost.
 METHODS = (("scalekd", "ScaleKD (the default recipe)", {}),
-           ("scalekd_no_cross_head", "ScaleKD without cross-head terms (the default of stops 33-37)",
+           ("scalekd_no_cross_head", "ScaleKD without cross-head terms",
             {"cross_head_weight": 0.0}),
            ("crosskd", "CrossKD alone", {"method": "crosskd"}),
            ("scalekd_recompute", "ScaleKD, assistant outputs recomputed after its step", {"csa": {"recompute": True}}),
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-# Without --preset: the recipe of the first cost tables (README, Cost per iteration), kept so they reproduce.
+# Without --preset: the recipe of the first cost tables (docs/results.md), kept so they reproduce.
 FIRST_TABLES = {"student_size": 256, "detector": "retinanet", "student": "mobilenet_v2", "teacher": "resnet18",
                 "fpn": 256}
 

@@ -1,8 +1,8 @@
 """Does a model know its training images by heart? The same models on the training split and on the validation
 split of one dataset, with the gap. A teacher whose training AP is far above its validation AP has learnt its
 training set: an assistant trained on the ground truth of those same images from that teacher can only sharpen
-towards labels the teacher already reproduces, and passes on less than the teacher's graded scores (issue 12,
-KIT against synthetic data).
+towards labels the teacher already reproduces, and passes on less than the teacher's graded scores (KIT
+against synthetic data).
 
     python benchmarks/generalisation.py --data runs/bench/kit320/kit-data-tile320 \\
         --models teacher=runs/bench/kit320/kit/seed0/teacher/model.pt --out generalisation_kit320.json

@@ -1,6 +1,6 @@
 """The machine yardstick: the reference teacher step (RetinaNet ResNet-18, 256 px, FPN 64, batch 4, 2 threads,
 one forward + backward + SGD step on synthetic scenes), NCHW and channels_last, with the CPU's model and the
-ISA oneDNN uses. Machines of the same size differ ~4x; every timing in the README is quoted beside this figure.
+ISA oneDNN uses. Machines of the same size differ ~4x; every timing in docs/results.md is quoted beside this figure.
 Run it with ``ONEDNN_MAX_CPU_ISA=AVX2`` to see the AVX2 path of a bigger CPU.
 
     python benchmarks/machine.py [--steps 6]

@@ -102,7 +102,7 @@ class ModelConfig:
     # background below negative_iou, ignored between (torchvision: 0.5 / 0.4, every object's best anchor kept).
     # On a stride-4 grid a 4-7 px object between anchor centres cannot reach 0.5 with any anchor (`scalekd data
     # stats` counts them); 0.4 / 0.3 covers most of them with the same anchors and the same loss, but on the
-    # bench the plain student trained worse with it (AP_S 34.6 vs 38.3, README), so the default stays torchvision's.
+    # bench the plain student trained worse with it (AP_S 34.6 vs 38.3), so the default stays torchvision's.
     positive_iou: float = 0.5
     negative_iou: float = 0.4
     # RetinaNet's box loss, every stage: "l1" on the encoded deltas (torchvision's RetinaNet) or "giou" on the decoded
@@ -161,7 +161,7 @@ class CSAConfig:
     # Not in the paper: the weight of a second term in the assistant's own loss, the output distillation (beta's
     # classification and gamma's box terms, as OD gives a student) from the 2x teacher's predictions on the student's
     # anchors. 0 (default): the ground truth alone. An assistant that starts as a teacher which knows its training
-    # images by heart sharpens towards the ground truth and passes on less than the teacher (KIT, README); this keeps
+    # images by heart sharpens towards the ground truth and passes on less than the teacher (KIT); this keeps
     # it near the teacher's graded scores unless the ground truth pays for the move. Needs the teacher's predictions
     # on the student's anchors (as starts_as=teacher) and keys from the teacher (the control must not see it).
     teacher_anchor: float = 0.0
@@ -203,10 +203,10 @@ class DistillConfig:
     # 2x teacher's head on its scale-aligned maps, distilled towards that head's own predictions; scalekd/distill/
     # crosskd.py, distill.crosskd) added to ScaleKD's loss at this multiple of CrossKD's weights (0: none). Both
     # signals come from the same 2x teacher: the assistant's targets reach the student's outputs, the cross-head
-    # terms its head features. "auto" (the default since stop 38, README, Results): 1 where the terms can be formed
+    # terms its head features. "auto" (the default; docs/results.md): 1 where the terms can be formed
     # (Config.cross_head_possible), else 0, so the no-teacher control (csa.keys_from=student, whose "teacher" head
     # would be the student's own: the terms vanish), the baselines, two-stage detectors and the paper's same-level
-    # reading get none; a number > 0 is refused where they cannot be formed. 0 is the default of stops 33-37.
+    # reading get none; a number > 0 is refused where they cannot be formed; 0 turns them off.
     cross_head_weight: float | Literal["auto"] = "auto"
     sdf: SDFConfig = field(default_factory=SDFConfig)
     csa: CSAConfig = field(default_factory=CSAConfig)
@@ -361,11 +361,11 @@ PKD_WEIGHT = 10.0
 # CrossKD's (beta, gamma) when not given: its configs weigh the classification and the GIoU term 1.0 each.
 CROSSKD_WEIGHTS = (1.0, 1.0)
 # What distill.cross_head_weight=auto means where the terms can be formed: CrossKD's own weights, the only value
-# measured (README, Results).
+# measured (docs/results.md).
 AUTO_CROSS_HEAD_WEIGHT = 1.0
 
 
-# Presets: overrides on the defaults, sized from the CPU costs in ../shared/notes/ENVIRONMENT.md.
+# Presets: overrides on the defaults, sized from measured CPU costs (docs/benchmarks.md).
 PRESETS: dict[str, dict] = {
     "tiny": {  # tests: seconds
         "data": {"student_size": 64},
@@ -376,19 +376,19 @@ PRESETS: dict[str, dict] = {
                   "checkpoint_interval": 2, "log_interval": 1},
         "eval": {"batch_size": 2},
     },
-    "demo": {  # the README's main command: <= 15 min where the yardstick (benchmarks/machine.py) is 1.0 s
+    "demo": {  # the README's main command: <= 15 min where the reference step (benchmarks/machine.py) takes 1.0 s
         # 128 px scenes whose objects keep their pixel sizes (8-24 px mostly; stages.prepare_data), so a 64 px
         # student sees them at 4-12 px as the bench student does at 128, for a quarter of the pixels per step.
         "data": {"student_size": 64},
         # FCOS, P2-P6, anchors 1.5 x stride (they set FCOS's size range per level): objects are 4-12 px at the
         # student's size. FCOS's centre sampling covers 98.7% of the 1,000-image synthetic set's objects under 32 px
         # (`scalekd data stats --preset bench`) and trains a far better plain student than RetinaNet on the same
-        # levels (bench AP_S 66.6 vs 38.6, README): RetinaNet's IoU >= 0.5 matcher covers 83% (4-7 px objects between
-        # anchor centres reach no anchor), and the options that cover more trained worse (README, Known gaps).
+        # levels (bench AP_S 66.6 vs 38.6): RetinaNet's IoU >= 0.5 matcher covers 83% (4-7 px objects between
+        # anchor centres reach no anchor), and the options that cover more trained worse (docs/results.md).
         # `--set model.detector=retinanet` gives the RetinaNet recipe every result before this choice was measured on.
         "model": {"detector": "fcos", "fpn_channels": 64, "anchor_scale": 1.5, "student_min_level": 2},
         "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4, "warmup_iterations": 50}},
-        # Iterations sized by measurement to fit 15 minutes at yardstick 1.0 s (README, Results, The demo): the
+        # Iterations sized by measurement to fit 15 minutes at a 1.0 s reference step (docs/results.md): the
         # teacher is most of the time. A 500-iteration RetinaNet teacher had not taken off (AP 1.8): the learning
         # rate stays high until 80% of each stage, where the default drops it at 67%. With FCOS the demo took 13%
         # longer than with RetinaNet (512 vs 454 s, same machine) and its teacher trained far better (AP_S 54.3
@@ -399,7 +399,7 @@ PRESETS: dict[str, dict] = {
         "scaling": {"cpus_per_worker": 2},
         "eval": {"score_threshold": 0.001},
     },
-    # benchmarks/quality.py: the recipe of issue 12's measurements (1,000 scenes of 256 px, 128 px student).
+    # The quality benchmarks' recipe (benchmarks/quality.py): 128 px student, 256 px teacher.
     "bench": {
         "data": {"student_size": 128},
         "model": {"detector": "fcos", "fpn_channels": 64, "anchor_scale": 1.5, "student_min_level": 2},  # as demo
@@ -407,7 +407,7 @@ PRESETS: dict[str, dict] = {
         # The paper warms the student up before distilling (CSA reads the student's features and a
         # random student makes its targets noise); 300 iterations here left AP at 0.1, 900 reach ~10.
         # Teacher: 1500 iterations gave AP_S 54.0 in one run and 65.7 in another, 3000 gave 81.4, and whether the
-        # teacher's knowledge beat the no-teacher control turned on it (README, Results): 3000 since then. (Those were
+        # teacher's knowledge beat the no-teacher control turned on it (docs/results.md): 3000 since then. (Those were
         # RetinaNet teachers; the FCOS teacher of 3000 iterations reaches AP_S 82.5.)
         "train": {"teacher_iterations": 3000, "warmup_iterations": 900, "distill_iterations": 300,
                   "freeze_backbone_iterations": 100, "batch_size": 4, "lr": 0.02,

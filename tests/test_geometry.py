@@ -1,4 +1,4 @@
-"""Cross-resolution geometry (issue 12): anchor coverage, exact 2x grids, scale-aligned pairing, PKD, the
+"""Cross-resolution geometry: anchor coverage, exact 2x grids, scale-aligned pairing, PKD, the
 assistant's evaluation views and the still student's BatchNorm statistics."""
 
 import pytest

@@ -90,7 +90,7 @@ def test_teacher_is_not_part_of_the_distillers_state_or_parameters(tiny_cfg):
 
 def test_a_32_channel_fcos_detects_one_64_px_image_and_its_group_norm_matches_torchs(tiny_cfg):
     # FPN 32 with GroupNorm(32): the 1x1 P7 of one 64 px image holds one value per group (torch's F.group_norm
-    # refuses it; stop 33 found the export of such a model failing).
+    # refuses it, and the export of such a model failed).
     model = build_detector(student_spec(replace(tiny_cfg, model={"detector": "fcos"}), 4)).eval()
     with torch.no_grad():
         assert set(model([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}

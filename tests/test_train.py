@@ -389,7 +389,7 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
     before_cross_head = no_cross_head.to_dict()
     del before_cross_head["distill"]["cross_head_weight"]
     del before_cross_head["distill"]["crosskd"]
-    old_stage_config = stage_inputs_config("distill", before_cross_head)  # what a stage of stop 35 was keyed on
+    old_stage_config = stage_inputs_config("distill", before_cross_head)  # a stage from before the field
     assert stage_inputs_config("distill", no_cross_head.to_dict()) == old_stage_config
     cross_head = replace(tiny_cfg, distill={"cross_head_weight": 1.0})
     assert distill_key(cross_head.to_dict()) != distill_key(no_cross_head.to_dict())

@@ -1,6 +1,6 @@
 """The teacher's own images: a share of the training images that only the teacher trains on (``data.teacher_holdout``).
 
-Why (measured, README "A teacher that never saw the distillation's images"): on a small training set a teacher
+Why (measured, docs/results.md): on a small training set a teacher
 learns its images by heart (KIT cars: AP_S 87 on its own training tiles, 67 on val), so on those images its
 predictions carry little beyond the labels, and output distillation and an assistant that starts as the teacher
 read it where it is least like itself on new images. A teacher trained on the other half of the images gave OD

@@ -81,7 +81,7 @@ def holdout_shares(annotation_uri: str, fraction: float) -> dict:
 
 
 def _coverage_warning(cov: dict) -> list[str]:
-    """A named warning when the student's anchors miss more small objects than issue 12's bar allows: those
+    """A named warning when the student's anchors miss more small objects than the coverage bar allows: those
     objects train as background, and no distillation can give them back. Names the options that cover more."""
     from scalekd.data.coverage import COVERAGE_TARGET_PCT, SMALL_SIDE
 
@@ -95,7 +95,7 @@ def _coverage_warning(cov: dict) -> list[str]:
         options += ["model.assigner=atss", "a lower model.positive_iou"]
     return [f"  warning: the student's anchors cover {small['covered_pct']}% of its {small['objects']} objects under "
             f"{SMALL_SIDE} px (below {COVERAGE_TARGET_PCT:g}%): the rest train as background. Options that cover "
-            f"more: {', '.join(options) or 'larger inputs (data.student_size)'} (README, The method: how each trains)"]
+            f"more: {', '.join(options) or 'larger inputs (data.student_size)'} (docs/method.md)"]
 
 
 def format_stats(stats: dict, title: str) -> str:

@@ -11,7 +11,7 @@ Departs from the paper (which is silent on it): with ``positional="sine"`` (defa
 of each token's position in image coordinates is added to Q and K, as DETR does for its cross-attention.
 Student and teacher are different networks, so without it a student query can find the teacher tokens
 at its own location only through learned content similarity. ``positional="none"`` is the paper's text;
-at our benchmark's scale the two measured the same (README, Results: the ``no_positional`` ablation).
+at our benchmark's scale the two measured the same (docs/results.md: the ``no_positional`` ablation).
 
 Also departs from the paper (our recipe; ``distill.recipe=paper`` turns both off): with
 ``locality="distance_bias"`` each head adds ``-exp(s_h) * d^2`` to its attention logits, d the distance
@@ -28,12 +28,12 @@ head. With the zero-initialised projection the assistant then starts as exactly 
 the student's anchors and learns from the ground truth what to change given the student's queries. On our
 benchmark an assistant that started as the student stayed a weaker detector than a strong teacher, and Chen et
 al.'s plain output distillation from that teacher beat ScaleKD; with another (weaker) teacher, starting from the
-teacher was worth +4 AP_S over starting from the student and beat OD by +5.7 (README, Results). Measured on that
+teacher was worth +4 AP_S over starting from the student and beat OD by +5.7 (docs/results.md). Measured on that
 run: the trained assistant ignored its queries (shuffling the student's cells left its AP unchanged), so it acts as
 the teacher's head training on the ground truth, not as a cross-scale attention; an open problem. On real aerial
 tiles (KIT AIS) whose training set the teacher had learnt, that training only sharpened the teacher's scores and
 the student kept less of the teacher's gain the more the assistant trained (``distill.csa.head_lr=0`` trains the
-attention alone; README, Results, "What the assistant's targets lose").
+attention alone; docs/results.md).
 """
 
 from __future__ import annotations

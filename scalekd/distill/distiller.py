@@ -2,7 +2,7 @@
 ground truth (only CSA parameters move) -> student step on L_det + alpha L_feat + beta L_cls + gamma L_bbox.
 
 The same class runs the baselines (plain student, FitNet, Chen et al. "OD", PKD, CrossKD) and every ablation, so
-they share one loop and one set of logs; ``distill.cross_head_weight`` (not in the paper; on by default since stop 38,
+they share one loop and one set of logs; ``distill.cross_head_weight`` (not in the paper; on by default,
 ``auto``) adds CrossKD's cross-head terms to ScaleKD's. Nothing here knows about Ray: gradient averaging across
 workers comes in as a callable.
 """
