@@ -46,6 +46,11 @@ def _load(args) -> Config:  # noqa: F821
 
 
 def cmd_config(args) -> int:
+    if args.reference:
+        from scalekd.config_reference import reference_markdown
+
+        print(reference_markdown())
+        return 0
     print(_load(args).to_yaml(), end="")
     return 0
 
@@ -310,6 +315,8 @@ def _add_config_command(sub) -> None:
     """``scalekd config``: the resolved config."""
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
+    p.add_argument("--reference", action="store_true",
+                   help="print every field with its default, type and meaning (docs/configuration.md)")
     p.set_defaults(func=cmd_config)
 
 

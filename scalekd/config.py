@@ -64,26 +64,26 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "runs/data/synth"  # local folder or s3://bucket/prefix with annotations/ and images/
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # annotations/instances_<split>.json the stages train on
+    val_split: str = "val"  # the split evaluation and Ray Tune read
     student_size: int = 128  # student's short side in px; the teacher sees teacher_scale x this
-    teacher_scale: float = 2.0
+    teacher_scale: float = 2.0  # the teacher's input size over the student's (the paper: 2)
     max_size_ratio: float = 1.667  # long side cap = ratio x short side (torchvision's 1333/800)
-    hflip_prob: float = 0.5
+    hflip_prob: float = 0.5  # horizontal flip probability, the same flip for both resolutions
     # Share of the training images, by source image, that only the teacher trains on; the warm-up and the
     # distillation train on the rest (scalekd/data/holdout.py: a teacher that learnt the students' images by heart
     # has little to teach on them). 0, the paper's reading: every stage trains on every image.
     teacher_holdout: float = 0.0
-    loader_workers: int = 0
+    loader_workers: int = 0  # DataLoader worker processes (0: in the training process)
     cache_dir: str = ""  # local cache for s3:// reads ("" = ~/.cache/scalekd)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    detector: str = "retinanet"
-    student_backbone: str = "mobilenet_v2"
-    teacher_backbone: str = "resnet18"
-    fpn_channels: int = 256
+    detector: str = "retinanet"  # "retinanet", "fcos" or "faster_rcnn"
+    student_backbone: str = "mobilenet_v2"  # "mobilenet_v2" or "resnet18/34/50/101"
+    teacher_backbone: str = "resnet18"  # as student_backbone; trained from scratch at 2x
+    fpn_channels: int = 256  # FPN width of both detectors (the paper's 256)
     num_classes: int = 0  # 0: take it from the dataset's categories
     anchor_scale: float = 4.0  # anchor side / stride (torchvision: 4); small objects want 2
     # One-stage students: 3 = P3-P7 (torchvision), 2 = P2-P6, stride 4: at half resolution the student needs it
@@ -104,7 +104,7 @@ class ModelConfig:
     # stats` counts them); 0.4 / 0.3 covers most of them with the same anchors and the same loss, but on the
     # bench the plain student trained worse with it (AP_S 34.6 vs 38.3), so the default stays torchvision's.
     positive_iou: float = 0.5
-    negative_iou: float = 0.4
+    negative_iou: float = 0.4  # see positive_iou: background below this IoU
     # RetinaNet's box loss, every stage: "l1" on the encoded deltas (torchvision's RetinaNet) or "giou" on the decoded
     # boxes (torchvision's RetinaNet v2 recipe, ATSS's paper). GIoU is bounded, so the low-IoU positives that ATSS
     # gives tiny objects cannot dominate it the way their large deltas dominate L1. FCOS always uses GIoU.
@@ -113,21 +113,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SDFConfig:
-    enabled: bool = True
-    dilations: tuple[int, ...] = (1, 2, 3)
-    weight_sharing: bool = True
+    enabled: bool = True  # Scale-Decoupled Feature distillation (section 3.1); false: the ablation
+    dilations: tuple[int, ...] = (1, 2, 3)  # one branch per dilation, the same weights for all
+    weight_sharing: bool = True  # false: one block per dilation (Table 7)
     teacher_sdf: str = "shared"  # "shared" | "frozen" (interpretation, see DESIGN.md)
-    embed_channels: int = 128
-    bottleneck_ratio: int = 4
+    embed_channels: int = 128  # width the student C5 is projected to
+    bottleneck_ratio: int = 4  # the bottleneck block's reduction
 
 
 @dataclass(frozen=True)
 class CSAConfig:
-    enabled: bool = True
+    enabled: bool = True  # the Cross-Scale Assistant (section 3.2); false: output distillation from the teacher
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
     positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
     head: str = "own"  # "shared" (the paper): the student's head, not stepped; "own": a copy the assistant trains
-    heads: int = 8
+    heads: int = 8  # attention heads, split evenly over the pooling rates
     # Pooling rates on the teacher's paired map, one per head group. With distill.pairing=scale_aligned that map
     # is on the student's grid (rate 1 = the student's cells); with same_level it is 2x finer (the paper: 2, 4).
     rates: tuple[int, ...] = (1, 2)
@@ -135,7 +135,7 @@ class CSAConfig:
     # Not in the paper: the learning rate of the assistant's own head (head=own); None: lr, 0: frozen, so an
     # assistant that starts as the teacher can change the teacher's predictions only through the attention.
     head_lr: float | None = None
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # the assistant's Adam weight decay
     # Recompute the assistant's predictions after its step for the student's targets (a third pass through
     # the head, +15-18% per iteration on CPU) or use the ones its step was computed from (one Adam step older).
     recompute: bool = False
@@ -145,7 +145,7 @@ class CSAConfig:
     # Not in the paper (see csa.py): a learned distance bias that starts the attention on the query's own
     # footprint ("distance_bias") or none (the paper), and a zero-initialised output projection.
     locality: str = "distance_bias"
-    zero_init_output: bool = True
+    zero_init_output: bool = True  # the output projection starts at zero (see locality)
     # "teacher" (the method) or "student": a control in which keys and values come from the student's own
     # map (upsampled 2x, so the pooling rates mean what they mean on the teacher's), to measure how much of
     # the assistant's lead is the teacher's knowledge and how much is the assistant's own capacity.
@@ -182,15 +182,15 @@ class DistillConfig:
     # "aligned" (our defaults, below) or "paper": the paper's literal reading, applied by load_config beneath the
     # fields a user sets (PAPER_RECIPE). Recorded in the config so a run says which one it started from.
     recipe: str = "aligned"
-    method: str = "scalekd"
+    method: str = "scalekd"  # "scalekd", or a baseline: "none", "fitnet", "od", "pkd", "crosskd"
     # Which teacher level a student level learns from. "scale_aligned" (MSAD, CVPR 2021): student P_l with the
     # 2x teacher's P_{l+1}, the same grid and the same objects in image terms, whose anchors are the student's
     # (P7's successor by max-pooling). "same_level" (the paper): P_l with P_l, the teacher's map 2x finer.
     pairing: str = "scale_aligned"
     alpha: float | None = None  # None: the paper's value for the detector family
-    beta: float | None = None
-    gamma: float | None = None
-    temperature: float = 1.0
+    beta: float | None = None  # output classification weight; None: the paper's
+    gamma: float | None = None  # output box weight; None: the paper's
+    temperature: float = 1.0  # softening of the soft classification targets
     background_weight: float = 1.5  # Chen et al. 2017
     margin: float = 0.0  # bounded regression margin m
     bbox_loss: str = "bounded"  # "bounded" | "l2" | "smooth_l1"
@@ -215,21 +215,21 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    teacher_iterations: int = 200
-    warmup_iterations: int = 200
-    distill_iterations: int = 200
+    teacher_iterations: int = 200  # the teacher stage's iterations
+    warmup_iterations: int = 200  # the student warm-up's iterations
+    distill_iterations: int = 200  # the distillation stage's student iterations
     freeze_backbone_iterations: int = 50  # student warm-up: backbone frozen this long
-    batch_size: int = 4
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_warmup_iterations: int = 50
+    batch_size: int = 4  # images per worker per iteration
+    lr: float = 0.01  # SGD learning rate of the detectors
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    lr_warmup_iterations: int = 50  # linear learning-rate warm-up at the start of each stage
     lr_steps: tuple[float, ...] = (0.67, 0.89)  # fractions of the stage where lr drops by lr_gamma
-    lr_gamma: float = 0.1
-    grad_clip: float = 10.0
-    checkpoint_interval: int = 100
-    log_interval: int = 10
-    seed: int = 0
+    lr_gamma: float = 0.1  # factor applied at each of lr_steps
+    grad_clip: float = 10.0  # gradient norm clip
+    checkpoint_interval: int = 100  # iterations between checkpoints (a rerun resumes from the latest)
+    log_interval: int = 10  # iterations between metrics.jsonl lines
+    seed: int = 0  # data order and initialisation
     amp: bool = True  # mixed precision, used on GPU only
     # NHWC conv weights: 14% faster per ScaleKD iteration on an AVX-512 Xeon, 9% slower on an AVX2-only EPYC.
     # "auto" times both once per machine and caches the answer (scalekd/train/memory_format.py).
@@ -238,20 +238,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    workers: int = 1
+    workers: int = 1  # Ray Train workers (DDP)
     # Elastic training: with 0 < min_workers < workers, a run that loses workers (a node) goes on with as few as
     # min_workers from its last checkpoint instead of waiting for the lost capacity. 0: a fixed group.
     min_workers: int = 0
-    gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
+    gpu: bool = False  # one GPU per worker
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker
+    max_failures: int = 2  # restores from the last checkpoint after a worker or node dies
     ray_address: str = ""  # "" = in-process local Ray; else submit a Ray job there
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL or AWS default
-    region: str = ""
+    region: str = ""  # S3 region ("" = AWS_DEFAULT_REGION or none)
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,8 @@ class EvalConfig:
     # Tiny-object size bands by object side in px of the annotated image (VisDrone/AI-TOD: very tiny < 8,
     # tiny 8-16, small 16-32), reported beside COCO's S/M/L as AP_0-8px, ...; [] for none.
     size_band_edges: tuple[int, ...] = (0, 8, 16, 32)
-    score_threshold: float = 0.05
-    batch_size: int = 4
+    score_threshold: float = 0.05  # detections below this score are dropped before COCO evaluation
+    batch_size: int = 4  # images per evaluation batch
 
 
 @dataclass(frozen=True)

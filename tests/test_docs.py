@@ -42,3 +42,24 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links to missing {target}"
+
+
+def test_the_configuration_reference_is_generated_from_the_config_and_fresh():
+    from scalekd.config_reference import reference_markdown
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == reference_markdown() + "\n", "run `scalekd config --reference > docs/configuration.md`"
+    undocumented = [line.split("|")[1].strip() for line in page.splitlines()
+                    if line.startswith("| `") and line.rstrip().endswith("|  |")]
+    assert not undocumented, f"say what these mean beside their fields in scalekd/config.py: {undocumented}"
+
+
+def test_every_file_of_record_is_listed_with_its_command():
+    index = (REPO / "benchmarks" / "results" / "README.md").read_text()
+    listed = set(re.findall(r"`([\w.-]+\.(?:json|png|md))`", index))
+    for prefix, choices, suffix in re.findall(r"`([\w-]*)\{([\w,]+)\}([\w.]*)`", index):
+        listed |= {f"{prefix}{choice}{suffix}" for choice in choices.split(",")}
+    names = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    unlisted = [n for n in names if Path(n).name not in listed | {"README.md"}]
+    assert not unlisted, f"list these in benchmarks/results/README.md, or remove them: {unlisted}"

@@ -24,7 +24,7 @@ from scalekd.models.parts import _fcos_match, atss_match
 
 BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
 SMALL_SIDE = 32  # COCO's small class, as a side in the model's input pixels
-# The coverage bar: the student's anchors must cover this share of the small objects, or most of them train as background.
+# The coverage bar: the student's anchors must cover this share of the small objects, or most train as background.
 COVERAGE_TARGET_PCT = 90.0
 RPN_POSITIVE_IOU = 0.7  # torchvision's RPN matcher (Faster R-CNN)
 
