@@ -4,9 +4,8 @@ paired seeds, the report). The same parameters as the command."""
 from kfp import dsl
 
 from components.compare import compare
-from components.config import resolve_config
 from components.prepare_data import prepare_data
-from pipelines.training import for_cluster
+from pipelines.training import for_cluster, preset_config
 
 
 def build(cluster: bool):
@@ -19,10 +18,7 @@ def build(cluster: bool):
                    variants: list = ["plain", "scalekd", "scalekd_no_teacher"],  # noqa: B006
                    eval_split: str = "val", max_detections: int = 100, ray_address: str = "", workers: int = 0,
                    overrides: list = []):  # noqa: B006
-        config = wrap(resolve_config(
-            preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0,
-            teacher_iterations=0, warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0,
-            ray_address=ray_address, workers=workers, gpu=False, overrides=overrides)).outputs["config"]
+        config = wrap(preset_config(preset, ray_address, workers, overrides)).outputs["config"]
         data = wrap(prepare_data(config=config, dataset_uri=dataset_uri, workdir=workdir,
                                  synth_images=synth_images)).outputs["dataset"]
         wrap(compare(config=config, dataset=data, workdir=workdir, seeds=seeds, variants=variants,

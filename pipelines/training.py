@@ -30,6 +30,15 @@ def for_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.add_pod_label(task, *RAY_CLIENT_LABEL)
 
 
+def preset_config(preset: str, ray_address: str, workers: int, overrides: list) -> dsl.PipelineTask:
+    """The resolve-config task of a pipeline that exposes no model or schedule parameters: the preset's values,
+    where to train and the user's overrides."""
+    return resolve_config(
+        preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0, teacher_iterations=0,
+        warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0, ray_address=ray_address,
+        workers=workers, gpu=False, overrides=overrides)
+
+
 def build(cluster: bool):
     wrap = for_cluster if cluster else (lambda task: task)
 

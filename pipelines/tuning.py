@@ -2,12 +2,11 @@
 
 from kfp import dsl
 
-from components.config import resolve_config
 from components.prepare_data import prepare_data
 from components.train_teacher import train_teacher
 from components.tune import tune
 from components.warmup_student import warmup_student
-from pipelines.training import for_cluster
+from pipelines.training import for_cluster, preset_config
 
 
 def build(cluster: bool):
@@ -17,10 +16,7 @@ def build(cluster: bool):
     def tuning(dataset_uri: str = "", workdir: str = "runs/tune-pipeline", preset: str = "demo",
                synth_images: int = 240, trials: int = 8, rungs: int = 2, metric: str = "AP_S",
                space: str = "", ray_address: str = "", workers: int = 0, overrides: list = []):  # noqa: B006
-        config = wrap(resolve_config(
-            preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0,
-            teacher_iterations=0, warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0,
-            ray_address=ray_address, workers=workers, gpu=False, overrides=overrides)).outputs["config"]
+        config = wrap(preset_config(preset, ray_address, workers, overrides)).outputs["config"]
         data = wrap(prepare_data(config=config, dataset_uri=dataset_uri, workdir=workdir,
                                  synth_images=synth_images)).outputs["dataset"]
         teacher = wrap(train_teacher(config=config, dataset=data, workdir=workdir).set_caching_options(False))
