@@ -239,7 +239,7 @@ def cmd_tune(args) -> int:
     cfg = _load(args)
     space = TuneSpace.parse(args.space) if args.space else TuneSpace.around_paper(cfg)
     best = run_tune(cfg, args.teacher, args.student, cfg.data.root, args.out, space, trials=args.trials,
-                    metric=args.metric, rungs=args.rungs)
+                    metric=args.metric, rungs=args.rungs, resume=args.resume)
     print(json.dumps(best, indent=2))
     return 0
 
@@ -423,6 +423,9 @@ def _add_tune_command(sub) -> None:
                    "'teacher_anchor=0|5' (a choice); default: alpha, beta, gamma from 1/4 to 4x the paper's")
     p.add_argument("--workers", type=int)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search already under --out (only from a folder that this user owns and nobody "
+                        "else can write: Ray restores a search by unpickling it)")
     p.set_defaults(func=cmd_tune)
 
 

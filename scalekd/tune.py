@@ -130,8 +130,9 @@ def _trial(params: dict) -> None:
 
 
 def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space: TuneSpace, trials: int = 8,
-             metric: str = "AP_S", rungs: int = 2, cpus_per_trial: int = 1) -> dict:
-    """Run (or resume) the search; writes results.json, results.md and best.yaml under ``out``."""
+             metric: str = "AP_S", rungs: int = 2, cpus_per_trial: int = 1, resume: bool = False) -> dict:
+    """Run the search, or with ``resume`` continue the one under ``out``; writes results.json, results.md and
+    best.yaml under ``out``."""
     space.validate(cfg)
     if trials < 1 or rungs < 1:
         raise ConfigError("tune.trials" if trials < 1 else "tune.rungs", trials if trials < 1 else rungs, ">= 1")
@@ -140,16 +141,17 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
 
     from scalekd.train.ray_runner import init_ray
 
-    init_ray()
     experiment_dir = (os.path.join(storage.cache_dir(), "tune", out.replace("://", "_").replace("/", "_"))
                       if storage.is_s3(out) else os.path.abspath(storage.join(out, "experiment")))
     name = "scalekd-tune"
+    path = os.path.join(experiment_dir, name)
+    restore = _search_to_resume(path, resume, out)  # before Ray starts: a refusal costs nothing
+    init_ray()
     # Trials run in their own working directory: hand them absolute local paths.
     base = {"config": cfg.to_dict(), "out": storage.absolute(out), "data": storage.absolute(data),
             "teacher": storage.absolute(teacher), "student": storage.absolute(student), "rungs": rungs}
     trainable = tune.with_resources(_trial, {"cpu": cpus_per_trial})
-    path = os.path.join(experiment_dir, name)
-    if tune.Tuner.can_restore(path):
+    if restore:
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
@@ -172,6 +174,39 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
     log.info("tune results:\n%s", table)
     return {"best": {n: best[n] for n in space.names}, metric: best[metric], "trials": len(rows),
             "best_config": storage.join(out, "best.yaml"), "table": json.loads(json.dumps(rows))}
+
+
+def _search_to_resume(path: str, resume: bool, out: str) -> bool:
+    """Whether to restore the search at ``path``. Ray Tune restores by unpickling its state (``tuner.pkl``), which
+    runs whatever code the file names: a search is resumed only when asked, and only from a folder that this user
+    owns and nobody else can write. An ``s3://`` output keeps that state in the local cache, never in the bucket."""
+    from ray import tune
+
+    found = os.path.exists(path)
+    if not resume:
+        if found:
+            raise ConfigError("--out", out, f"already holds a search ({path}); pass --resume to continue it, or "
+                              "choose a new --out")
+        return False
+    if not found or not tune.Tuner.can_restore(path):
+        raise ConfigError("--resume", out, f"there is no search to resume at {path}")
+    unsafe = _writable_by_others(path)
+    if unsafe:
+        raise ConfigError("--resume", out, f"{unsafe} is not owned by this user or can be written by others; a "
+                          "search is restored by unpickling its state, so it is resumed only from a private folder")
+    return True
+
+
+def _writable_by_others(path: str) -> str | None:
+    """The first of ``path``, the files below it and its parent folders up to the home or cache root that another
+    user owns or may write (None where none)."""
+    uid = os.getuid()
+    below = [os.path.join(d, n) for d, dirs, files in os.walk(path) for n in dirs + files]
+    for item in [path, *below, os.path.dirname(path)]:
+        st = os.lstat(item)
+        if st.st_uid != uid or st.st_mode & 0o022:
+            return item
+    return None
 
 
 def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:

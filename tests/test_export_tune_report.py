@@ -111,6 +111,9 @@ def test_tiny_tune_search_writes_a_usable_best_config(trained, tmp_path, synth_r
     assert all(r["teacher_anchor"] in (0.0, 2.0) for r in rows["trials"])
     assert max(r["iteration"] for r in rows["trials"]) == cfg.train.distill_iterations  # the student's, all of them
     assert open(os.path.join(out, "results.md")).readline().startswith("| alpha | beta | gamma | teacher_anchor |")
+    again = run_tune(cfg, str(root / "teacher" / "model.pt"), str(root / "warmup" / "model.pt"), synth_root, out,
+                     space, trials=2, rungs=2, resume=True)  # restored from its own private experiment folder
+    assert again["best"] == best["best"]
 
 
 def test_tune_rungs_split_the_students_iterations_after_the_assistants_warmup(tiny_cfg):
@@ -213,3 +216,34 @@ def test_export_checks_every_argument_before_writing_anything(trained, tmp_path,
         args += ["--metrics", str(tmp_path / metrics)]
     assert main(args) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _planted_search(out, mode: int = 0o700) -> str:
+    """A search folder whose tuner.pkl would create a marker file when unpickled."""
+    import pickle
+
+    folder = os.path.join(out, "experiment", "scalekd-tune")
+    os.makedirs(folder)
+    marker = os.path.join(out, "pwned")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (marker, "w"))
+
+    with open(os.path.join(folder, "tuner.pkl"), "wb") as f:
+        pickle.dump(Payload(), f)
+    os.chmod(folder, mode)
+    return marker
+
+
+def test_a_search_found_in_the_output_is_never_unpickled_unless_resumed_from_a_private_folder(tiny_cfg, tmp_path):
+    space = TuneSpace.around_paper(tiny_cfg)
+    out = str(tmp_path / "shared")
+    marker = _planted_search(out, mode=0o777)
+    with pytest.raises(ConfigError, match="already holds a search.*--resume"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space)
+    with pytest.raises(ConfigError, match="can be written by others"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space, resume=True)
+    assert not os.path.exists(marker)
+    with pytest.raises(ConfigError, match="no search to resume"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", str(tmp_path / "new"), space, resume=True)
