@@ -37,21 +37,33 @@ def configure(endpoint_url: str = "", region: str = "") -> None:
     _clients.clear()
 
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+# Anything that starts like a scheme ("s3:", "file:", "S3:") is a URI, never a local path.
+_SCHEME_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_S3 = re.compile(r"^s3://[^/\s]+(/|$)")
+# userinfo runs to the last "@" before the host: a password may hold "@" itself.
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")
 
 
 def is_s3(uri: str) -> bool:
-    """True for ``s3://``, False for a local path; any other scheme (``S3://``, ``s4://``, ``http://``...) is
-    refused, never written as a local folder named after it."""
-    match = _SCHEME.match(uri)
+    """The one URI parser: True for ``s3://bucket[/key]``, False for a local path. Everything else that looks like
+    either is refused with the accepted forms named, never written as a local folder named after it: other schemes
+    (``S3://``, ``s4://``, ``file:``), malformed ``s3:`` forms (``s3:/b``, ``s3:b``, ``s3:///k``, ``s3://``), and
+    leading or trailing whitespace."""
+    if uri != uri.strip():
+        raise StorageError(f"{redact(uri)!r}: leading or trailing whitespace; {_ACCEPTED}")
+    match = _SCHEME_LIKE.match(uri)
     if match is None:
         return False
-    if match.group(1) == "s3":
+    if _S3.match(uri):
         return True
-    hint = " (the scheme is lower-case: s3://)" if match.group(1).lower() == "s3" else ""
-    raise StorageError(f"{redact(uri)}: unsupported URI scheme '{match.group(1)}://'{hint}; use s3://bucket/key "
-                       "or a local path")
+    scheme = match.group(1)
+    if scheme == "s3":
+        raise StorageError(f"{redact(uri)}: not an S3 URI (no bucket after s3://); {_ACCEPTED}")
+    hint = " (the scheme is lower-case: s3://)" if scheme.lower() == "s3" else ""
+    raise StorageError(f"{redact(uri)}: unsupported URI scheme '{scheme}:'{hint}; {_ACCEPTED}")
+
+
+_ACCEPTED = "use s3://bucket/key or a local path (./name for a local name with a colon)"
 
 
 def finite(obj):

@@ -90,14 +90,38 @@ def test_unreachable_endpoint_is_named_without_its_credentials(monkeypatch, user
     assert ("***@127.0.0.1" in str(err.value)) == bool(userinfo)
 
 
-@pytest.mark.parametrize("uri", ["s4://probe/ann.json", "S3://bucket/key", "http://host/x.json", "gs://b/k"])
-def test_unknown_uri_schemes_are_refused_not_written_as_local_folders(uri, tmp_path, monkeypatch):
+@pytest.mark.parametrize("uri", ["s4://probe/ann.json", "S3://bucket/key", "http://host/x.json", "gs://b/k",
+                                 "s3:/bucket/x", "s3:bucket/x", "s3:///key", "s3://", "file:///tmp/x", "file:x",
+                                 " s3://b/k", "s3://b/k ", "runs/out\n", "\truns/out"])
+def test_anything_that_looks_like_a_uri_but_is_not_one_is_refused_not_written_locally(uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+    with pytest.raises(storage.StorageError, match="use s3://bucket/key or a local path"):
         storage.write_text(uri, "{}")
-    with pytest.raises(storage.StorageError, match="unsupported URI scheme"):
+    with pytest.raises(storage.StorageError, match="use s3://bucket/key or a local path"):
         storage.read_text(uri)
     assert not any(tmp_path.iterdir())  # nothing written under a folder named like the scheme
+
+
+@pytest.mark.parametrize("uri, s3", [("s3://bucket", True), ("s3://bucket/k/x.json", True), ("runs/x", False),
+                                     ("/abs/path", False), ("./a:b", False), ("", False)])
+def test_the_accepted_forms(uri, s3):
+    assert storage.is_s3(uri) is s3
+
+
+def test_synth_refuses_a_malformed_s3_uri_before_writing_anything(tmp_path, monkeypatch, capsys):
+    from scalekd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "synth", "s3:/bucket/x", "--images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "s3:/bucket/x" in err and "use s3://bucket/key or a local path" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("url", ["http://key:Sup3r@Secret@host:9000/x", "http://key:p%40ss@host", "http://u@host"])
+def test_credentials_are_redacted_whole_even_with_an_at_sign_inside(url):
+    redacted = storage.redact(url)
+    assert redacted.startswith("http://***@host") and "Sup3r" not in redacted and "Secret" not in redacted
 
 
 def test_json_we_write_never_holds_nan(tmp_path):
