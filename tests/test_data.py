@@ -567,3 +567,61 @@ def test_data_stats_shows_what_teacher_holdout_gives_each_role(synth_root, tmp_p
     assert held["teacher"]["objects"] + held["students"]["objects"] == stats.dataset_stats(ann)["annotations"]
     assert main(["data", "stats", ann, "--preset", "tiny"]) == 0
     assert "teacher_holdout" not in capsys.readouterr().out  # off: not reported
+
+
+_IMAGE = {"id": 1, "file_name": "a.png", "width": 64, "height": 48}
+_BOX = {"id": 9, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10], "iscrowd": 0}
+
+
+@pytest.mark.parametrize("image, ann, words", [
+    ({}, {"iscrowd": "0"}, "has iscrowd '0'; expected true, false, 0 or 1"),
+    ({}, {"iscrowd": 2}, "has iscrowd 2"),
+    ({}, {"ignore": "yes"}, "has ignore 'yes'"),
+    ({"id": "1"}, {"image_id": "1"}, "images\\[0\\] has id '1'; expected an integer"),
+    ({}, {"image_id": [1]}, "has image_id \\[1\\]; expected an integer"),
+    ({}, {"category_id": 1.0}, "has category_id 1.0; expected an integer"),
+    ({}, {"id": "nine"}, "annotations\\[0\\] has id 'nine'"),
+    ({}, {"id": True}, "annotations\\[0\\] has id True"),
+    ({}, {"area": -1}, "has area -1"),
+    ({}, {"bbox": [10**400, 0, 1, 1]}, "has bbox"),
+    ({}, {"bbox": [1, 2, "3", 4]}, "has bbox"),
+    ({"file_name": ""}, {}, "has file_name ''"),
+    ({"width": "64"}, {}, "has width '64'"),
+])
+def test_every_coco_field_is_typed_at_load(tmp_path, image, ann, words):
+    path = write_coco(tmp_path, [{**_IMAGE, **image}], [{**_BOX, **ann}])
+    with pytest.raises(DataError, match=words) as err:
+        load_coco_json(path)
+    assert "ann.json" in str(err.value)
+
+
+def test_a_category_without_an_integer_id_is_refused(tmp_path):
+    path = write_coco(tmp_path, [_IMAGE], [_BOX], categories=[{"name": "car"}])
+    with pytest.raises(DataError, match="categories\\[0\\] has id None; expected an integer"):
+        load_coco_json(path)
+
+
+def test_boxes_no_reader_can_use_are_dropped_once_for_training_stats_and_evaluation(tmp_path):
+    from scalekd.data.stats import dataset_stats
+    from scalekd.eval.metrics import evaluate_detections
+
+    good = [[4, 4, 10, 10], [30, 20, 8, 8]]
+    boxes = [*good, [30, 30, -10, -10], [5, 5, 0, 4], [70, 10, 5, 5], [-20, 10, 5, 5]]
+    anns = [{**_BOX, "id": i + 1, "bbox": b, "iscrowd": False} for i, b in enumerate(boxes)]
+    path = write_coco(tmp_path, [_IMAGE], anns)
+    data = load_coco_json(path)
+    assert [a["bbox"] for a in data["annotations"]] == good
+    assert data["info"]["dropped_at_load"] == {"zero or negative size": 2, "outside its image": 2}
+    assert dataset_stats(path)["annotations"] == 2 and dataset_stats(path)["degenerate_dropped"] == 4
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 0.9} for b in good]
+    assert evaluate_detections(data, perfect)["AP"] == pytest.approx(1.0)  # no dropped box counts as missed
+
+
+@pytest.mark.parametrize("bbox, words", [([1, 1, -2, 3], "negative width or height"),
+                                         ([10**400, 1, 2, 3], "all finite numbers")])
+def test_detections_are_typed_as_the_ground_truth_is(tmp_path, bbox, words):
+    from scalekd.eval.metrics import evaluate_detections
+
+    data = load_coco_json(write_coco(tmp_path, [_IMAGE], [_BOX]))
+    with pytest.raises(DataError, match=words):
+        evaluate_detections(data, [{"image_id": 1, "category_id": 1, "bbox": bbox, "score": 0.5}])

@@ -79,13 +79,15 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_of_category = {c: i + 1 for i, c in enumerate(cats)}
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in self.data["categories"]}
         self.images = sorted(self.data["images"], key=lambda im: im["id"])
-        self.counts = DatasetCounts()
+        # Boxes of no size or outside their image were dropped at load, for every reader (load_coco_json).
+        self.counts = DatasetCounts(dropped_degenerate=sum(self.data["info"].get("dropped_at_load", {}).values()))
         by_image: dict = {im["id"]: [] for im in self.images}
         for ann in self.data["annotations"]:
             by_image[ann["image_id"]].append(ann)
         self._targets = [self._build_target(im, by_image[im["id"]]) for im in self.images]
         if self.counts.dropped_degenerate:
-            log.warning("%s: dropped %d degenerate boxes (zero or negative size)", annotation_uri,
+            log.warning("%s: dropped %d boxes of zero or negative size, outside their image or slivers after "
+                        "clipping", annotation_uri,
                         self.counts.dropped_degenerate)
 
     @property

@@ -14,14 +14,11 @@ def dataset_stats(annotation_uri: str) -> dict:
     small = medium = large = 0
     objects = 0
     ignore = set()
-    degenerate = 0
+    degenerate = sum(data["info"].get("dropped_at_load", {}).values())  # no size, or outside the image
     for ann in data["annotations"]:
         _x, _y, w, h = ann["bbox"]
         if ann.get("iscrowd", 0) or ann.get("ignore", 0):
             ignore.add((ann["image_id"], tuple(ann["bbox"])))
-            continue
-        if w <= 0 or h <= 0:
-            degenerate += 1
             continue
         objects += 1
         per_category[names[ann["category_id"]]] += 1

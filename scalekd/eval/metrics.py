@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 
 import numpy as np
 
-from scalekd.data.annotations import DataError, coco_api
+from scalekd.data.annotations import DataError, coco_api, is_finite_number
 
 log = logging.getLogger(__name__)
 AREAS = ("all", "small", "medium", "large")
@@ -55,6 +54,10 @@ def check_detections(gt: dict, detections: list, source: str = "detections") -> 
     if not detections:
         return
     _check_numbers(detections, source)
+    negative = next((i for i, d in enumerate(detections) if d["bbox"][2] < 0 or d["bbox"][3] < 0), None)
+    if negative is not None:
+        raise DataError(f"{source}[{negative}] has bbox {detections[negative]['bbox']!r}: a negative width or "
+                        "height; expected [x, y, w, h] with w, h >= 0")
     for key, known in (("image_id", {im["id"] for im in gt["images"]}),
                        ("category_id", {c["id"] for c in gt["categories"]})):
         unknown = {d[key] for d in detections} - known
@@ -71,8 +74,9 @@ def _check_numbers(detections: list, source: str) -> None:
     boxes = [d["bbox"] for d in detections]
     shaped = all(type(b) is list and len(b) == 4 for b in boxes)
     flat = [v for b in boxes for v in b] + [d["score"] for d in detections] if shaped else []
-    if shaped and {type(v) for v in flat} <= {int, float} and np.isfinite(np.asarray(flat, dtype=float)).all():
-        return
+    with contextlib.suppress(OverflowError):  # an integer beyond a float's range: the row check names it
+        if shaped and {type(v) for v in flat} <= {int, float} and np.isfinite(np.asarray(flat, dtype=float)).all():
+            return
     i = next(i for i, d in enumerate(detections) if not _finite_row(d["bbox"], d["score"]))
     det = detections[i]
     raise DataError(f"{source}[{i}] has bbox {det['bbox']!r} and score {det['score']!r}; expected [x, y, w, h] "
@@ -82,8 +86,7 @@ def _check_numbers(detections: list, source: str) -> None:
 def _finite_row(bbox, score) -> bool:
     if not (type(bbox) is list and len(bbox) == 4):
         return False
-    values = (*bbox, score)
-    return all(type(v) in (int, float) for v in values) and all(math.isfinite(v) for v in values)
+    return all(type(v) in (int, float) and is_finite_number(v) for v in (*bbox, score))
 
 
 def _ground_truth(gt: dict) -> dict:
