@@ -173,6 +173,12 @@ def cmd_evaluate(args) -> int:
     from scalekd.eval.metrics import evaluate_detections
 
     _check_bands(args.bands)
+    if not args.max_dets or any(m < 1 for m in args.max_dets) or args.max_dets != sorted(set(args.max_dets)):
+        raise ConfigError("--max-dets", args.max_dets, "increasing positive integers, e.g. 1 10 100 (500 for "
+                          "crowded images)")
+    if args.detections and args.model:
+        raise ConfigError("--model", args.model, "either --detections (scored as they are) or --model (run on "
+                          "--data), not both")
     if args.detections:
         from scalekd.data.annotations import DataError, load_coco_json
 
@@ -204,6 +210,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _named_models(items: list[str]) -> dict[str, str]:
+    """``--model NAME=URI`` flags as a dict: both parts given, each name once."""
+    models: dict[str, str] = {}
+    for item in items:
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            raise ConfigError("--model", item, "NAME=URI with both parts, e.g. --model teacher=runs/x/teacher/model.pt")
+        if name.strip() in models:
+            raise ConfigError("--model", item, f"the name '{name.strip()}' is given twice")
+        models[name.strip()] = uri.strip()
+    return models
+
+
 def _check_bands(edges: list[int]) -> None:
     if edges and (len(edges) < 2 or edges[0] < 0 or edges != sorted(set(edges))):
         raise ConfigError("--bands", edges, "increasing object sides in px, at least two, e.g. 0 8 16 32 "
@@ -216,8 +235,7 @@ def cmd_report(args) -> int:
     from scalekd.eval.report import metrics_table, write_report
 
     cfg = _load(args)
-    models = dict(item.split("=", 1) for item in args.model)
-    results = evaluate_models(models, cfg.data.root, cfg)
+    results = evaluate_models(_named_models(args.model), cfg.data.root, cfg)
     paths = write_report(results, dataset_from_root(cfg.data.root, cfg.data.val_split), args.out)
     print(metrics_table(results, markdown=False))
     print(f"report: {paths['report.md']}")

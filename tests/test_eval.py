@@ -11,6 +11,7 @@ import pytest
 
 from scalekd.data.coco import DataError, load_coco_json
 from scalekd.eval.metrics import evaluate_detections, metrics_from_eval, run_cocoeval
+from tests.helpers import write_coco
 
 SUMMARIZE_KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
 
@@ -279,3 +280,26 @@ def test_cli_refuses_bad_bands(synth_root, tmp_path, capsys, bands):
     gt = f"{synth_root}/annotations/instances_val.json"
     assert main(["evaluate", "--gt", gt, "--detections", str(tmp_path / "dt.json"), "--bands", *bands]) == 2
     assert "--bands" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-dets", "0"], "--max-dets"), (["--max-dets", "100", "10"], "--max-dets"),
+    (["--max-dets", "-5"], "--max-dets"), (["--model", "m.pt"], "either --detections"),
+])
+def test_evaluate_refuses_flags_it_would_ignore_or_misread(tmp_path, argv, words, capsys):
+    from scalekd.cli import main
+
+    gt = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+                    [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}])
+    dets = tmp_path / "d.json"
+    dets.write_text('[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]')
+    assert main(["evaluate", "--gt", gt, "--detections", str(dets), *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["teacher=", "=m.pt", "m.pt", "  =  "])
+def test_report_models_are_name_equals_uri(model, capsys):
+    from scalekd.cli import main
+
+    assert main(["report", "--model", model, "--out", "x", "--preset", "tiny"]) == 2
+    assert "NAME=URI" in capsys.readouterr().err
