@@ -6,8 +6,9 @@ FROM python:3.11-slim-bookworm
 
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
+# PYTHONPATH: components/ and pipelines/ are not in the wheel (pyproject.toml); the image provides them.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    RAY_TRAIN_V2_ENABLED=1
+    RAY_TRAIN_V2_ENABLED=1 PYTHONPATH=/opt/scalekd
 
 WORKDIR /opt/scalekd
 COPY requirements.txt ./

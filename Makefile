@@ -19,6 +19,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/torchvision
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(QUIET)
 	$(PY) -m pip install -q -r requirements-dev.txt $(QUIET)
 	$(PY) -m pip install -q --no-deps -e . $(QUIET)
+	# The checkout on the venv's path: pipelines/ and components/ are not in the package (pyproject.toml).
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/scalekd-checkout.pth"
 	$(PY) tools/torchvision_cpu_compat.py
 	$(PY) tools/check_install.py
 	touch $(STAMP)

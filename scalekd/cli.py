@@ -276,8 +276,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _pipeline_runner():
+    """The kfp pipelines live beside the library in a checkout (pipelines/, components/), not in the wheel: the
+    library knows nothing of kfp, and the wheel installs no generic top-level package names."""
+    try:
+        from pipelines import runner
+    except ImportError as exc:
+        raise ConfigError("pipeline", None, f"the pipeline commands run from a checkout of scalekd, which holds "
+                          f"pipelines/ and components/ ({exc}); `make install` there puts it on the path") from None
+    return runner
+
+
 def cmd_pipeline(args) -> int:
-    from pipelines import runner
+    runner = _pipeline_runner()
 
     if args.pipeline_command == "compile":
         for path in runner.compile_all(args.out):
@@ -307,9 +318,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipelines import runner
-
-    return runner.demo(workdir=args.workdir, preset=args.preset)
+    return _pipeline_runner().demo(workdir=args.workdir, preset=args.preset)
 
 
 def build_parser() -> argparse.ArgumentParser:

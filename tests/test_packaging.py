@@ -3,7 +3,11 @@ tested lock (requirements.txt), and every pin of the lock satisfies its range.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -34,3 +38,27 @@ def test_no_package_data_is_declared_that_does_not_exist():
     for package, patterns in setuptools.get("package-data", {}).items():
         for pattern in patterns:
             assert list((REPO / package).glob(pattern)), f"{package}/{pattern} matches nothing"
+
+
+def test_the_wheel_holds_the_library_alone_and_its_command_line_runs(tmp_path):
+    """Built and installed the ordinary way into a fresh venv whose dependencies come from this one (no network):
+    only scalekd/ lands in site-packages, the CLI starts, and the pipeline commands name what they need."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("scalekd-*.whl")
+    assert {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()} == {"scalekd", "scalekd-0.1.0.dist-info"}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # a path line: no .pth of ours runs
+    cli = [str(venv / "bin" / "scalekd")]
+    assert "compare" in subprocess.run([*cli, "--help"], capture_output=True, text=True, check=True).stdout
+    config = subprocess.run([*cli, "config", "--preset", "demo"], capture_output=True, text=True, check=True)
+    assert "student_size: 64" in config.stdout
+    compiled = subprocess.run([*cli, "pipeline", "compile", "--out", str(tmp_path / "c")], capture_output=True,
+                              text=True, cwd=tmp_path)
+    assert compiled.returncode == 2 and "run from a checkout of scalekd" in compiled.stderr
