@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -29,22 +30,29 @@ def compile_all(out: str = COMPILED_DIR) -> list[str]:
     return paths
 
 
-def _arguments(params: dict, preset: str) -> dict:
-    from scalekd.config import ConfigError
+def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
+    """The run's arguments, typed and checked here with the config's own rules before anything is sent, written
+    or started: unknown parameters and presets, malformed numbers, a non-boolean gpu and overrides the config
+    refuses all fail by name."""
+    from scalekd import storage
+    from scalekd.config import PRESETS, ConfigError
+    from scalekd.stages import config_from_params
 
+    known = set(PIPELINES[pipeline](cluster=False).component_spec.inputs)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"--param {unknown[0]}", params[unknown[0]], f"a parameter of the {pipeline} pipeline: "
+                          f"{', '.join(sorted(known))}")
+    if preset not in PRESETS:
+        raise ConfigError("--preset", preset, f"one of {', '.join(PRESETS)}")
     args = {"preset": preset, **params}
     for key, kind in [(k, int) for k in ("synth_images", "student_size", "teacher_iterations", "warmup_iterations",
                                          "distill_iterations", "workers", "trials", "rungs",
-                                         "max_detections")] + [
-            (k, float) for k in ("alpha", "beta", "gamma")]:
+                                         "max_detections")] + [(k, float) for k in ("alpha", "beta", "gamma")]:
         if key in args:
-            try:
-                args[key] = kind(args[key])
-            except (TypeError, ValueError):
-                raise ConfigError(f"--param {key}", args[key], f"an {kind.__name__}" if kind is int
-                                  else "a number") from None
+            args[key] = _number(key, args[key], kind)
     if "gpu" in args:
-        args["gpu"] = str(args["gpu"]).lower() in ("1", "true", "yes")
+        args["gpu"] = _boolean("gpu", args["gpu"])
     for key, kind in (("seeds", int), ("variants", str)):
         if isinstance(args.get(key), str):
             try:
@@ -53,7 +61,55 @@ def _arguments(params: dict, preset: str) -> dict:
                 raise ConfigError(f"--param {key}", args[key], "integers separated by commas") from None
     if "overrides" in args and isinstance(args["overrides"], str):
         args["overrides"] = [o for o in args["overrides"].split(";") if o]
+    for key in ("dataset_uri", "workdir"):
+        if args.get(key):
+            storage.is_s3(args[key])  # the one URI parser: refuses s4://, s3:/b, stray whitespace...
+    config_from_params(preset, {k: v for k, v in args.items() if k != "preset"}, args.get("overrides", []))
     return args
+
+
+def _number(key: str, value, kind: type):
+    from scalekd.config import ConfigError
+
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--param {key}", value, "an integer" if kind is int else "a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"--param {key}", value, "a finite number")
+    return number
+
+
+def _boolean(key: str, value) -> bool:
+    from scalekd.config import ConfigError
+
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"--param {key}", value, "true or false")
+    return text in ("true", "1", "yes")
+
+
+# Kubeflow's cron: six fields, seconds first, each a number in range, '*', '?', a list, range or step of those,
+# or a month or weekday name.
+_CRON_RANGES = ((0, 59), (0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
+_CRON_NAMES = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+               "sun", "mon", "tue", "wed", "thu", "fri", "sat"}
+
+
+def check_cron(cron: str) -> None:
+    from scalekd.config import ConfigError
+
+    fields = cron.split()
+    if len(fields) != 6:
+        raise ConfigError("--cron", cron, "six fields, seconds first (e.g. '0 0 3 * * *' for 03:00 daily)")
+    for field, (low, high) in zip(fields, _CRON_RANGES):
+        for part in field.split(","):
+            base, _, step = part.partition("/")
+            values = [] if base in ("*", "?") else base.split("-")
+            if step and not step.isdigit() or len(values) > 2 or not all(
+                    v.lower() in _CRON_NAMES or (v.isdigit() and low <= int(v) <= high) for v in values):
+                raise ConfigError("--cron", cron, f"'{field}' is not a cron field of {low}-{high}; six fields, "
+                                  "seconds first (e.g. '0 0 3 * * *' for 03:00 daily)")
 
 
 def run_local(params: dict, preset: str = "demo", pipeline: str = "training", pipeline_root: str = "") -> dict:
@@ -66,7 +122,7 @@ def run_local(params: dict, preset: str = "demo", pipeline: str = "training", pi
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     started = time.perf_counter()
     with _shared_local_ray(enabled=not params.get("ray_address")):
-        PIPELINES[pipeline](cluster=False)(**_arguments(params, preset))
+        PIPELINES[pipeline](cluster=False)(**_arguments(params, preset, pipeline))
     return {"pipeline": pipeline, "pipeline_root": root, "wall_s": round(time.perf_counter() - started, 1)}
 
 
@@ -98,13 +154,14 @@ def _client(host: str):
 def submit(host: str, params: dict, experiment: str = "scalekd", preset: str = "demo",
            pipeline: str = "training") -> str:
     """Create one run on a Kubeflow Pipelines endpoint from the compiled cluster pipeline."""
+    arguments = _arguments(params, preset, pipeline)  # checked before the endpoint is contacted
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{pipeline}.yaml")
         from kfp import compiler
 
         compiler.Compiler().compile(PIPELINES[pipeline](cluster=True), path)
         result = _client(host).create_run_from_pipeline_package(
-            path, arguments=_arguments(params, preset), run_name=f"scalekd-{pipeline}-{int(time.time())}",
+            path, arguments=arguments, run_name=f"scalekd-{pipeline}-{int(time.time())}",
             experiment_name=experiment, enable_caching=False)
     return result.run_id
 
@@ -112,10 +169,8 @@ def submit(host: str, params: dict, experiment: str = "scalekd", preset: str = "
 def schedule(host: str, cron: str, params: dict, experiment: str = "scalekd", preset: str = "demo",
              pipeline: str = "training") -> str:
     """A recurring run (scheduled retraining). kfp cron has six fields, seconds first; one run at a time."""
-    fields = cron.split()
-    if len(fields) != 6:
-        raise ValueError(f"--cron {cron!r}: Kubeflow Pipelines wants six fields, seconds first "
-                         "(e.g. '0 0 3 * * *' for 03:00 daily)")
+    check_cron(cron)
+    arguments = _arguments(params, preset, pipeline)
     client = _client(host)
     experiment_id = client.create_experiment(experiment).experiment_id
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +180,7 @@ def schedule(host: str, cron: str, params: dict, experiment: str = "scalekd", pr
         compiler.Compiler().compile(PIPELINES[pipeline](cluster=True), path)
         job = client.create_recurring_run(experiment_id, f"scalekd-{pipeline}-retrain", cron_expression=cron,
                                           max_concurrency=1, no_catchup=True, pipeline_package_path=path,
-                                          params=_arguments(params, preset), enable_caching=False)
+                                          params=arguments, enable_caching=False)
     return job.recurring_run_id
 
 

@@ -26,13 +26,19 @@ PIPELINE_FIELDS = {
 }
 
 
-def resolve_config(out_path: str, preset: str, params: dict, overrides: list[str]) -> dict:
-    """Validate the run's config once, at the edge, and write it as YAML for every later stage."""
+def config_from_params(preset: str, params: dict, overrides: list[str]) -> Config:
+    """The run's config from pipeline parameters and overrides, validated; writes nothing (the CLI checks a run
+    with it before submitting, the resolve-config component before any stage)."""
     derived = [f"{PIPELINE_FIELDS[k]}={json.dumps(v)}" for k, v in params.items()
                if k in PIPELINE_FIELDS and v not in ("", None) and not (isinstance(v, (int, float)) and v <= 0)]
     if params.get("gpu"):
         derived.append("scaling.gpu=true")
-    cfg = load_config(preset=preset or None, overrides=derived + [o for o in overrides if o])
+    return load_config(preset=preset or None, overrides=derived + [o for o in overrides if o])
+
+
+def resolve_config(out_path: str, preset: str, params: dict, overrides: list[str]) -> dict:
+    """Validate the run's config once, at the edge, and write it as YAML for every later stage."""
+    cfg = config_from_params(preset, params, overrides)
     _ensure_dir(out_path)
     with open(out_path, "w") as f:
         f.write(cfg.to_yaml())

@@ -133,3 +133,32 @@ def test_malformed_pipeline_params_name_the_flag(param, words, capsys):
 
     assert main(["pipeline", "run", "--local", "--param", param]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--param", "gpu=maybe"], "--param gpu"), (["--param", "gpu=2"], "--param gpu"),
+    (["--param", "bogus=1"], "--param bogus"), (["--param", "alpha=nan"], "a finite number"),
+    (["--param", "overrides=distill.alpah=0.1"], "distill.alpah"), (["--param", "dataset_uri=s4://b/x"], None),
+    (["--preset", "huge"], "--preset"),
+])
+def test_submit_and_schedule_check_everything_locally_before_contacting_the_endpoint(argv, words, capsys):
+    """The host is unreachable on purpose: a check that passed would fail on the connection instead."""
+    from scalekd.cli import main
+
+    for command in (["pipeline", "submit"], ["pipeline", "schedule", "--cron", "0 0 3 * * *"]):
+        assert main([*command, "--host", "http://127.0.0.1:9", *argv]) == 2
+        err = capsys.readouterr().err
+        assert (words or "") in err and "127.0.0.1:9" not in err
+
+
+@pytest.mark.parametrize("cron", ["99 99 99 banana * *", "0 0 3 * *", "0 61 3 * * *", "0 0 3 * 13 *", "0 0 3/x * * *"])
+def test_a_cron_kubeflow_would_refuse_is_refused_here(cron, capsys):
+    from scalekd.cli import main
+
+    assert main(["pipeline", "schedule", "--host", "http://127.0.0.1:9", "--cron", cron]) == 2
+    assert "--cron" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cron", ["0 0 3 * * *", "0 */15 * * * ?", "0 0 3 1-5 jan,jul mon-fri", "30 5 2 1 1 0"])
+def test_ordinary_crons_pass(cron):
+    runner.check_cron(cron)
