@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import table, write_json  # noqa: E402
+from scalekd.compare import eval_config  # noqa: E402
 from scalekd.config import load_config, replace  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 
@@ -34,9 +35,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", required=True, help="NAME=MODEL.pt ...")
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--out", default="generalisation.json", help="JSON name under benchmarks/results/")
+    ap.add_argument("--max-detections", type=int, default=100, help="per image, detector and COCO alike")
     args = ap.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
-    cfg = replace(load_config(preset=args.preset), data={"root": args.data}, eval={"score_threshold": 0.001})
+    cfg = eval_config(replace(load_config(preset=args.preset), data={"root": args.data}), args.max_detections)
     per_split = {split: {r.name: r.metrics for r in evaluate_models(models, args.data, cfg, split)}
                  for split in (cfg.data.train_split, cfg.data.val_split)}
     train, val = per_split[cfg.data.train_split], per_split[cfg.data.val_split]

@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 from pipelines import comparison, training, tuning
 
@@ -121,7 +122,11 @@ def run_local(params: dict, preset: str = "demo", pipeline: str = "training", pi
     root = pipeline_root or os.path.abspath(os.path.join(params.get("workdir", "runs/pipeline"), "kfp_local"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     started = time.perf_counter()
-    with _shared_local_ray(enabled=not params.get("ray_address")):
+    with _shared_local_ray(enabled=not params.get("ray_address")), warnings.catch_warnings():
+        # kfp's local runner warns, once per task, that the components name an image it does not use: running
+        # them in this environment is the point of the local run.
+        warnings.filterwarnings("ignore", message="You may be attemp", category=RuntimeWarning,
+                                module="kfp.local")
         PIPELINES[pipeline](cluster=False)(**_arguments(params, preset, pipeline))
     return {"pipeline": pipeline, "pipeline_root": root, "wall_s": round(time.perf_counter() - started, 1)}
 

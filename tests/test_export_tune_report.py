@@ -41,6 +41,7 @@ def _spread_scores(uri: str, out: str) -> str:
     return ckpt.save_model(model, ckpt.DetectorSpec(**blob["spec"]), out, blob["categories"], {"stage": "warmup"})
 
 
+@pytest.mark.filterwarnings("error::UserWarning", "error::torch.jit.TracerWarning")  # known noise is silenced
 def test_export_parity_torchscript_and_onnx(trained, tmp_path, synth_root):
     _cfg, root = trained
     model_uri = _spread_scores(str(root / "warmup" / "model.pt"), str(tmp_path / "spread"))
