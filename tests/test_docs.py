@@ -140,3 +140,27 @@ def test_the_readme_own_data_quickstart_runs_as_written_on_tiny_data(s3, synth_r
     run = f"s3://{s3['bucket']}/runs/r1"
     for name in ("distill/model.pt", "report/report.md", "export/model.onnx", "export/model_card.json"):
         assert storage.exists(f"{run}/{name}"), name
+
+
+def test_the_readme_compare_quickstart_runs_as_written_on_tiny_data(s3, synth_root, tmp_path):
+    """`scalekd compare` as the README gives it, on the tiny preset from S3 with two seeds and two variants
+    (stages in-process: a local Ray per stage would add minutes)."""
+    import os
+    import sys
+
+    from scalekd import storage
+
+    data = f"s3://{s3['bucket']}/datasets/mydata"
+    storage.upload_dir(synth_root, data)
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Does it help on my data?", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    command = re.sub(r"\[([^\]]*)\]", r"\1", block.replace("\\\n", " ").strip())
+    command = (command.replace("s3://my-bucket", f"s3://{s3['bucket']}").replace("--preset bench", "--preset tiny")
+               .replace("--seeds 0 1 2", "--seeds 0 1").replace("scalekd_no_teacher od crosskd", "scalekd_no_teacher")
+               .replace("scalekd compare", "scalekd compare --no-ray"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SCALEKD_NO_PROGRESS": "1"}
+    proc = subprocess.run(["bash", "-c", f"set -euo pipefail; cd {tmp_path}; {command}"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "runs" / "compare" / "report.md").read_text()
+    assert "scalekd - scalekd_no_teacher" in report and "The teacher adds" in proc.stdout
