@@ -304,8 +304,12 @@ def write_headline(args, runs: dict[str, list[dict]], wall_s: float, dataset: st
 
 
 def headline_name(args, dataset: str) -> str:
+    """``<out>_headline.json`` for the synthetic set, ``<out>_<dataset>_headline.json`` for a real one, unless the
+    name (``--headline`` or ``--out``) already names the dataset."""
     headline = args.headline or args.out.replace(".json", "_headline.json")
-    return headline if dataset == "synth" else headline.replace("_headline.json", f"_{dataset}_headline.json")
+    if dataset == "synth" or f"_{dataset}_" in headline or headline.startswith(f"{dataset}_"):
+        return headline
+    return headline.replace("_headline.json", f"_{dataset}_headline.json")
 
 
 def headline_key(args) -> dict:

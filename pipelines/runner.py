@@ -123,10 +123,11 @@ def run_local(params: dict, preset: str = "demo", pipeline: str = "training", pi
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     started = time.perf_counter()
     with _shared_local_ray(enabled=not params.get("ray_address")), warnings.catch_warnings():
-        # kfp's local runner warns, once per task, that the components name an image it does not use: running
-        # them in this environment is the point of the local run.
-        warnings.filterwarnings("ignore", message="You may be attemp", category=RuntimeWarning,
-                                module="kfp.local")
+        # kfp's local runner warns, per task, that the components name an image it does not use and that display
+        # names do nothing locally: running them in this environment, without a UI, is the point of the local run.
+        warnings.filterwarnings("ignore", message="You may be attemp", category=RuntimeWarning, module="kfp.local")
+        warnings.filterwarnings("ignore", message=r"Task '.*': settings \['display_name'\] have no effect",
+                                category=UserWarning, module="kfp.local")
         PIPELINES[pipeline](cluster=False)(**_arguments(params, preset, pipeline))
     return {"pipeline": pipeline, "pipeline_root": root, "wall_s": round(time.perf_counter() - started, 1)}
 
