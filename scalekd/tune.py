@@ -198,8 +198,8 @@ def _search_to_resume(path: str, resume: bool, out: str) -> bool:
 
 
 def _writable_by_others(path: str) -> str | None:
-    """The first of ``path``, the files below it and its parent folders up to the home or cache root that another
-    user owns or may write (None where none)."""
+    """The first of ``path``, everything below it and its parent folder that another user owns or may write (None
+    where none)."""
     uid = os.getuid()
     below = [os.path.join(d, n) for d, dirs, files in os.walk(path) for n in dirs + files]
     for item in [path, *below, os.path.dirname(path)]:
