@@ -87,9 +87,9 @@ def _data_upload(args) -> int:
         raise ConfigError("DEST", args.dest, "an s3://bucket/prefix URI")
     if not os.path.isdir(args.root):
         raise ConfigError("ROOT", args.root, "a local dataset root (a folder with annotations/ and images/)")
-    splits = sorted(f for f in os.listdir(os.path.join(args.root, "annotations"))
-                    if f.startswith("instances_") and f.endswith(".json")) \
-        if os.path.isdir(os.path.join(args.root, "annotations")) else []
+    annotations = os.path.join(args.root, "annotations")
+    splits = sorted(f for f in os.listdir(annotations) if f.startswith("instances_") and f.endswith(".json")) \
+        if os.path.isdir(annotations) else []
     if not splits or not os.path.isdir(os.path.join(args.root, "images")):
         raise ConfigError("ROOT", args.root, "a dataset root: annotations/instances_<split>.json and images/")
     storage.upload_dir(args.root, args.dest)
