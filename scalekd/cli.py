@@ -506,8 +506,11 @@ def _add_demo_command(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    storage.adopt_environment()  # before any library reads AWS_ENDPOINT_URL (botocore logs it at DEBUG)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(storage.RedactingFilter())
     try:
         return args.func(args)
     except Exception as exc:

@@ -57,8 +57,11 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the dotted field."""
 
     def __init__(self, path: str, value: Any, allowed: str):
+        from scalekd.storage import redact
+
         self.path, self.value, self.allowed = path, value, allowed
-        super().__init__(f"config field '{path}' = {value!r} is invalid: {allowed}")
+        shown = redact(value) if isinstance(value, str) else value  # a rejected URL may carry credentials
+        super().__init__(f"config field '{path}' = {shown!r} is invalid: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -495,9 +498,14 @@ def _apply_overrides(merged: dict, overrides: list[str]) -> None:
 
 
 def config_from_dict(raw: dict) -> Config:
+    """The typed, validated config; the edge where an endpoint's credentials leave it (``storage.adopt_endpoint``):
+    the config, and every model, checkpoint and card that stores it, holds the clean URL only."""
+    from scalekd import storage
+
     cfg = _build(Config, raw, "")
     validate(cfg)
-    return cfg
+    clean = storage.adopt_endpoint(cfg.storage.endpoint_url)
+    return cfg if clean == cfg.storage.endpoint_url else replace(cfg, storage={"endpoint_url": clean})
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -713,6 +721,8 @@ def _validate_scaling(s: ScalingConfig) -> None:
            f"an integer from 0 (a fixed group) to scaling.workers ({s.workers})")
     _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, ">= 1")
     _check(s.max_failures >= 0, "scaling.max_failures", s.max_failures, ">= 0")
+    _check("@" not in s.ray_address.split("//", 1)[-1].split("/", 1)[0], "scaling.ray_address", s.ray_address,
+           "http://HEAD:8265 without credentials; token authentication reads RAY_AUTH_TOKEN (docs/cluster.md)")
 
 
 def _validate_eval(e: EvalConfig) -> None:

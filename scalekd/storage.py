@@ -32,8 +32,9 @@ class StorageError(RuntimeError):
 
 
 def configure(endpoint_url: str = "", region: str = "") -> None:
-    """Set the S3 endpoint used when AWS_ENDPOINT_URL is not set (from the config's storage section)."""
-    _settings.update(endpoint_url=endpoint_url, region=region)
+    """Set the S3 endpoint used when AWS_ENDPOINT_URL is not set (from the config's storage section; credentials
+    in it are adopted, see ``adopt_endpoint``)."""
+    _settings.update(endpoint_url=adopt_endpoint(endpoint_url), region=region)
     _clients.clear()
 
 
@@ -87,6 +88,48 @@ def redact(url: str) -> str:
     return _CREDENTIALS.sub("***@", url)
 
 
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """The one parser of an endpoint's user-info: (the URL without it, (access key, secret) or None). The
+    user-info runs to the last "@" before the path, so a password may hold "@"; both parts are %-decoded."""
+    from urllib.parse import unquote
+
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/\s]*)@(.*)$", url)
+    if match is None:
+        return url, None
+    key, _, secret = match.group(2).partition(":")
+    return match.group(1) + match.group(3), (unquote(key), unquote(secret))
+
+
+def adopt_endpoint(url: str) -> str:
+    """``url`` without its credentials, which go to this process's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (in
+    memory: child processes such as a local Ray's workers inherit them, nothing writes them). The edge where an
+    endpoint enters (the CLI, the config) calls this once, so configs, models, cards, summaries, Ray job
+    environments and log lines only ever see the clean URL. Credentials in the URL win over the variables."""
+    clean, credentials = split_credentials(url)
+    if credentials is not None:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = credentials
+        _clients.clear()
+    return clean
+
+
+def adopt_environment() -> None:
+    """AWS_ENDPOINT_URL with credentials in it becomes the clean URL plus the two key variables, before any
+    library (botocore logs the variables it reads at DEBUG) or child process sees it."""
+    url = os.environ.get("AWS_ENDPOINT_URL", "")
+    if url and split_credentials(url)[1] is not None:
+        os.environ["AWS_ENDPOINT_URL"] = adopt_endpoint(url)
+
+
+class RedactingFilter(logging.Filter):
+    """Belt and braces for every log record (ours and the libraries'): credentials in a URL become ``***@``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CREDENTIALS.search(message):
+            record.msg, record.args = redact(message), None
+        return True
+
+
 def absolute(uri: str) -> str:
     """A local path made absolute (s3:// URIs and "" unchanged): for work handed to processes that run in
     another working directory (Ray Train workers, Ray Tune trials)."""
@@ -115,6 +158,7 @@ class S3Path:
 
 
 def _endpoint() -> str | None:
+    adopt_environment()
     return os.environ.get("AWS_ENDPOINT_URL") or _settings["endpoint_url"] or None
 
 
