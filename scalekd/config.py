@@ -444,10 +444,7 @@ def load_config(path: str | None = None, preset: str | None = None,
 
             if not storage.is_s3(path) and os.path.isdir(path):
                 raise ConfigError("--config", path, "is a folder; give a YAML file")
-            try:
-                text = storage.read_text(path)
-            except UnicodeDecodeError:
-                raise ConfigError("--config", path, "is not a text (UTF-8) YAML file") from None
+            text = storage.read_text(path)  # names the file and the byte when it is not UTF-8
         try:
             loaded = parse_yaml(text) or {}
         except yaml.YAMLError as exc:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -266,7 +267,7 @@ def _s3_call(uri: str, fn, **kwargs):
     started = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
-            return fn(**kwargs)
+            return _by_deadline(uri, started + budget, budget, lambda: fn(**kwargs))
         except (ClientError, BotoCoreError) as exc:
             elapsed = time.monotonic() - started
             delay = min(0.5 * 2 ** (attempt - 1), 8.0)
@@ -278,6 +279,32 @@ def _s3_call(uri: str, fn, **kwargs):
     raise AssertionError("unreachable")
 
 
+def _by_deadline(uri: str, deadline: float, budget: float, fn):
+    """``fn()`` in a helper thread, given up at ``deadline``. Socket timeouts bound each wait for a byte, not a
+    transfer: a server that trickles a header line or a byte every few seconds would hold a call for ever. The
+    abandoned thread is a daemon; its client is dropped so that later calls get fresh connections."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="scalekd-s3", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+        with _lock:
+            _clients.clear()
+        raise StorageError(f"{uri}: the S3 transfer did not finish within SCALEKD_S3_BUDGET_S ({budget:g} s); "
+                           f"the endpoint {redact(_endpoint() or '(AWS default)')} is answering too slowly or not "
+                           "at all; check the server, or raise SCALEKD_S3_BUDGET_S for large objects")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def read_bytes(uri: str, cache: bool = False) -> bytes:
     if is_s3(uri):
         if cache:
@@ -286,15 +313,38 @@ def read_bytes(uri: str, cache: bool = False) -> bytes:
         p = S3Path.parse(uri)
         client = _client()  # the body is read inside the retried call: a stalled read is retried too
         return _s3_call(uri, lambda: client.get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
+    with open(regular_file(uri), "rb") as f:
+        return f.read()
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def regular_file(path: str) -> str:
+    """``path``, once known to be a regular file: every local read goes through here, so a FIFO (which would block
+    for ever), a device (endless) or a folder is refused by name before it is opened."""
     try:
-        with open(uri, "rb") as f:
-            return f.read()
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise StorageError(f"{uri}: no such file; check the path, or run the stage that writes it") from None
+        raise StorageError(f"{path}: no such file; check the path, or run the stage that writes it") from None
+    except NotADirectoryError:
+        raise StorageError(f"{path}: a parent of this path is a file, not a folder") from None
+    for test, kind in _KINDS:
+        if test(mode):
+            raise StorageError(f"{path}: is {kind}, not a regular file; give a file")
+    return path
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    """UTF-8 text (a leading byte-order mark is dropped); other encodings are refused naming the file and the byte."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise StorageError(f"{uri}: not UTF-8 text{hint}: byte {exc.start} is {data[exc.start:exc.start + 1]!r}; "
+                           "save it as UTF-8") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -419,7 +469,7 @@ def cached_path(uri: str) -> str:
                 return local
         except (OSError, ValueError):
             pass
-    body = _s3_call(uri, _client().get_object, Bucket=p.bucket, Key=p.key)["Body"].read()
+    body = _s3_call(uri, lambda: _client().get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
     write_bytes(local, body)
     write_text(meta_path, json.dumps({"size": size, "etag": etag}))
     return local

@@ -1,6 +1,7 @@
 import pytest
 
 from scalekd.config import PRESETS, ConfigError, config_from_dict, load_config
+from scalekd.storage import StorageError
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -96,7 +97,7 @@ def test_a_config_path_that_is_a_folder_or_binary_is_named(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(str(tmp_path))
-    with pytest.raises(ConfigError, match="not a text"):
+    with pytest.raises(StorageError, match="bin.yaml: not UTF-8 text: byte 128"):
         load_config(str(tmp_path / "bin.yaml"))
 
 

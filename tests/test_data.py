@@ -625,3 +625,33 @@ def test_detections_are_typed_as_the_ground_truth_is(tmp_path, bbox, words):
     data = load_coco_json(write_coco(tmp_path, [_IMAGE], [_BOX]))
     with pytest.raises(DataError, match=words):
         evaluate_detections(data, [{"image_id": 1, "category_id": 1, "bbox": bbox, "score": 0.5}])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "utf16", "latin1"])
+@pytest.mark.parametrize("which", ["label", "names"])
+def test_a_label_or_names_file_that_is_not_a_regular_utf8_file_is_named(tmp_path, kind, which):
+    """Every local read goes through one check: a FIFO would block the conversion for ever, a folder or another
+    encoding used to fail with a message that named no file."""
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "names").write_text("car\n")
+    target = tmp_path / ("a.txt" if which == "label" else "names")
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        text = "0 0.5 0.5 0.1 0.1 # vélo\n" if which == "label" else "vélo\n"
+        target.write_bytes(text.encode("utf-16" if kind == "utf16" else "latin-1"))
+    expected = {"fifo": "is a named pipe \\(FIFO\\), not a regular file", "folder": "is a folder, not a regular file",
+                "utf16": "not UTF-8 text \\(it looks like UTF-16\\)", "latin1": "not UTF-8 text: byte"}[kind]
+    with pytest.raises(storage.StorageError, match=f"{target.name}: {expected}"):
+        convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_class_name(tmp_path):
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "names").write_bytes("car\n".encode("utf-8-sig"))
+    assert convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))["categories"][0]["name"] == "car"

@@ -210,6 +210,64 @@ def test_an_endpoint_that_never_answers_fails_within_the_budget_logging_each_ret
         storage.configure()
 
 
+def _trickling_server(what: str):
+    """A loopback HTTP server that answers 200 and then trickles: one header line, or one body byte, every 0.3 s
+    (each wait is far under the read timeout, so only a deadline on the whole transfer ends it)."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve(conn):
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            if what == "body":
+                conn.sendall(b"Content-Length: 1000000\r\n\r\n")
+            while True:
+                time.sleep(0.3)
+                conn.sendall(b"x" if what == "body" else b"X-Slow: 1\r\n")
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+@pytest.mark.parametrize("call", ["read_bytes", "cached_path", "write_bytes"])
+def test_a_trickling_endpoint_is_given_up_at_the_budget_naming_the_uri(monkeypatch, what, call):
+    import time
+
+    server = _trickling_server(what)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        monkeypatch.setenv("SCALEKD_S3_BUDGET_S", "2")
+        storage.configure()
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError, match=r"s3://bucket/slow.bin: the S3 transfer did not finish "
+                                                       r"within SCALEKD_S3_BUDGET_S \(2 s\)"):
+            args = (b"data",) if call == "write_bytes" else ()
+            getattr(storage, call)("s3://bucket/slow.bin", *args)
+        assert time.monotonic() - started < 4
+    finally:
+        server.close()
+        storage.configure()
+
+
 def test_bad_timeout_settings_are_named(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("SCALEKD_S3_READ_TIMEOUT", "soon")

@@ -100,15 +100,14 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
         image_path = _find_image(img_dir, txt[:-4])
         width, height = _image_size(image_path)
         objects, ignores = [], []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                bbox, category = parse_visdrone_line(line, path, lineno)
-                if bbox[2] <= 0 or bbox[3] <= 0:
-                    report.drop("non-positive width or height", f"{path}:{lineno}")
-                    continue
-                (ignores if category in (0, 11) else objects).append((bbox, category, f"{path}:{lineno}"))
+        for lineno, line in enumerate(storage.read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            bbox, category = parse_visdrone_line(line, path, lineno)
+            if bbox[2] <= 0 or bbox[3] <= 0:
+                report.drop("non-positive width or height", f"{path}:{lineno}")
+                continue
+            (ignores if category in (0, 11) else objects).append((bbox, category, f"{path}:{lineno}"))
         tiles = _tiles(width, height, patches)
         source = _read_upright(image_path) if patches > 1 else None
         for t_index, tile in enumerate(tiles):
@@ -237,11 +236,7 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
     """COCO dict from YOLO labels (``class cx cy w h`` normalised to [0, 1]), either beside their images in ``src``
     or in the standard layout ``src/images/*`` + ``src/labels/*.txt``. Dropped labels are reported
     (``DropReport``): coordinates outside [0, 1] (pixels, probably), empty boxes, boxes outside the image."""
-    try:
-        with open(names_file) as f:
-            names = [n.strip() for n in f if n.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{names_file}: class names file not found") from None
+    names = [n.strip() for n in storage.read_text(names_file).splitlines() if n.strip()]
     if not names:
         raise DataError(f"{names_file}: no class names")
     out = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
@@ -262,34 +257,33 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
         label_path = os.path.join(label_dir, os.path.splitext(file_name)[0] + ".txt")
         if not os.path.exists(label_path):
             continue  # an image without a label file has no objects (YOLO convention)
-        with open(label_path) as f:
-            for lineno, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 5:
-                    raise DataError(f"{label_path}:{lineno}: expected 'class cx cy w h', got {line.strip()!r}")
-                try:
-                    cls = int(fields[0])
-                    cx, cy, w, h = (float(v) for v in fields[1:])
-                except ValueError:
-                    raise DataError(f"{label_path}:{lineno}: non-numeric field in {line.strip()!r}") from None
-                if not all(math.isfinite(v) for v in (cx, cy, w, h)):
-                    raise DataError(f"{label_path}:{lineno}: non-finite coordinates {line.strip()!r}; fix or "
-                                    "remove the line")
-                if not 0 <= cls < len(names):
-                    raise DataError(f"{label_path}:{lineno}: class {cls} not in {names_file} "
-                                    f"({len(names)} names)")
-                where = f"{label_path}:{lineno}"
-                if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
-                    report.drop("coordinates outside [0, 1] (pixels instead of normalised?)", where)
-                    continue
-                x0 = max(0.0, (cx - w / 2) * width)
-                y0 = max(0.0, (cy - h / 2) * height)
-                x1 = min(float(width), (cx + w / 2) * width)
-                y1 = min(float(height), (cy + h / 2) * height)
-                if x1 - x0 <= 0 or y1 - y0 <= 0:
-                    report.drop("empty box after clipping to the image", where)
-                    continue
-                _add(out, image_id, cls + 1, [x0, y0, x1 - x0, y1 - y0], crowd=False)
+        for lineno, line in enumerate(storage.read_text(label_path).splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 5:
+                raise DataError(f"{label_path}:{lineno}: expected 'class cx cy w h', got {line.strip()!r}")
+            try:
+                cls = int(fields[0])
+                cx, cy, w, h = (float(v) for v in fields[1:])
+            except ValueError:
+                raise DataError(f"{label_path}:{lineno}: non-numeric field in {line.strip()!r}") from None
+            if not all(math.isfinite(v) for v in (cx, cy, w, h)):
+                raise DataError(f"{label_path}:{lineno}: non-finite coordinates {line.strip()!r}; fix or "
+                                "remove the line")
+            if not 0 <= cls < len(names):
+                raise DataError(f"{label_path}:{lineno}: class {cls} not in {names_file} "
+                                f"({len(names)} names)")
+            where = f"{label_path}:{lineno}"
+            if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+                report.drop("coordinates outside [0, 1] (pixels instead of normalised?)", where)
+                continue
+            x0 = max(0.0, (cx - w / 2) * width)
+            y0 = max(0.0, (cy - h / 2) * height)
+            x1 = min(float(width), (cx + w / 2) * width)
+            y1 = min(float(height), (cy + h / 2) * height)
+            if x1 - x0 <= 0 or y1 - y0 <= 0:
+                report.drop("empty box after clipping to the image", where)
+                continue
+            _add(out, image_id, cls + 1, [x0, y0, x1 - x0, y1 - y0], crowd=False)
     return report.finish(out)
