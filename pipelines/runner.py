@@ -37,6 +37,7 @@ def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
     refuses all fail by name."""
     from scalekd import storage
     from scalekd.config import PRESETS, ConfigError
+    from scalekd.params import parameter_names
     from scalekd.stages import config_from_params
 
     known = set(PIPELINES[pipeline](cluster=False).component_spec.inputs)
@@ -47,13 +48,12 @@ def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
     if preset not in PRESETS:
         raise ConfigError("--preset", preset, f"one of {', '.join(PRESETS)}")
     args = {"preset": preset, **params}
-    for key, kind in [(k, int) for k in ("synth_images", "student_size", "teacher_iterations", "warmup_iterations",
-                                         "distill_iterations", "workers", "trials", "rungs",
-                                         "max_detections")] + [(k, float) for k in ("alpha", "beta", "gamma")]:
+    for key in ("synth_images", "trials", "rungs", "max_detections"):
         if key in args:
-            args[key] = _number(key, args[key], kind)
-    if "gpu" in args:
-        args["gpu"] = _boolean("gpu", args["gpu"])
+            args[key] = _number(key, args[key], int)
+    for name in parameter_names():  # strings for kfp; typed and checked by config_from_params below
+        if name in args:
+            args[name] = "" if args[name] is None else str(args[name]).strip()
     for key, kind in (("seeds", int), ("variants", str)):
         if isinstance(args.get(key), str):
             try:
@@ -65,7 +65,7 @@ def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
     for key in ("dataset_uri", "workdir"):
         if args.get(key):
             storage.is_s3(args[key])  # the one URI parser: refuses s4://, s3:/b, stray whitespace...
-    config_from_params(preset, {k: v for k, v in args.items() if k != "preset"}, args.get("overrides", []))
+    config_from_params(preset, {k: v for k, v in args.items() if k in parameter_names()}, args.get("overrides", []))
     return args
 
 
@@ -76,18 +76,9 @@ def _number(key: str, value, kind: type):
         number = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"--param {key}", value, "an integer" if kind is int else "a number") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"--param {key}", value, "a finite number")
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"--param {key}", value, "a finite number >= 0")
     return number
-
-
-def _boolean(key: str, value) -> bool:
-    from scalekd.config import ConfigError
-
-    text = str(value).strip().lower()
-    if text not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"--param {key}", value, "true or false")
-    return text in ("true", "1", "yes")
 
 
 # Kubeflow's cron: six fields, seconds first, each a number in range, '*', '?', a list, range or step of those,

@@ -1,6 +1,8 @@
 """The training pipeline: config -> data -> teacher (2x) -> warm student -> plain and ScaleKD
 distillation -> evaluation -> export."""
 
+import inspect
+
 from kfp import dsl
 
 from components.config import resolve_config
@@ -10,6 +12,7 @@ from components.export import export
 from components.prepare_data import prepare_data
 from components.train_teacher import train_teacher
 from components.warmup_student import warmup_student
+from scalekd.params import parameter_names
 
 S3_SECRET = "scalekd-s3"  # k8s/secret-s3.example.yaml
 S3_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -30,33 +33,40 @@ def for_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.add_pod_label(task, *RAY_CLIENT_LABEL)
 
 
-def preset_config(preset: str, ray_address: str, workers: int, overrides: list) -> dsl.PipelineTask:
-    """The resolve-config task of a pipeline that exposes no model or schedule parameters: the preset's values,
-    where to train and the user's overrides."""
-    return resolve_config(
-        preset=preset, detector="", student_backbone="", teacher_backbone="", student_size=0, teacher_iterations=0,
-        warmup_iterations=0, distill_iterations=0, alpha=-1.0, beta=-1.0, gamma=-1.0, ray_address=ray_address,
-        workers=workers, gpu=False, overrides=overrides)
+def run_pipeline(name: str, description: str, own: dict[str, tuple[type, object]], body):
+    """A kfp pipeline whose inputs are ``own`` (name: (type, default)), then every run parameter of
+    ``scalekd.params`` (a string, "" = the preset's value: kfp's local runner cannot take a None default) and
+    ``overrides``; ``body`` gets them all as one dict and wires the tasks. The run parameters are listed once, in
+    scalekd.params, and every pipeline takes all of them."""
+    names = [*own, *parameter_names(), "overrides"]
+
+    def pipeline_func(*args):  # kfp calls a pipeline function with positional arguments
+        return body(dict(zip(names, args)))
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    inputs = [inspect.Parameter(n, kind, default=default, annotation=t) for n, (t, default) in own.items()]
+    inputs += [inspect.Parameter(n, kind, default="", annotation=str) for n in parameter_names()]
+    inputs.append(inspect.Parameter("overrides", kind, default=[], annotation=list))
+    pipeline_func.__signature__ = inspect.Signature(inputs)
+    pipeline_func.__annotations__ = {p.name: p.annotation for p in inputs}
+    pipeline_func.__name__ = pipeline_func.__qualname__ = name.replace("-", "_")
+    return dsl.pipeline(name=name, description=description)(pipeline_func)
+
+
+def config_task(values: dict) -> dsl.PipelineTask:
+    """The resolve-config task: the preset, the run parameters as given ("" = the preset's) and the overrides."""
+    return resolve_config(preset=values["preset"], params={n: values[n] for n in parameter_names()},
+                          overrides=values["overrides"])
 
 
 def build(cluster: bool):
     wrap = for_cluster if cluster else (lambda task: task)
 
-    @dsl.pipeline(name="scalekd-training", description="ScaleKD: teacher at 2x, warm student, distillation, "
-                  "evaluation and export")
-    def training(dataset_uri: str = "", workdir: str = "runs/pipeline", preset: str = "demo",
-                 synth_images: int = 240, detector: str = "", student_backbone: str = "",
-                 teacher_backbone: str = "", student_size: int = 0, teacher_iterations: int = 0,
-                 warmup_iterations: int = 0, distill_iterations: int = 0, alpha: float = -1.0,
-                 beta: float = -1.0, gamma: float = -1.0, ray_address: str = "", workers: int = 0,
-                 gpu: bool = False, overrides: list = []):  # noqa: B006 - kfp needs a literal default
-        config = wrap(resolve_config(
-            preset=preset, detector=detector, student_backbone=student_backbone, teacher_backbone=teacher_backbone,
-            student_size=student_size, teacher_iterations=teacher_iterations, warmup_iterations=warmup_iterations,
-            distill_iterations=distill_iterations, alpha=alpha, beta=beta, gamma=gamma, ray_address=ray_address,
-            workers=workers, gpu=gpu, overrides=overrides)).outputs["config"]
-        data = wrap(prepare_data(config=config, dataset_uri=dataset_uri, workdir=workdir,
-                                 synth_images=synth_images)).outputs["dataset"]
+    def training(v: dict):
+        config = wrap(config_task(v)).outputs["config"]
+        data = wrap(prepare_data(config=config, dataset_uri=v["dataset_uri"], workdir=v["workdir"],
+                                 synth_images=v["synth_images"])).outputs["dataset"]
+        workdir = v["workdir"]
         teacher = wrap(train_teacher(config=config, dataset=data, workdir=workdir).set_caching_options(False))
         student = wrap(warmup_student(config=config, dataset=data, workdir=workdir).set_caching_options(False))
         plain = wrap(distill(config=config, dataset=data, teacher=teacher.outputs["teacher"],
@@ -71,4 +81,6 @@ def build(cluster: bool):
         wrap(export(config=config, dataset=data, distilled=scalekd.outputs["distilled"], workdir=workdir)
              .after(evaluation))
 
-    return training
+    return run_pipeline("scalekd-training", "ScaleKD: teacher at 2x, warm student, distillation, evaluation and "
+                        "export", {"dataset_uri": (str, ""), "workdir": (str, "runs/pipeline"),
+                                   "preset": (str, "demo"), "synth_images": (int, 240)}, training)

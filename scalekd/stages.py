@@ -16,24 +16,20 @@ from scalekd.config import Config, load_config
 log = logging.getLogger(__name__)
 
 
-# Pipeline parameters -> config fields; an unset value ("", 0 or negative) keeps the preset's.
-PIPELINE_FIELDS = {
-    "detector": "model.detector", "student_backbone": "model.student_backbone",
-    "teacher_backbone": "model.teacher_backbone", "student_size": "data.student_size",
-    "teacher_iterations": "train.teacher_iterations", "warmup_iterations": "train.warmup_iterations",
-    "distill_iterations": "train.distill_iterations", "alpha": "distill.alpha", "beta": "distill.beta",
-    "gamma": "distill.gamma", "ray_address": "scaling.ray_address", "workers": "scaling.workers",
-}
-
-
 def config_from_params(preset: str, params: dict, overrides: list[str]) -> Config:
-    """The run's config from pipeline parameters and overrides, validated; writes nothing (the CLI checks a run
-    with it before submitting, the resolve-config component before any stage)."""
-    derived = [f"{PIPELINE_FIELDS[k]}={json.dumps(v)}" for k, v in params.items()
-               if k in PIPELINE_FIELDS and v not in ("", None) and not (isinstance(v, (int, float)) and v <= 0)]
-    if params.get("gpu"):
-        derived.append("scaling.gpu=true")
-    return load_config(preset=preset or None, overrides=derived + [o for o in overrides if o])
+    """The run's config from its run parameters (``scalekd.params``; empty keeps the preset's value) and overrides,
+    validated; writes nothing (the CLI checks a run with it before submitting, the resolve-config component
+    before any stage). A value the config refuses is named as the parameter it came from."""
+    from scalekd.config import ConfigError
+    from scalekd.params import RUN_PARAMETERS, config_overrides
+
+    try:
+        return load_config(preset=preset or None, overrides=config_overrides(params) + [o for o in overrides if o])
+    except ConfigError as exc:
+        given = {p.field: p.name for p in RUN_PARAMETERS if params.get(p.name) not in ("", None)}
+        if exc.path in given:
+            raise ConfigError(f"--param {given[exc.path]} ({exc.path})", exc.value, exc.allowed) from None
+        raise
 
 
 def resolve_config(out_path: str, preset: str, params: dict, overrides: list[str]) -> dict:

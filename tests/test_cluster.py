@@ -150,10 +150,8 @@ def test_a_pipeline_component_runs_its_stage_as_a_job_on_the_cluster(cluster, s3
 
     @dsl.pipeline(name="teacher-on-the-cluster")
     def teacher_on_the_cluster():
-        config = resolve_config(preset="tiny", detector="", student_backbone="", teacher_backbone="",
-                                student_size=0, teacher_iterations=0, warmup_iterations=0, distill_iterations=0,
-                                alpha=-1.0, beta=-1.0, gamma=-1.0, ray_address=cluster.address, workers=0,
-                                gpu=False, overrides=[]).outputs["config"]
+        config = resolve_config(preset="tiny", params={"ray_address": cluster.address},
+                                overrides=[]).outputs["config"]
         data = prepare_data(config=config, dataset_uri=s3_models["data"], workdir=workdir, synth_images=0)
         train_teacher(config=config, dataset=data.outputs["dataset"], workdir=workdir).set_caching_options(False)
 

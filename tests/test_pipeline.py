@@ -87,7 +87,7 @@ def test_submit_and_schedule_call_the_kfp_api():
         assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "scalekd-training"
         assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]
         params = body["runtime_config"]["parameters"]
-        assert params["dataset_uri"] == "s3://data/visdrone" and params["alpha"] == 0.02
+        assert params["dataset_uri"] == "s3://data/visdrone" and params["alpha"] == "0.02"
         assert params["preset"] == "demo"
         recorder.calls.clear()
         assert runner.schedule(url, "0 0 3 * * *", {"dataset_uri": "s3://data/visdrone/latest"}) == "job-1"
@@ -99,6 +99,44 @@ def test_submit_and_schedule_call_the_kfp_api():
             runner.schedule(url, "0 3 * * *", {})
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("", None), ("0.5", 0.5)])
+def test_a_run_parameter_of_zero_is_zero_and_empty_keeps_the_preset(value, expected):
+    """No sentinels: alpha=0 (the feature term off) reaches the config as 0; only an empty value means unset."""
+    from scalekd.config import load_config
+    from scalekd.stages import config_from_params
+
+    args = runner._arguments({"alpha": value, "gpu": ""}, "tiny")
+    cfg = config_from_params("tiny", {k: args[k] for k in ("alpha", "gpu")}, [])
+    assert cfg.distill.alpha == (load_config(preset="tiny").distill.alpha if expected is None else expected)
+
+
+@pytest.mark.parametrize("param, words", [("gpu=maybe", "--param gpu"), ("gpu=on", "--param gpu"),
+                                          ("alpha=-0.1", "--param alpha"), ("workers=0", "--param workers"),
+                                          ("student_size=12.5", "--param student_size")])
+def test_a_run_parameter_out_of_range_is_refused_by_name(param, words):
+    from scalekd.config import ConfigError
+
+    name, _, value = param.partition("=")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        runner._arguments({name: value}, "tiny")
+
+
+def test_a_run_parameter_added_to_the_list_appears_in_every_pipeline_and_check(monkeypatch):
+    """The run parameters are listed once (scalekd.params); the pipelines, the runner's check and the config
+    are built from that list."""
+    from scalekd import params
+    from scalekd.stages import config_from_params
+
+    extended = (*params.RUN_PARAMETERS, params.RunParameter("lr", "train.lr", float))
+    monkeypatch.setattr(params, "RUN_PARAMETERS", extended)
+    for name, build in runner.PIPELINES.items():
+        inputs = build(cluster=True).component_spec.inputs
+        assert {p.name for p in extended} <= set(inputs), name
+        assert all(inputs[p.name].type == "String" and inputs[p.name].default == "" for p in extended), name
+    args = runner._arguments({"lr": "0.005"}, "tiny")
+    assert config_from_params("tiny", {"lr": args["lr"]}, []).train.lr == 0.005
 
 
 def test_latest_prefix_resolves_to_the_newest_dataset(tmp_path, synth_root):
