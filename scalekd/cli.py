@@ -36,7 +36,7 @@ def _load(args) -> Config:  # noqa: F821
     overrides = list(args.overrides)
     for flag, key in (("data", "data.root"), ("workers", "scaling.workers"), ("ray_address", "scaling.ray_address")):
         value = getattr(args, flag, None)
-        if value:
+        if value is not None and value != "":  # --workers 0 reaches the config's check, never "unset"
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if getattr(args, "gpu", False):
         overrides.append("scaling.gpu=true")
@@ -504,6 +504,14 @@ def _add_demo_command(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _resolve_data(args) -> None:
+    """Every command's ``--data``: ``PREFIX/latest`` names one concrete dataset from here on (scalekd.data.coco)."""
+    if getattr(args, "data", None):
+        from scalekd.data.coco import resolve_root
+
+        args.data = resolve_root(args.data)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage.adopt_environment()  # before any library reads AWS_ENDPOINT_URL (botocore logs it at DEBUG)
@@ -512,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(storage.RedactingFilter())
     try:
+        _resolve_data(args)
         return args.func(args)
     except Exception as exc:
         if not isinstance(exc, _user_errors()):

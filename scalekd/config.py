@@ -30,12 +30,14 @@ PAPER_WEIGHTS = {"one_stage": (0.01, 0.2, 0.05), "two_stage": (0.07, 0.5, 0.2)}
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML as people write configs: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``), and a key given twice in
-    one mapping is an error instead of silently keeping the last."""
+    """YAML as people write configs: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``), a key given twice in one
+    mapping is an error instead of silently keeping the last, and merge keys (``<<: *base``) work."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" merges; the mapping's own keys then override the merged ones
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)

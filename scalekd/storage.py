@@ -347,6 +347,17 @@ def read_text(uri: str) -> str:
                            "save it as UTF-8") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode an ordinary open() would give: mkstemp's 0600 would keep a serving pod running as another user from
+# reading the models and exports we write.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: readers see the old content or the new, never a part."""
     if is_s3(uri):
@@ -362,6 +373,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise StorageError(f"{uri}: a parent of this path is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -394,6 +406,7 @@ def upload_file(local_path: str, uri: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, uri)
     except BaseException:

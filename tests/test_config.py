@@ -107,3 +107,21 @@ def test_the_assistant_starts_as_the_teacher_only_where_the_teachers_head_fits_t
                       ["distill.csa.keys_from=student"], ["distill.csa.starts_as=student"],
                       ["data.teacher_scale=3"]):
         assert not load_config(preset="bench", overrides=overrides).assistant_starts_as_teacher, overrides
+
+
+def test_yaml_merge_keys_merge_and_duplicate_keys_are_still_refused():
+    from scalekd.config import parse_yaml
+
+    text = "distill:\n  crosskd: &weights {weight: 2.0}\n  csa:\n    <<: *weights\n"
+    assert parse_yaml(text)["distill"]["csa"] == {"weight": 2.0}
+    assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n")["c"] == {"x": 1, "y": 3}
+    with pytest.raises(Exception, match="duplicate key 'x'"):
+        parse_yaml("x: 1\nx: 2\n")
+
+
+def test_workers_0_on_the_command_line_is_checked_not_ignored(tmp_path, capsys):
+    from scalekd.cli import main
+
+    assert main(["train-teacher", "--preset", "tiny", "--workers", "0", "--out", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t").exists()
+    assert "scaling.workers" in capsys.readouterr().err

@@ -655,3 +655,72 @@ def test_a_byte_order_mark_is_not_part_of_the_first_class_name(tmp_path):
     (tmp_path / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     (tmp_path / "names").write_bytes("car\n".encode("utf-8-sig"))
     assert convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))["categories"][0]["name"] == "car"
+
+
+def test_visdrone_rows_the_toolkit_ignores_score_0_become_ignore_regions():
+    assert convert.parse_visdrone_line("10,10,5,5,0,4,0,0", "v.txt", 1) == ([10.0, 10.0, 5.0, 5.0], 4, False)
+    assert convert.parse_visdrone_line("10,10,5,5,1,4,0,0", "v.txt", 1)[2] is True
+    with pytest.raises(DataError, match="v.txt:3: score 7"):
+        convert.parse_visdrone_line("10,10,5,5,7,4,0,0", "v.txt", 3)
+
+
+def test_latest_is_the_newest_in_natural_order_and_every_data_flag_resolves_it(tmp_path, synth_root):
+    import argparse
+
+    from scalekd.cli import _resolve_data, build_parser
+    from scalekd.data.coco import resolve_root
+
+    for day in ("2026-9-30", "2026-10-01", "2026-10-1-fix"):
+        shutil.copytree(synth_root, tmp_path / "drops" / day, ignore=shutil.ignore_patterns("images"))
+    assert resolve_root(str(tmp_path / "drops" / "latest")).endswith("2026-10-1-fix")
+    shutil.rmtree(tmp_path / "drops" / "2026-10-1-fix")
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    with_data = [name for name, sub in commands.items() if any("--data" in a.option_strings for a in sub._actions)]
+    assert {"train-teacher", "warmup", "distill", "evaluate", "report", "export", "compare", "tune"} <= set(with_data)
+    args = argparse.Namespace(data=str(tmp_path / "drops" / "latest"))
+    _resolve_data(args)
+    assert args.data == str(tmp_path / "drops" / "2026-10-01")
+
+
+@pytest.mark.parametrize("name", ["../../outside/x.png", "/etc/passwd", "a/../../x.png", "..\\x.png", "a\0.png"])
+def test_an_image_path_that_leaves_images_is_refused(tmp_path, name):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": name, "width": 9, "height": 9}],
+                                "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    with pytest.raises(DataError, match=r"images\[0\].*file_name"):
+        load_coco_json(str(path))
+
+
+@pytest.mark.parametrize("high, expected", [(1.0, 0.5), (255.0, 0.5), (1000.0, None)])
+def test_a_float_image_is_scaled_by_its_range_or_refused(high, expected):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from scalekd.data.coco import decode_image
+
+    pixels = np.full((6, 8), high / 2, dtype=np.float32)
+    pixels[0, 0] = high
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(buffer, format="TIFF")
+    if expected is None:
+        with pytest.raises(DataError, match=r"x.tif: a 32-bit float image with values in \[500, 1000\]"):
+            decode_image(buffer.getvalue(), "x.tif")
+        return
+    image = decode_image(buffer.getvalue(), "x.tif")
+    assert image.shape == (3, 6, 8) and image[0, 1, 1].item() == pytest.approx(expected)
+
+
+def test_a_training_split_without_objects_is_refused(tmp_path, synth_root):
+    from scalekd.config import load_config
+    from scalekd.train.loop import StageRequest, training_images
+
+    shutil.copytree(synth_root, tmp_path / "d", ignore=shutil.ignore_patterns("images"))
+    path = tmp_path / "d" / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    path.write_text(json.dumps({**coco, "annotations": [{**a, "iscrowd": 1} for a in coco["annotations"]]}))
+    cfg = load_config(preset="tiny", overrides=[f"data.root={tmp_path / 'd'}"])
+    with pytest.raises(DataError, match="holds no objects"):
+        training_images(StageRequest("teacher", cfg.to_dict(), str(tmp_path / "d"), str(tmp_path / "o")), cfg)

@@ -275,3 +275,13 @@ def test_bad_timeout_settings_are_named(monkeypatch):
     with pytest.raises(storage.StorageError, match="SCALEKD_S3_READ_TIMEOUT"):
         storage.read_bytes("s3://bucket/key.json")
     storage.configure()
+
+
+def test_files_we_write_get_the_ordinary_umask_mode_not_0600(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    storage.write_text(str(tmp_path / "a.json"), "{}")
+    (tmp_path / "src").write_text("x")
+    storage.upload_file(str(tmp_path / "src"), str(tmp_path / "b" / "copy"))
+    for path in (tmp_path / "a.json", tmp_path / "b" / "copy"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path

@@ -60,18 +60,28 @@ def _parse(uri: str) -> dict:
 
 
 def _check_images(uri: str, images: list) -> dict:
-    """Image id -> image; ids are integers, sizes positive numbers of pixels, file names non-empty text."""
+    """Image id -> image; ids are integers, sizes positive numbers of pixels, file names relative paths inside
+    images/."""
     for i, img in enumerate(images):
         for key in ("id", "file_name", "width", "height"):
             if key not in img:
                 raise DataError(f"{uri}: images[{i}] lacks '{key}'")
         _require(uri, f"images[{i}]", "id", img["id"], is_integer(img["id"]), "an integer")
-        _require(uri, f"images[{i}]", "file_name", img["file_name"],
-                 isinstance(img["file_name"], str) and bool(img["file_name"]), "a non-empty file name")
+        _require(uri, f"images[{i}]", "file_name", img["file_name"], _inside_images(img["file_name"]),
+                 "a non-empty path relative to images/ that stays inside it (no '..', no leading '/')")
         for key in ("width", "height"):
             _require(uri, f"images[{i}] (id {img['id']})", key, img[key],
                      is_finite_number(img[key]) and img[key] > 0, "a positive number of pixels")
     return {img["id"]: img for img in images}
+
+
+def _inside_images(name) -> bool:
+    """Images are read from ROOT/images/ only: an absolute name or one climbing out with '..' would read any file
+    the process can see."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return False
+    parts = name.replace("\\", "/").split("/")
+    return not name.startswith(("/", "\\")) and ".." not in parts
 
 
 def _check_categories(uri: str, categories: list) -> set:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode == "F":
+                return _float_image(np.asarray(img, dtype=np.float32), name)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 depth = 65535.0 if img.mode.startswith("I;16") or np.asarray(img).max() > 255 else 255.0
                 gray = np.asarray(img, dtype=np.float32) / depth
@@ -50,6 +53,16 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
         raise DataError(f"{name}: cannot decode image ({exc}); the file is corrupt or truncated: "
                         "replace it or remove it from the annotations") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _float_image(gray: np.ndarray, name: str) -> torch.Tensor:
+    """A 32-bit float image: [0, 1] as it is, [0, 255] scaled by 255; another range has no meaning we could guess."""
+    low, high = (float(gray.min()), float(gray.max())) if gray.size else (0.0, 0.0)
+    if not (np.isfinite(gray).all() and low >= 0 and high <= 255):
+        raise DataError(f"{name}: a 32-bit float image with values in [{low:g}, {high:g}]; expected [0, 1] or "
+                        "[0, 255]: rescale it, or save it as 8- or 16-bit")
+    scaled = gray if high <= 1.0 else gray / 255.0
+    return torch.from_numpy(np.ascontiguousarray(scaled)).unsqueeze(0).repeat(3, 1, 1)
 
 
 @dataclass
@@ -148,16 +161,22 @@ def _restricted(data: dict, keep: Callable[[dict], bool]) -> dict:
 
 
 def resolve_root(root: str) -> str:
-    """``PREFIX/latest`` means the newest (lexicographically last) dataset under PREFIX: scheduled
-    retraining points at a prefix that gains a dated folder (``2026-11-24/``...) per data drop."""
+    """``PREFIX/latest`` means the newest dataset under PREFIX: scheduled retraining points at a prefix that gains a
+    dated folder per data drop. Newest is last in natural order: runs of digits compare as numbers, so
+    ``2026-10-01`` is after ``2026-9-30`` and ``drop-10`` after ``drop-9`` (ISO dates sort right either way)."""
     if not root.rstrip("/").endswith("/latest"):
         return root
     prefix = root.rstrip("/")[: -len("/latest")]
     marker = "/annotations/"
-    roots = sorted({u[: u.index(marker)] for u in storage.list_uris(prefix) if marker in u})
+    roots = sorted({u[: u.index(marker)] for u in storage.list_uris(prefix) if marker in u}, key=_natural)
     if not roots:
         raise DataError(f"{root}: no dataset (a folder with annotations/) under {prefix}")
+    log.info("%s is %s (the last of %d in natural order)", root, roots[-1], len(roots))
     return roots[-1]
+
+
+def _natural(text: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part]
 
 
 def dataset_from_root(root: str, split: str, cache: bool = True,

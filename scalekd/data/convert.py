@@ -62,7 +62,8 @@ def _find_image(images_dir: str, stem: str) -> str:
     raise DataError(f"no image for annotation '{stem}' in {images_dir} (looked for {IMAGE_SUFFIXES})")
 
 
-def parse_visdrone_line(line: str, path: str, lineno: int) -> tuple[list[float], int]:
+def parse_visdrone_line(line: str, path: str, lineno: int) -> tuple[list[float], int, bool]:
+    """(box, category, evaluated): the toolkit's ground truth marks a box it ignores with score 0."""
     fields = [f for f in line.strip().rstrip(",").split(",")]
     if len(fields) != 8:
         raise DataError(f"{path}:{lineno}: expected 8 comma-separated fields "
@@ -70,18 +71,22 @@ def parse_visdrone_line(line: str, path: str, lineno: int) -> tuple[list[float],
                         f"{len(fields)}: {line.strip()!r}")
     try:
         left, top, width, height = (float(v) for v in fields[:4])
-        category = int(fields[5])
+        score, category = int(fields[4]), int(fields[5])
     except ValueError:
         raise DataError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from None
     if not all(math.isfinite(v) for v in (left, top, width, height)):
         raise DataError(f"{path}:{lineno}: non-finite box {line.strip()!r}; fix or remove the line")
     if not 0 <= category <= 11:
         raise DataError(f"{path}:{lineno}: category {category} is outside VisDrone's 0..11")
-    return [left, top, width, height], category
+    if score not in (0, 1):
+        raise DataError(f"{path}:{lineno}: score {score} in a ground-truth file; VisDrone's is 1 (evaluated) or 0 "
+                        "(ignored)")
+    return [left, top, width, height], category, score == 1
 
 
 def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) -> dict:
-    """COCO dict from ``SRC/images`` + ``SRC/annotations``; ignored (0) and others (11) become crowd."""
+    """COCO dict from ``SRC/images`` + ``SRC/annotations``; ignored (category 0 or score 0) and others (11) become
+    crowd."""
     if patches not in (1, 4):
         raise DataError(f"--patches {patches}: VisDrone conversion supports 1 or 4 (2x2) patches")
     if patches == 4 and not images_out:
@@ -103,11 +108,12 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
         for lineno, line in enumerate(storage.read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
-            bbox, category = parse_visdrone_line(line, path, lineno)
+            bbox, category, evaluated = parse_visdrone_line(line, path, lineno)
             if bbox[2] <= 0 or bbox[3] <= 0:
                 report.drop("non-positive width or height", f"{path}:{lineno}")
                 continue
-            (ignores if category in (0, 11) else objects).append((bbox, category, f"{path}:{lineno}"))
+            ignored = category in (0, 11) or not evaluated
+            (ignores if ignored else objects).append((bbox, category, f"{path}:{lineno}"))
         tiles = _tiles(width, height, patches)
         source = _read_upright(image_path) if patches > 1 else None
         for t_index, tile in enumerate(tiles):

@@ -449,6 +449,9 @@ def training_images(request: StageRequest, cfg: Config) -> CocoDetection:
     if not len(dataset):  # only a share can empty it: an annotation file without images is refused on loading
         raise DataError(f"data.teacher_holdout={share} leaves the {request.stage} stage none of the training images "
                         f"of {request.data} (split by source image): lower it or add images")
+    if not dataset.counts.objects:  # every image would be background: a detector that learns to find nothing
+        raise DataError(f"{request.data}: the {cfg.data.train_split} split of the {request.stage} stage holds no "
+                        "objects (crowd regions and dropped boxes do not count); check the annotations")
     if share and _dist()[0] == 0:
         log.info("%s: trains on %d training images (data.teacher_holdout=%s)", request.stage, len(dataset), share)
     return dataset
