@@ -109,7 +109,9 @@ def rung_stops(cfg: Config, rungs: int) -> list[tuple[int, int]]:
 
 
 def _trial(params: dict) -> None:
-    """One trial: distill in rungs from the warm student, report validation metrics after each."""
+    """One trial: distill in rungs from the warm student, report validation metrics after each (and the node it
+    ran on, for the record)."""
+    import ray
     from ray import tune
 
     from scalekd.config import config_from_dict
@@ -121,59 +123,139 @@ def _trial(params: dict) -> None:
     cfg = replace(config_from_dict(base["config"]), distill=distill_overrides(params))
     out = storage.join(base["out"], "trials", tune.get_context().get_trial_id())
     val = dataset_from_root(base["data"], cfg.data.val_split)
+    node_id = ray.get_runtime_context().get_node_id()
     for stop, student_iterations in rung_stops(cfg, base["rungs"]):
         run_stage(StageRequest("distill", cfg.to_dict(), base["data"], out, teacher=base["teacher"],
                                student_init=base["student"], stop_at=stop))
         result = evaluate_model("trial", storage.join(out, "model.pt"), val, cfg, speed_images=1)
-        tune.report({**result.metrics, "iteration": student_iterations,
+        tune.report({**result.metrics, "iteration": student_iterations, "node_id": node_id,
                      **{n: params[n] for n in SEARCHABLE if n in params}})
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """A search, as plain data: what ``scalekd tune`` asks for, and what a Ray job on a cluster receives."""
+
+    config: dict
+    teacher: str
+    student: str
+    data: str
+    out: str
+    ranges: dict
+    choices: dict
+    trials: int = 8
+    metric: str = "AP_S"
+    rungs: int = 2
+    cpus_per_trial: int = 1
+    resume: bool = False
 
 
 def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space: TuneSpace, trials: int = 8,
              metric: str = "AP_S", rungs: int = 2, cpus_per_trial: int = 1, resume: bool = False) -> dict:
     """Run the search, or with ``resume`` continue the one under ``out``; writes results.json, results.md and
-    best.yaml under ``out``."""
+    best.yaml under ``out``. With ``scaling.ray_address`` the search runs as a Ray job on that cluster, its trials
+    on the cluster's nodes (``cpus_per_trial`` CPUs each, and one GPU each with ``scaling.gpu``)."""
     space.validate(cfg)
     if trials < 1 or rungs < 1:
         raise ConfigError("tune.trials" if trials < 1 else "tune.rungs", trials if trials < 1 else rungs, ">= 1")
+    if cpus_per_trial < 1:
+        raise ConfigError("--cpus-per-trial", cpus_per_trial, ">= 1")
+    request = TuneRequest(cfg.to_dict(), teacher, student, data, out, dict(space.ranges), dict(space.choices),
+                          trials, metric, rungs, cpus_per_trial, resume)
+    if cfg.scaling.ray_address:
+        return _search_on_cluster(request, cfg.scaling.ray_address)
+    return _search(request, shared_storage=False)
+
+
+def _search_on_cluster(request: TuneRequest, address: str) -> dict:
+    """The search as a Ray job: every URI on S3 (the trials run on other machines), the experiment's state in the
+    bucket beside the results (Tune needs storage every node reaches), and so no ``--resume``: restoring would
+    unpickle what the bucket holds (docs/security.md)."""
+    from scalekd.train.ray_runner import run_ray_job
+
+    for flag, uri in (("--out", request.out), ("--data", request.data), ("--teacher", request.teacher),
+                      ("--student", request.student)):
+        if not storage.is_s3(uri):
+            raise ConfigError(flag, uri, "an s3:// URI: on a cluster the trials run on other machines")
+    if request.resume:
+        raise ConfigError("--resume", True, "not offered for a search on a cluster: its state is in the bucket, and "
+                          "Ray restores a search by unpickling it (docs/security.md); start a new search")
+    config = {**request.config, "scaling": {**request.config["scaling"], "ray_address": ""}}
+    payload = {**request.__dict__, "config": config}
+    run_ray_job(address, "scalekd.tune", payload, "tune search", {"scalekd_stage": "tune", "out": request.out})
+    results = json.loads(storage.read_text(storage.join(request.out, "results.json")))
+    return _summary(results["trials"], request.metric, request.out, tuple(request.ranges) + tuple(request.choices))
+
+
+def _search(request: TuneRequest, shared_storage: bool) -> dict:
+    """The search in this Ray (a private local one, or the cluster's inside a Ray job). ``shared_storage``: the
+    experiment's state under ``out`` in S3, which every node reaches; else in a private local folder."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from scalekd.config import config_from_dict
     from scalekd.train.ray_runner import init_ray
 
-    experiment_dir = (os.path.join(storage.cache_dir(), "tune", out.replace("://", "_").replace("/", "_"))
-                      if storage.is_s3(out) else os.path.abspath(storage.join(out, "experiment")))
+    cfg, out, metric = config_from_dict(request.config), request.out, request.metric
+    space = TuneSpace(request.ranges, request.choices)
     name = "scalekd-tune"
-    path = os.path.join(experiment_dir, name)
-    restore = _search_to_resume(path, resume, out)  # before Ray starts: a refusal costs nothing
+    storage_path, filesystem = _experiment_storage(out, shared_storage)
+    restore = False if shared_storage else _search_to_resume(os.path.join(storage_path, name), request.resume, out)
     init_ray()
     # Trials run in their own working directory: hand them absolute local paths.
-    base = {"config": cfg.to_dict(), "out": storage.absolute(out), "data": storage.absolute(data),
-            "teacher": storage.absolute(teacher), "student": storage.absolute(student), "rungs": rungs}
-    trainable = tune.with_resources(_trial, {"cpu": cpus_per_trial})
+    base = {"config": request.config, "out": storage.absolute(out), "data": storage.absolute(request.data),
+            "teacher": storage.absolute(request.teacher), "student": storage.absolute(request.student),
+            "rungs": request.rungs}
+    trainable = tune.with_resources(_trial, {"cpu": request.cpus_per_trial, "gpu": 1 if cfg.scaling.gpu else 0})
     if restore:
-        log.info("resuming the search in %s", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        log.info("resuming the search in %s", storage_path)
+        tuner = tune.Tuner.restore(os.path.join(storage_path, name), trainable, resume_errored=True)
     else:
         param_space = {n: tune.loguniform(lo, hi) for n, (lo, hi) in space.ranges.items()}
         param_space.update({n: tune.choice(list(values)) for n, values in space.choices.items()})
         param_space["_base"] = base
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rungs, grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=request.rungs, grace_period=1,
+                                  reduction_factor=2)
+        slots = int(ray.cluster_resources().get("CPU", 1)) // request.cpus_per_trial
         tuner = tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=trials, scheduler=scheduler,
-                                        max_concurrent_trials=max(1, (os.cpu_count() or 1) // cpus_per_trial)),
-            run_config=tune.RunConfig(name=name, storage_path=experiment_dir, verbose=0))
+            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=request.trials, scheduler=scheduler,
+                                        max_concurrent_trials=max(1, slots)),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      verbose=0))
     rows = _trial_rows(tuner.fit(), metric, space.names)
-    best = rows[0]
-    best_cfg = replace(cfg, distill=distill_overrides(best))
+    best_cfg = replace(cfg, distill=distill_overrides(rows[0]))
     storage.write_text(storage.join(out, "best.yaml"), best_cfg.to_yaml())
     storage.write_json(storage.join(out, "results.json"), {"metric": metric, "trials": rows})
-    table = results_table(rows, metric, space.names)
-    storage.write_text(storage.join(out, "results.md"), table + "\n")
-    log.info("tune results:\n%s", table)
-    return {"best": {n: best[n] for n in space.names}, metric: best[metric], "trials": len(rows),
+    storage.write_text(storage.join(out, "results.md"), results_table(rows, metric, space.names) + "\n")
+    return _summary(rows, metric, out, space.names)
+
+
+def _summary(rows: list[dict], metric: str, out: str, names: tuple[str, ...]) -> dict:
+    log.info("tune results:\n%s", results_table(rows, metric, names))
+    best = rows[0]
+    return {"best": {n: best[n] for n in names}, metric: best[metric], "trials": len(rows),
             "best_config": storage.join(out, "best.yaml"), "table": json.loads(json.dumps(rows))}
+
+
+def _experiment_storage(out: str, shared: bool):
+    """(storage path, pyarrow filesystem or None) of the search's Ray Tune experiment."""
+    if shared:
+        p = storage.S3Path.parse(out)
+        return f"{p.bucket}/{storage.join(p.key, 'experiment').lstrip('/')}", storage.arrow_filesystem()
+    if storage.is_s3(out):
+        return os.path.join(storage.cache_dir(), "tune", out.replace("://", "_").replace("/", "_")), None
+    return os.path.abspath(storage.join(out, "experiment")), None
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of a search submitted as a Ray job: run it on this cluster, its state in the bucket."""
+    import base64
+
+    request = TuneRequest(**json.loads(base64.b64decode(argv[0])))
+    _search(request, shared_storage=True)
+    return 0
 
 
 def _search_to_resume(path: str, resume: bool, out: str) -> bool:
@@ -216,7 +298,7 @@ def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:
         if result.metrics and metric in result.metrics:
             rows.append({**{n: result.metrics.get(n) for n in names}, metric: result.metrics[metric],
                          "AP": result.metrics.get("AP"), "iteration": result.metrics.get("iteration"),
-                         "path": result.path})
+                         "node_id": result.metrics.get("node_id"), "path": result.path})
     if not rows:
         errors = [str(r.error) for r in grid if r.error]
         raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")
@@ -229,3 +311,10 @@ def results_table(rows: list[dict], metric: str, names: tuple[str, ...]) -> str:
     return header + "\n".join(
         f"| {' | '.join('-' if r[n] is None else f'{r[n]:.4g}' for n in names)} | {100 * r[metric]:.2f} | "
         f"{100 * (r['AP'] or 0):.2f} | {r['iteration']} |" for r in rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(sys.argv[1:]))

@@ -169,6 +169,33 @@ def test_a_pipeline_component_runs_its_stage_as_a_job_on_the_cluster(cluster, s3
     assert storage_exists(s3_server, "cluster/component/teacher/ray_result.json")  # Ray Train ran it, on the cluster
 
 
+def test_a_tune_search_runs_as_a_job_with_its_trials_on_the_worker_nodes(cluster, s3_server, s3_models):
+    """`scalekd tune --ray-address`: S3 to S3 with token auth; each trial reserves one CPU and the head has none,
+    so two trials at once must run on the two worker nodes, and each trial records the node it ran on."""
+    out = f"s3://{s3_server['bucket']}/cluster/tune"
+    done = _cli(["tune", "--preset", "tiny", "--data", s3_models["data"], "--teacher", s3_models["teacher"],
+                 "--student", s3_models["student"], "--out", out, "--trials", "4", "--rungs", "1",
+                 "--ray-address", cluster.address], _env(s3_server, RAY_AUTH_TOKEN=cluster.token), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(s3_server["client"].get_object(Bucket=s3_server["bucket"],
+                                                        Key="cluster/tune/results.json")["Body"].read())
+    nodes = [trial["node_id"] for trial in results["trials"]]
+    assert len(nodes) == 4 and all(nodes) and len(set(nodes)) == 2, nodes
+    assert storage_exists(s3_server, "cluster/tune/best.yaml")
+    assert any(k.startswith("cluster/tune/experiment/") for k in list_keys(s3_server, "cluster/tune/experiment/"))
+
+
+def test_tune_refuses_flags_it_cannot_honour(s3_server, tmp_path):
+    env = _env(s3_server)
+    base = ["tune", "--preset", "tiny", "--teacher", "t.pt", "--student", "s.pt"]
+    for extra, words in ((["--out", str(tmp_path / "o"), "--workers", "2"], "--workers"),
+                         (["--out", str(tmp_path / "o"), "--ray-address", "http://127.0.0.1:9"], "s3:// URI"),
+                         (["--out", str(tmp_path / "o"), "--cpus-per-trial", "0"], "--cpus-per-trial")):
+        done = _cli(base + extra, env, timeout=120)
+        assert done.returncode == 2 and words in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
 def _wait_for_checkpoint(s3: dict, prefix: str, job: subprocess.Popen, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

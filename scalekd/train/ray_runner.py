@@ -179,16 +179,23 @@ def _job_api_error(address: str, exc: Exception) -> str:
 def submit_ray_job(request: StageRequest, address: str, poll_s: float = 2.0) -> dict:
     """Submit the stage as a Ray job to ``address`` (http://HEAD:8265), stream its logs to stderr and return the
     stage's summary; a failed job raises with its error message and the end of its logs."""
+    payload = dict(request.to_dict())
+    payload["config"] = {**payload["config"], "scaling": {**payload["config"]["scaling"], "ray_address": ""}}
+    run_ray_job(address, "scalekd.train.ray_runner", payload, f"stage {request.stage}",
+                {"scalekd_stage": request.stage, "out": request.out}, poll_s)
+    return json.loads(storage.read_text(storage.join(request.out, "summary.json")))
+
+
+def run_ray_job(address: str, module: str, payload: dict, what: str, metadata: dict, poll_s: float = 2.0) -> None:
+    """``python -m module <payload as base64 JSON>`` as a Ray job on the cluster at ``address``: its logs streamed
+    to stderr until it ends; a job that did not succeed raises with its message and the end of its log."""
     from ray.job_submission import JobStatus
 
     client = job_client(address)
-    payload = dict(request.to_dict())
-    payload["config"] = {**payload["config"], "scaling": {**payload["config"]["scaling"], "ray_address": ""}}
     encoded = base64.b64encode(json.dumps(payload).encode()).decode()
-    job_id = client.submit_job(entrypoint=f"python -m scalekd.train.ray_runner {encoded}",
-                               runtime_env=job_runtime_env(),
-                               metadata={"scalekd_stage": request.stage, "out": request.out})
-    log.info("submitted Ray job %s (stage %s) to %s", job_id, request.stage, storage.redact(address))
+    job_id = client.submit_job(entrypoint=f"python -m {module} {encoded}", runtime_env=job_runtime_env(),
+                               metadata=metadata)
+    log.info("submitted Ray job %s (%s) to %s", job_id, what, storage.redact(address))
     shown, logs = 0, ""
     while True:
         status = client.get_job_status(job_id)
@@ -201,9 +208,8 @@ def submit_ray_job(request: StageRequest, address: str, poll_s: float = 2.0) -> 
     if status != JobStatus.SUCCEEDED:
         message = client.get_job_info(job_id).message or ""
         tail = "\n".join(logs.strip().splitlines()[-15:])
-        raise TrainingError(f"Ray job {job_id} for stage {request.stage} ended {status}: {message.strip()}\n"
+        raise TrainingError(f"Ray job {job_id} for {what} ended {status}: {message.strip()}\n"
                             f"last lines of its log:\n{tail}")
-    return json.loads(storage.read_text(storage.join(request.out, "summary.json")))
 
 
 def launch(request: StageRequest, cfg: Config, use_ray: bool = True) -> dict:
