@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -201,6 +202,34 @@ def test_a_model_is_not_evaluated_on_a_dataset_with_other_categories(trained, tm
     with pytest.raises(DataError, match="trained on categories") as err:
         evaluate_model("m", str(root / "warmup" / "model.pt"), dataset_from_root(str(other), "val"), cfg)
     assert "disc_other" in str(err.value) and "'disc'" in str(err.value)
+
+
+def test_distill_refuses_a_teacher_or_student_trained_on_other_classes(trained, tmp_path, synth_root):
+    """The same ids under other names: distilling would stamp the dataset's names on a student that learnt others."""
+    from scalekd.data.coco import DataError
+
+    cfg, root = trained
+    other = tmp_path / "other"
+    shutil.copytree(synth_root, other, ignore=shutil.ignore_patterns("images"))
+    os.symlink(f"{synth_root}/images", other / "images")
+    for split in ("train", "val"):
+        path = other / "annotations" / f"instances_{split}.json"
+        ann = json.loads(path.read_text())
+        path.write_text(json.dumps({**ann, "categories": [{**c, "name": c["name"] + "_other"}
+                                                          for c in ann["categories"]]}))
+    renamed = {}
+    for stage in ("teacher", "warmup"):  # the same weights, stamped with the other dataset's names
+        model, blob = ckpt.load_model(str(root / stage / "model.pt"))
+        categories = [{**c, "name": c["name"] + "_other"} for c in blob["categories"]]
+        renamed[stage] = ckpt.save_model(model, ckpt.DetectorSpec(**blob["spec"]), str(tmp_path / stage),
+                                         categories, {"stage": stage})
+    for teacher, student, wrong in ((renamed["teacher"], str(root / "warmup" / "model.pt"), "warmup"),
+                                    (str(root / "teacher" / "model.pt"), renamed["warmup"], "teacher")):
+        request = StageRequest("distill", replace(cfg, data={"root": str(other)}).to_dict(), str(other),
+                               str(tmp_path / "d"), teacher=teacher, student_init=student)
+        with pytest.raises(DataError, match=f"{wrong}/model.pt was trained on categories .* distill with it"):
+            run_stage(request)
+    assert not (tmp_path / "d" / "model.pt").exists()
 
 
 @pytest.mark.parametrize("metrics, images, words", [

@@ -35,16 +35,17 @@ class ModelResult:
                 "model_uri": self.model_uri}
 
 
-def check_categories(model_uri: str, stored: list | None, dataset: CocoDetection) -> None:
-    """A model's classes are the dataset's, in the same order: labels map to categories by position, so a
-    10-class model on a 4-class set would otherwise report metrics for the wrong classes."""
+def check_categories(model_uri: str, stored: list | None, dataset: CocoDetection, use: str = "evaluate it") -> None:
+    """A model's classes are the dataset's, ids and names in the same order: labels map to categories by position,
+    so a 10-class model on a 4-class set, or one trained on other names under the same ids, would otherwise be
+    scored (or distilled) against the wrong classes."""
     if stored is None:
         return  # written before categories were stored: nothing to compare
     ours = [(c["id"], c.get("name")) for c in stored]
     theirs = [(c, dataset.category_names[c]) for c in dataset.category_ids]
     if ours != theirs:
         raise DataError(f"{model_uri} was trained on categories {ours}, but {dataset.annotation_uri} has "
-                        f"{theirs}; evaluate it on a dataset with the same categories")
+                        f"{theirs}; {use} on a dataset with the same categories")
 
 
 def evaluate_model(name: str, model_uri: str, dataset: CocoDetection, cfg: Config,

@@ -311,7 +311,17 @@ class _Stage:
     parts: DetectorParts  # the model's step-by-step forward and loss, with the configured assignment
 
 
-def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: torch.device, world: int) -> _Stage:
+def _check_categories(model_uri: str, blob: dict, dataset: CocoDetection | None) -> None:
+    from scalekd.eval.evaluate import check_categories
+
+    if dataset is not None:
+        check_categories(model_uri, blob.get("categories"), dataset, use="distill with it")
+
+
+def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: torch.device, world: int,
+                dataset: CocoDetection | None = None) -> _Stage:
+    """The stage's model, distiller and optimisers; a distill stage's teacher and warm student must have been
+    trained on ``dataset``'s categories (ids and names), when it is given."""
     spec = teacher_spec(cfg, num_classes) if request.stage == "teacher" else student_spec(cfg, num_classes)
     model = build_detector(spec)
     if cfg.model.detector == "retinanet":  # torchvision reads its box loss from this attribute (its v2 recipe)
@@ -320,11 +330,13 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
     if request.stage == "distill":
         if not request.student_init or (not request.teacher and cfg.distill.method != "none"):
             raise TrainingError("the distill stage needs --teacher MODEL and --student MODEL (warm-up output)")
-        warm, _ = ckpt.load_model(request.student_init, expect=spec)
+        warm, blob = ckpt.load_model(request.student_init, expect=spec)
+        _check_categories(request.student_init, blob, dataset)
         model.load_state_dict(warm.state_dict())
         teacher = None
         if cfg.distill.method != "none":
-            teacher, _ = ckpt.load_model(request.teacher, expect=teacher_spec(cfg, num_classes))
+            teacher, blob = ckpt.load_model(request.teacher, expect=teacher_spec(cfg, num_classes))
+            _check_categories(request.teacher, blob, dataset)
         distiller = Distiller(model, teacher, cfg).to(device)
     params = distiller.student_parameters() if distiller is not None else list(model.parameters())
     model.to(device)
@@ -408,7 +420,7 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed + rank)
     dataset = training_images(request, cfg)
-    stage = build_stage(request, cfg, cfg.model.num_classes or dataset.num_classes, device, world)
+    stage = build_stage(request, cfg, cfg.model.num_classes or dataset.num_classes, device, world, dataset)
     start = resume(stage, request, key, hooks.restore())
     if start and rank == 0:
         log.info("resuming %s at %s from iteration %d", request.stage, request.out, start)
