@@ -106,7 +106,9 @@ def _data_convert(args) -> int:
     if args.tile and args.patches != 1:
         raise ConfigError("--tile", args.tile, "either --tile or --patches, not both")
     visdrone = args.format == "visdrone"
-    source_images = os.path.join(args.src, "images") if visdrone else convert.yolo_image_dir(args.src)
+    if visdrone and args.split:
+        raise ConfigError("--split", args.split, "YOLO only (VisDrone's splits are separate downloads)")
+    source_images = os.path.join(args.src, "images") if visdrone else convert.yolo_layout(args.src, args.split)[0]
     if args.patches > 1 or args.tile:
         if os.path.abspath(images_out) == os.path.abspath(source_images):
             raise ConfigError("--images-out", images_out, "a folder other than the source's images (patches or tiles "
@@ -119,7 +121,7 @@ def _data_convert(args) -> int:
             raise ConfigError("--names", None, "YOLO conversion needs --names FILE (one class name per line)")
         if args.patches != 1:
             raise ConfigError("--patches", args.patches, "VisDrone only; YOLO conversion takes --tile SIDE instead")
-        coco = convert.convert_yolo(args.src, args.names)
+        coco = convert.convert_yolo(args.src, args.names, args.split)
     if args.tile:
         coco = {**convert.tile_coco(coco, source_images, images_out, args.tile), "info": coco["info"]}
     storage.write_text(args.out, json.dumps(coco))
@@ -129,6 +131,10 @@ def _data_convert(args) -> int:
         reasons = "; ".join(f"{n} {reason}" for reason, n in report["dropped"].items())
         print(f"dropped {sum(report['dropped'].values())} labels: {reasons}; e.g. "
               + " | ".join(report["examples"][:3]), file=sys.stderr)
+    if report.get("not_converted"):
+        reasons = "; ".join(f"{n} {reason}" for reason, n in report["not_converted"].items())
+        print(f"not converted: {sum(report['not_converted'].values())} files under {args.src}: {reasons}; e.g. "
+              + " | ".join(report["not_converted_examples"][:3]), file=sys.stderr)
     return 0
 
 
@@ -378,6 +384,7 @@ def _add_data_command(sub) -> None:
     q.add_argument("src")
     q.add_argument("--out", required=True)
     q.add_argument("--names", help="YOLO class names file")
+    q.add_argument("--split", help="YOLO in Ultralytics' images/SPLIT + labels/SPLIT layout: the split to convert")
     q.add_argument("--patches", type=int, default=1, help="VisDrone: 4 = split each image into 2x2 patches")
     q.add_argument("--tile", type=int, default=0, metavar="SIDE",
                    help="cut every image into tiles of at most SIDE x SIDE px (wide aerial strips: a car keeps its "

@@ -378,11 +378,11 @@ def test_missing_or_non_folder_sources_and_unaccepted_image_types_are_named(tmp_
         assert main(["data", "convert", "yolo", str(src), "--names", str(tmp_path / "names"),
                      "--out", str(tmp_path / "o.json")]) == 2
         assert "not a folder" in capsys.readouterr().err
-    (tmp_path / "webp").mkdir()
-    (tmp_path / "webp" / "a.webp").write_bytes(b"RIFF")
-    assert main(["data", "convert", "yolo", str(tmp_path / "webp"), "--names", str(tmp_path / "names"),
+    (tmp_path / "gif").mkdir()
+    (tmp_path / "gif" / "a.gif").write_bytes(b"GIF89a")
+    assert main(["data", "convert", "yolo", str(tmp_path / "gif"), "--names", str(tmp_path / "names"),
                  "--out", str(tmp_path / "o.json")]) == 2
-    assert "accepted: .jpg, .jpeg, .png, .bmp" in capsys.readouterr().err
+    assert "accepted: .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp" in capsys.readouterr().err
     assert main(["data", "convert", "visdrone", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.json")]) == 2
     assert "images/ and annotations/" in capsys.readouterr().err
 
@@ -724,3 +724,67 @@ def test_a_training_split_without_objects_is_refused(tmp_path, synth_root):
     cfg = load_config(preset="tiny", overrides=[f"data.root={tmp_path / 'd'}"])
     with pytest.raises(DataError, match="holds no objects"):
         training_images(StageRequest("teacher", cfg.to_dict(), str(tmp_path / "d"), str(tmp_path / "o")), cfg)
+
+
+def _ultralytics(root, splits=("train", "val")):
+    for split in splits:
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for stem in ("a", "b"):
+            _write_png(root / "images" / split / f"{split}_{stem}.png")
+            (root / "labels" / split / f"{split}_{stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+
+
+def test_the_ultralytics_split_layout_converts_one_split_at_a_time_or_is_refused_by_name(tmp_path):
+    _ultralytics(tmp_path / "set")
+    (tmp_path / "names").write_text("car\n")
+    with pytest.raises(DataError, match=r"one folder per split under images/ \(train, val\).*--split NAME"):
+        convert.convert_yolo(str(tmp_path / "set"), str(tmp_path / "names"))
+    for split in ("train", "val"):
+        coco = convert.convert_yolo(str(tmp_path / "set"), str(tmp_path / "names"), split=split)
+        assert [im["file_name"] for im in coco["images"]] == [f"{split}_a.png", f"{split}_b.png"]
+        assert len(coco["annotations"]) == 2
+        assert coco["info"]["conversion"]["not_converted"] == {
+            "outside the folders converted (another split: --split NAME; or not part of the layout)": 4}
+    with pytest.raises(DataError, match="--split test: .* holds the splits train, val"):
+        convert.convert_yolo(str(tmp_path / "set"), str(tmp_path / "names"), split="test")
+
+
+def test_every_source_file_is_in_the_output_or_in_the_report(tmp_path):
+    """The rule behind each case: a file under the source is converted, or reported with its reason."""
+    _write_png(tmp_path / "a.png")
+    (tmp_path / "a.TXT").write_text("0 0.5 0.5 0.2 0.2\n")  # upper-case suffix: still a.png's label
+    (tmp_path / "orphan.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "c.gif").write_bytes(b"GIF89a")
+    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "sub").mkdir()
+    _write_png(tmp_path / "sub" / "d.png")
+    (tmp_path / "names").write_text("car\n")
+    coco = convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+    assert len(coco["annotations"]) == 1
+    report = coco["info"]["conversion"]["not_converted"]
+    assert report == {"a label without an image": 1,
+                      "not an image type we read (.gif; accepted: .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)": 1,
+                      "not an image type we read (.md; accepted: .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)": 1,
+                      "outside the folders converted (another split: --split NAME; or not part of the layout)": 1}
+    converted = len(coco["images"]) + 2  # the image's label and the names file
+    assert converted + sum(report.values()) == sum(1 for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_one_label_for_two_images_is_refused(tmp_path):
+    _write_png(tmp_path / "a.png")
+    _write_png(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "names").write_text("car\n")
+    with pytest.raises(DataError, match=r"a.txt: one label for 2 images \(a.jpg, a.png\)"):
+        convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))
+
+
+def test_a_visdrone_image_without_its_annotation_file_is_reported(shared_data, tmp_path):
+    src = tmp_path / "vd"
+    shutil.copytree(shared_data / "visdrone_sample", src)
+    image = sorted((src / "images").iterdir())[0]
+    shutil.copy(image, src / "images" / ("unlabelled" + image.suffix))
+    report = convert.convert_visdrone(str(src))["info"]["conversion"]
+    assert report["not_converted"]["an image without its annotation file"] == 1
+    assert report["not_converted_examples"][-1].startswith(str(src / "images" / "unlabelled"))

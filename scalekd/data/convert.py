@@ -15,7 +15,7 @@ from scalekd.data.coco import DataError, oriented_size
 # VisDrone2019-DET: 0 = ignored region, 1..10 objects, 11 = others (treated as ignore regions).
 VISDRONE_NAMES = ("pedestrian", "people", "bicycle", "car", "van", "truck", "tricycle",
                   "awning-tricycle", "bus", "motor")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SLIVER_MIN_SIDE = 2.0  # px: a clipped box thinner than this is dropped
 SLIVER_MIN_KEPT = 0.25  # fraction of a box's area that must remain inside a patch
 
@@ -36,17 +36,25 @@ class DropReport:
 
     def __init__(self, source: str):
         self.source, self.counts, self.examples = source, {}, []
+        self.skipped, self.skipped_examples = {}, []
 
     def drop(self, reason: str, where: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
 
+    def skip(self, reason: str, path: str) -> None:
+        """A source file that is not in the output: every file under the source is in one or the other."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(f"{path}: {reason}")
+
     def finish(self, coco: dict) -> dict:
         """Record the report in ``coco``; a conversion that kept no annotation at all is an error."""
         kept = sum(1 for a in coco["annotations"] if not a.get("iscrowd"))
         coco["info"] = {"conversion": {"source": self.source, "kept": kept, "dropped": dict(self.counts),
-                                       "examples": list(self.examples)}}
+                                       "examples": list(self.examples), "not_converted": dict(self.skipped),
+                                       "not_converted_examples": list(self.skipped_examples)}}
         if kept == 0:
             why = "; ".join(f"{n} {r}" for r, n in self.counts.items()) or "no label lines found"
             raise DataError(f"{self.source}: no annotations kept ({why}); e.g. {self.examples[:3]}"
@@ -100,6 +108,7 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
     if not ann_files:
         raise DataError(f"{ann_dir}: no .txt annotation files")
     report = DropReport(src)
+    used: set[str] = set()
     for txt in ann_files:
         path = os.path.join(ann_dir, txt)
         image_path = _find_image(img_dir, txt[:-4])
@@ -132,6 +141,8 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
         for bbox, _category, where in objects:  # in no tile (outside the image, or a sliver in every tile)
             if not any(_clip_to_tile(bbox, tile) for tile in tiles):
                 report.drop("outside the image or a sliver after clipping", where)
+        used |= {os.path.abspath(path), os.path.abspath(image_path)}
+    _account_for_every_file(report, src, used, (ann_dir, img_dir))
     return report.finish(out)
 
 
@@ -232,36 +243,54 @@ def _save_crop(image: Image.Image, tile: tuple[int, int, int, int], uri: str) ->
     storage.write_bytes(uri, buf.getvalue())
 
 
-def yolo_image_dir(src: str) -> str:
-    """Where a YOLO set's images are: ``src/images`` in the standard layout (beside ``src/labels``), else ``src``."""
-    standard = os.path.isdir(os.path.join(src, "images")) and os.path.isdir(os.path.join(src, "labels"))
-    return os.path.join(src, "images") if standard else src
+def yolo_layout(src: str, split: str | None = None) -> tuple[str, str]:
+    """(image folder, label folder) of a YOLO set: labels beside their images in ``src``; the standard
+    ``src/images`` + ``src/labels``; or one split of Ultralytics' ``src/images/SPLIT`` + ``src/labels/SPLIT``, which
+    converts one split at a time (one annotation file per split), so ``split`` names it."""
+    images, labels = os.path.join(src, "images"), os.path.join(src, "labels")
+    if not (os.path.isdir(images) and os.path.isdir(labels)):
+        if split:
+            raise DataError(f"--split {split}: {src} has no images/ and labels/ folders to hold splits")
+        return src, src
+    splits = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
+    has_images = any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(images))
+    if splits and not has_images:
+        if split is None:
+            raise DataError(f"{src}: one folder per split under images/ ({', '.join(splits)}); convert each split "
+                            "into its own annotation file with --split NAME")
+        if split not in splits:
+            raise DataError(f"--split {split}: {images} holds the splits {', '.join(splits)}")
+        return os.path.join(images, split), os.path.join(labels, split)
+    if split:
+        raise DataError(f"--split {split}: {images} holds images, not one folder per split")
+    return images, labels
 
 
-def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> dict:
-    """COCO dict from YOLO labels (``class cx cy w h`` normalised to [0, 1]), either beside their images in ``src``
-    or in the standard layout ``src/images/*`` + ``src/labels/*.txt``. Dropped labels are reported
-    (``DropReport``): coordinates outside [0, 1] (pixels, probably), empty boxes, boxes outside the image."""
+def convert_yolo(src: str, names_file: str, split: str | None = None) -> dict:
+    """COCO dict from YOLO labels (``class cx cy w h`` normalised to [0, 1]) in any layout of ``yolo_layout``.
+    Dropped labels are reported (``DropReport``): coordinates outside [0, 1] (pixels, probably), empty boxes, boxes
+    outside the image; so is every file under ``src`` that is not in the output, with the reason."""
     names = [n.strip() for n in storage.read_text(names_file).splitlines() if n.strip()]
     if not names:
         raise DataError(f"{names_file}: no class names")
     out = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
     if not os.path.isdir(src):
         raise DataError(f"{src}: not a folder; give the folder with the images and their .txt labels")
-    image_dir = yolo_image_dir(src)
-    label_dir = os.path.join(src, "labels") if image_dir != src else src
-    image_files = images if images is not None else sorted(
-        f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
+    image_dir, label_dir = yolo_layout(src, split)
+    image_files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_SUFFIXES))
     if not image_files:
         raise DataError(f"{image_dir}: no images found (accepted: {', '.join(IMAGE_SUFFIXES)})")
+    label_of = _yolo_labels(label_dir, image_files)
+    used = {os.path.abspath(names_file)} | {os.path.abspath(os.path.join(image_dir, f)) for f in image_files} | \
+        {os.path.abspath(p) for p in label_of.values()}
     report = DropReport(src)
     for file_name in image_files:
         image_path = os.path.join(image_dir, file_name)
         width, height = _image_size(image_path)
         image_id = len(out["images"]) + 1
         out["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        label_path = os.path.join(label_dir, os.path.splitext(file_name)[0] + ".txt")
-        if not os.path.exists(label_path):
+        label_path = label_of.get(file_name)
+        if label_path is None:
             continue  # an image without a label file has no objects (YOLO convention)
         for lineno, line in enumerate(storage.read_text(label_path).splitlines(), 1):
             fields = line.split()
@@ -292,4 +321,41 @@ def convert_yolo(src: str, names_file: str, images: list[str] | None = None) -> 
                 report.drop("empty box after clipping to the image", where)
                 continue
             _add(out, image_id, cls + 1, [x0, y0, x1 - x0, y1 - y0], crowd=False)
+    _account_for_every_file(report, src, used, (image_dir, label_dir))
     return report.finish(out)
+
+
+def _yolo_labels(label_dir: str, image_files: list[str]) -> dict[str, str]:
+    """Image file -> its label file (``.txt`` in any case); one label that two images would share (``a.png`` and
+    ``a.jpg``) is refused: whichever image got it, the other would silently become background."""
+    labels = {os.path.splitext(f)[0]: os.path.join(label_dir, f) for f in sorted(os.listdir(label_dir))
+              if f.lower().endswith(".txt")}  # read through storage.read_text, which names a FIFO or folder
+    by_stem: dict[str, list[str]] = {}
+    for image in image_files:
+        by_stem.setdefault(os.path.splitext(image)[0], []).append(image)
+    for stem, images in by_stem.items():
+        if len(images) > 1 and stem in labels:
+            raise DataError(f"{labels[stem]}: one label for {len(images)} images ({', '.join(images)}); rename "
+                            "the images so that each has its own label")
+    return {image: labels[os.path.splitext(image)[0]] for image in image_files
+            if os.path.splitext(image)[0] in labels}
+
+
+def _account_for_every_file(report: DropReport, src: str, used: set[str], read_from: tuple[str, str]) -> None:
+    """Report, with its reason, every file under ``src`` that the conversion did not use."""
+    folders = {os.path.abspath(d) for d in read_from}
+    for folder, _dirs, files in os.walk(src):
+        for name in sorted(files):
+            path = os.path.abspath(os.path.join(folder, name))
+            if path in used:
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if os.path.abspath(folder) not in folders:
+                reason = "outside the folders converted (another split: --split NAME; or not part of the layout)"
+            elif suffix == ".txt":
+                reason = "a label without an image"
+            elif suffix in IMAGE_SUFFIXES:
+                reason = "an image without its annotation file"
+            else:
+                reason = f"not an image type we read ({suffix or 'no suffix'}; accepted: {', '.join(IMAGE_SUFFIXES)})"
+            report.skip(reason, os.path.join(folder, name))
