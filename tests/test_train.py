@@ -126,9 +126,11 @@ def _untrained_start_models(cfg, tmp_path) -> dict[str, str]:
     about what the stage does with them)."""
     from scalekd.train.loop import teacher_spec
 
+    with open(f"{cfg.data.root}/annotations/instances_{cfg.data.train_split}.json") as f:
+        categories = json.load(f)["categories"]  # the dataset's: a distill stage checks them
     models = {}
     for role, spec in (("teacher", teacher_spec(cfg, 4)), ("warm", student_spec(cfg, 4))):
-        models[role] = ckpt.save_model(build_detector(spec), spec, str(tmp_path / role), [], {})
+        models[role] = ckpt.save_model(build_detector(spec), spec, str(tmp_path / role), categories, {})
     return models
 
 
