@@ -19,6 +19,7 @@ from scalekd import storage
 from scalekd.data.coco import dataset_from_root
 from scalekd.data.transforms import DualResolutionCollate
 from scalekd.eval.predict import configure_for_eval
+from scalekd.outputs import held, write_whole
 from scalekd.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def _read_metrics(metrics_uri: str | None) -> dict | None:
 
 def export_model(model_uri: str, out: str, data_root: str, split: str = "val", images: int = 4,
                  metrics_uri: str | None = None, score_threshold: float = 0.05) -> dict:
-    """Write ``model.torchscript.pt``, ``model.onnx`` and ``model_card.json`` under ``out``."""
+    """Write ``model.torchscript.pt``, ``model.onnx`` and ``model_card.json`` as the whole of ``out``, with a
+    ``manifest.json`` of their sizes and digests."""
     # Every argument is checked before the first write: a typo must not leave an export without its card.
     if not isinstance(images, int) or images < 1:
         raise ExportError(f"--images {images}: the parity check needs at least 1 image")
@@ -112,11 +114,12 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
         fmt, i, r = failed[0]
         raise ExportError(f"{fmt} export of {model_uri} disagrees with eager outputs on parity image {i}: {r}; "
                           "nothing was written")
-    storage.write_bytes(storage.join(out, "model.torchscript.pt"), ts_bytes)
-    storage.write_bytes(storage.join(out, "model.onnx"), onnx_bytes)
     seconds = {"torchscript": round(ts_seconds, 2), "onnx": round(onnx_seconds, 2)}
     card = _model_card(model, blob, model_uri, metrics, data_root, split, samples, parity, seconds)
-    storage.write_json(storage.join(out, "model_card.json"), card)
+    # Whole or absent: a card never sits beside a model it does not describe (scalekd.outputs).
+    with held(out, "export"):
+        write_whole(out, {"model.torchscript.pt": ts_bytes, "model.onnx": onnx_bytes,
+                          "model_card.json": storage.json_text(card, indent=2).encode()})
     return card
 
 

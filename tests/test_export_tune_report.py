@@ -47,7 +47,8 @@ def test_export_parity_torchscript_and_onnx(trained, tmp_path, synth_root):
     _cfg, root = trained
     model_uri = _spread_scores(str(root / "warmup" / "model.pt"), str(tmp_path / "spread"))
     card = export_model(model_uri, str(tmp_path / "export"), synth_root, images=3)
-    assert sorted(os.listdir(tmp_path / "export")) == ["model.onnx", "model.torchscript.pt", "model_card.json"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["manifest.json", "model.onnx", "model.torchscript.pt",
+                                                       "model_card.json"]
     parity = card["parity"]
     assert parity["detections_compared"] > 20
     assert parity["onnx_max_box_diff"] <= 0.05 and parity["torchscript_max_box_diff"] <= 0.05

@@ -219,13 +219,16 @@ def launch(request: StageRequest, cfg: Config, use_ray: bool = True) -> dict:
     if done is not None:
         log.info("%s: stage %s already complete with these inputs; reusing it", request.out, request.stage)
         return done
-    if cfg.scaling.ray_address:
-        return submit_ray_job(request, cfg.scaling.ray_address)
-    if use_ray:
-        # Ray Train workers run in their own working directory: relative local paths must be made
-        # absolute here, where the user meant them (a cluster job gets its paths as given).
-        return run_with_ray_train(_absolute_local_paths(request), cfg)
-    return run_stage(request)
+    from scalekd.outputs import held
+
+    with held(request.out, f"stage {request.stage}"):  # one run per output folder
+        if cfg.scaling.ray_address:
+            return submit_ray_job(request, cfg.scaling.ray_address)
+        if use_ray:
+            # Ray Train workers run in their own working directory: relative local paths must be made
+            # absolute here, where the user meant them (a cluster job gets its paths as given).
+            return run_with_ray_train(_absolute_local_paths(request), cfg)
+        return run_stage(request)
 
 
 def _absolute_local_paths(request: StageRequest) -> StageRequest:

@@ -1,0 +1,92 @@
+"""Outputs are whole or absent, and one run at a time holds an output folder (scalekd.outputs), locally and on S3."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scalekd import outputs, storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3['bucket']}/outputs/{request.node.name.replace('[', '-').rstrip(']')}"
+
+
+def test_a_second_run_on_a_held_output_is_refused_by_name(out):
+    with outputs.held(out, "stage teacher"):
+        with pytest.raises(storage.StorageError, match=r"is held by another run \(stage teacher, process \d+"):
+            with outputs.held(out, "stage warmup"):
+                pass
+    with outputs.held(out, "stage warmup"):  # released: free again
+        pass
+    assert not storage.exists(storage.join(out, outputs.LEASE_NAME))
+
+
+def test_a_lease_left_by_a_dead_process_or_never_renewed_is_taken_over(out, monkeypatch, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lease = storage.join(out, outputs.LEASE_NAME)
+    storage.write_json(lease, {"host": socket.gethostname(), "pid": int(dead.stdout), "what": "stage teacher",
+                               "since": 0, "renewed": time.time()})
+    with outputs.held(out, "stage teacher"):
+        pass
+    assert "lapsed" in caplog.text
+    storage.write_json(lease, {"host": "another-pod", "pid": 1, "what": "stage teacher", "since": 0,
+                               "renewed": time.time() - 400})
+    with outputs.held(out, "stage teacher"):  # not renewed for more than the lease (300 s)
+        pass
+
+
+def test_two_concurrent_stage_runs_on_one_out_one_is_refused(tmp_path, synth_root):
+    """Seeds 1 and 2 given the same --out: the second says who holds it, instead of both exiting 0."""
+    out = tmp_path / "teacher"
+    env = {**os.environ, "SCALEKD_NO_PROGRESS": "1"}
+    args = [sys.executable, "-m", "scalekd.cli", "train-teacher", "--preset", "tiny", "--data", synth_root,
+            "--out", str(out), "--no-ray"]
+    first = subprocess.Popen([*args, "--set", "train.seed=1"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / outputs.LEASE_NAME).exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run([*args, "--set", "train.seed=2"], env=env, capture_output=True, text=True, timeout=300)
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    assert second.returncode == 2 and "is held by another run (stage teacher" in second.stderr, second.stderr
+    assert json.loads((out / "summary.json").read_text())["stage"] == "teacher"
+    assert not (out / outputs.LEASE_NAME).exists()  # released by the run that held it
+
+
+def test_an_interrupted_whole_write_leaves_the_previous_output_as_it_was(out, monkeypatch):
+    outputs.write_whole(out, {"model.onnx": b"old model", "model_card.json": b'{"v": "old"}'})
+    real = storage.write_bytes
+
+    def full_disk(uri, data):
+        if uri.endswith("model_card.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.write_whole(out, {"model.onnx": b"new model", "model_card.json": b'{"v": "new"}'})
+    monkeypatch.setattr(storage, "write_bytes", real)
+    if storage.is_s3(out):  # objects are written one by one: the missing manifest says it is not whole
+        with pytest.raises(storage.StorageError, match="not whole"):
+            outputs.check_whole(out)
+    else:  # built aside: the old folder is untouched and nothing new is left beside it
+        assert outputs.check_whole(out) == ["model.onnx", "model_card.json"]
+        assert storage.read_bytes(storage.join(out, "model.onnx")) == b"old model"
+        assert sorted(os.listdir(os.path.dirname(out))) == ["out"]
+    outputs.write_whole(out, {"model.onnx": b"new model", "model_card.json": b'{"v": "new"}'})
+    assert outputs.check_whole(out) == ["model.onnx", "model_card.json"]
+    assert storage.read_bytes(storage.join(out, "model.onnx")) == b"new model"
