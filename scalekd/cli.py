@@ -10,7 +10,7 @@ import os
 import sys
 
 from scalekd import storage
-from scalekd.config import ConfigError, load_config
+from scalekd.config import Config, ConfigError, load_config
 
 log = logging.getLogger("scalekd")
 
@@ -32,7 +32,7 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ray", action="store_true", help="run in this process without Ray (debugging)")
 
 
-def _load(args) -> Config:  # noqa: F821
+def _load(args) -> Config:
     overrides = list(args.overrides)
     for flag, key in (("data", "data.root"), ("workers", "scaling.workers"), ("ray_address", "scaling.ray_address")):
         value = getattr(args, flag, None)
@@ -542,15 +542,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# Errors that mean bad input, reported in one line. Looked up among the modules already loaded: a command that
-# never imported torch (scoring a detections file) must not import it to report an error.
+# Errors that mean bad input, reported in one line; anything else (a ValueError from a library, a bug of ours) keeps
+# its traceback. Looked up among the modules already loaded: a command that never imported torch (scoring a
+# detections file) must not import it to report an error.
 _USER_ERROR_CLASSES = {"scalekd.data.annotations": "DataError", "scalekd.export": "ExportError",
-                       "scalekd.train.checkpoint": "CheckpointError", "scalekd.train.loop": "TrainingError"}
+                       "scalekd.train.checkpoint": "CheckpointError", "scalekd.train.loop": "TrainingError",
+                       "scalekd.compare": "CompareError"}
 
 
 def _user_errors() -> tuple[type, ...]:
     loaded = [getattr(sys.modules[m], name) for m, name in _USER_ERROR_CLASSES.items() if m in sys.modules]
-    return (ConfigError, storage.StorageError, ValueError, *loaded)
+    return (ConfigError, storage.StorageError, *loaded)
 
 
 if __name__ == "__main__":

@@ -450,7 +450,7 @@ def load_config(path: str | None = None, preset: str | None = None,
         try:
             loaded = parse_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"config {path or '<text>'} is not valid YAML: {exc}") from exc
+            raise ConfigError("--config", path or "<text>", f"not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError("<root>", loaded, "a mapping of sections (data, model, distill, ...)")
         _deep_update(merged, loaded)

@@ -23,10 +23,9 @@ def out(request, tmp_path):
 
 
 def test_a_second_run_on_a_held_output_is_refused_by_name(out):
-    with outputs.held(out, "stage teacher"):
-        with pytest.raises(storage.StorageError, match=r"is held by another run \(stage teacher, process \d+"):
-            with outputs.held(out, "stage warmup"):
-                pass
+    refused = pytest.raises(storage.StorageError, match=r"is held by another run \(stage teacher, process \d+")
+    with outputs.held(out, "stage teacher"), refused, outputs.held(out, "stage warmup"):
+        pass
     with outputs.held(out, "stage warmup"):  # released: free again
         pass
     assert not storage.exists(storage.join(out, outputs.LEASE_NAME))

@@ -60,7 +60,8 @@ def test_training_pipeline_runs_locally_end_to_end(tmp_path):
     assert models[1]["params"] == models[2]["params"] < models[0]["params"]
     for name in ("report.md", "ap_by_size.png", "pr_curves.png", "examples.png"):
         assert (workdir / "report" / name).stat().st_size > 100
-    assert sorted(os.listdir(workdir / "export")) == ["manifest.json", "model.onnx", "model.torchscript.pt", "model_card.json"]
+    assert sorted(os.listdir(workdir / "export")) == ["manifest.json", "model.onnx", "model.torchscript.pt",
+                                                      "model_card.json"]
     for stage in ("teacher", "warmup", "distill-none", "distill-scalekd"):
         assert (workdir / stage / "model.pt").exists()
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from scalekd import storage
+from scalekd.data.annotations import DataError
 
 CLASSES = ("disc", "square", "ring", "cross")
 PALETTE = [(230, 60, 50), (60, 200, 80), (60, 110, 240), (240, 220, 60), (240, 240, 240), (200, 80, 220)]
@@ -93,9 +94,9 @@ def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction
              object_scale: float | None = None) -> dict:
     """Write ``OUT/images/*.png`` and ``OUT/annotations/instances_{train,val}.json``; returns counts."""
     if images < 2:
-        raise ValueError(f"--images {images}: need at least 2 (one train, one val)")
+        raise DataError(f"--images {images}: need at least 2 (one train, one val)")
     if size < 64:
-        raise ValueError(f"--size {size}: need at least 64 px")
+        raise DataError(f"--size {size}: need at least 64 px")
     rng = np.random.RandomState(seed)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     n_val = max(1, int(round(images * val_fraction)))
