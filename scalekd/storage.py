@@ -256,14 +256,17 @@ def _transient(exc: Exception) -> bool:
     return isinstance(exc, (ConnectionError, HTTPClientError))
 
 
-def _s3_call(uri: str, fn, **kwargs):
+def _s3_call(uri: str, fn, *, transfer_bytes: int = 0, **kwargs):
     """``fn(**kwargs)`` with bounded retries: up to AWS_MAX_ATTEMPTS (5) attempts with exponential backoff, all
-    within SCALEKD_S3_BUDGET_S (60 s) of the first; each retry logged at INFO with the URI (connect and read
-    timeouts: SCALEKD_S3_CONNECT_TIMEOUT 5 s, SCALEKD_S3_READ_TIMEOUT 20 s). Then a StorageError naming both."""
+    within SCALEKD_S3_BUDGET_S (60 s) of the first, plus one second per SCALEKD_S3_MIN_RATE bytes (1 MB) of a
+    transfer of known size, so that a large model is not cut off on a slow but working link; each retry logged at
+    INFO with the URI (connect and read timeouts: SCALEKD_S3_CONNECT_TIMEOUT 5 s, SCALEKD_S3_READ_TIMEOUT 20 s).
+    Then a StorageError naming both."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     attempts = max(1, int(_env_number("AWS_MAX_ATTEMPTS", 5, "number of attempts")))
-    budget = _env_number("SCALEKD_S3_BUDGET_S", 60.0)
+    budget = _env_number("SCALEKD_S3_BUDGET_S", 60.0) + \
+        transfer_bytes / _env_number("SCALEKD_S3_MIN_RATE", 1e6, "number of bytes per second")
     started = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
@@ -297,9 +300,10 @@ def _by_deadline(uri: str, deadline: float, budget: float, fn):
     if worker.is_alive():
         with _lock:
             _clients.clear()
-        raise StorageError(f"{uri}: the S3 transfer did not finish within SCALEKD_S3_BUDGET_S ({budget:g} s); "
-                           f"the endpoint {redact(_endpoint() or '(AWS default)')} is answering too slowly or not "
-                           "at all; check the server, or raise SCALEKD_S3_BUDGET_S for large objects")
+        raise StorageError(f"{uri}: the S3 transfer did not finish within {budget:.3g} s (SCALEKD_S3_BUDGET_S, plus "
+                           "1 s per SCALEKD_S3_MIN_RATE bytes of a transfer of known size); the endpoint "
+                           f"{redact(_endpoint() or '(AWS default)')} is answering too slowly or not at all; check "
+                           "the server, or raise those for a slow link")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -362,7 +366,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: readers see the old content or the new, never a part."""
     if is_s3(uri):
         p = S3Path.parse(uri)
-        _s3_call(uri, _client().put_object, Bucket=p.bucket, Key=p.key, Body=data)
+        _s3_call(uri, _client().put_object, transfer_bytes=len(data), Bucket=p.bucket, Key=p.key, Body=data)
         return
     if os.path.isdir(uri):
         raise StorageError(f"{uri}: is a folder; give a file path to write")
@@ -397,7 +401,8 @@ def upload_file(local_path: str, uri: str) -> None:
     """Copy a local file to ``uri`` atomically (multipart for large files on S3)."""
     if is_s3(uri):
         p = S3Path.parse(uri)
-        _s3_call(uri, _client().upload_file, Filename=local_path, Bucket=p.bucket, Key=p.key)
+        _s3_call(uri, _client().upload_file, transfer_bytes=os.path.getsize(local_path), Filename=local_path,
+                 Bucket=p.bucket, Key=p.key)
         return
     if os.path.abspath(local_path) == os.path.abspath(uri):
         return
@@ -482,7 +487,7 @@ def cached_path(uri: str) -> str:
                 return local
         except (OSError, ValueError):
             pass
-    body = _s3_call(uri, lambda: _client().get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
+    body = _s3_call(uri, lambda: _client().get_object(Bucket=p.bucket, Key=p.key)["Body"].read(), transfer_bytes=size)
     write_bytes(local, body)
     write_text(meta_path, json.dumps({"size": size, "etag": etag}))
     return local

@@ -259,10 +259,10 @@ def test_a_trickling_endpoint_is_given_up_at_the_budget_naming_the_uri(monkeypat
         storage.configure()
         started = time.monotonic()
         with pytest.raises(storage.StorageError, match=r"s3://bucket/slow.bin: the S3 transfer did not finish "
-                                                       r"within SCALEKD_S3_BUDGET_S \(2 s\)"):
+                                                       r"within [23] s \(SCALEKD_S3_BUDGET_S"):
             args = (b"data",) if call == "write_bytes" else ()
             getattr(storage, call)("s3://bucket/slow.bin", *args)
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 5  # 2 s, plus 1 s for the 1 MB the body claims
     finally:
         server.close()
         storage.configure()
