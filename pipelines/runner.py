@@ -19,19 +19,27 @@ PIPELINES = {"training": training.build, "tune": tuning.build, "compare": compar
 
 
 def compile_all(out: str = COMPILED_DIR) -> list[str]:
-    """The cluster variants as YAML (committed; a test fails when they are stale)."""
+    """The cluster variants as YAML, each also as ``NAME-gpu.yaml`` (committed; a test fails when they are
+    stale)."""
     from kfp import compiler
 
     os.makedirs(out, exist_ok=True)
     paths = []
     for name, build in PIPELINES.items():
-        path = os.path.join(out, f"{name}.yaml")
-        compiler.Compiler().compile(build(cluster=True), path)
-        paths.append(path)
+        for gpu, suffix in ((False, ""), (True, "-gpu")):
+            path = os.path.join(out, f"{name}{suffix}.yaml")
+            compiler.Compiler().compile(build(cluster=True, gpu=gpu), path)
+            paths.append(path)
     return paths
 
 
-def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
+def gpu_pods(params: dict) -> bool:
+    """Whether a cluster run compiles the GPU variant: ``gpu=true`` and no ``ray_address`` (with one, the pods only
+    submit Ray jobs and the RayCluster's workers hold the GPUs)."""
+    return str(params.get("gpu", "")).strip().lower() in ("true", "1", "yes") and not params.get("ray_address")
+
+
+def _arguments(params: dict, preset: str, pipeline: str = "training", cluster: bool = False) -> dict:
     """The run's arguments, typed and checked here with the config's own rules before anything is sent, written
     or started: unknown parameters and presets, malformed numbers, a non-boolean gpu and overrides the config
     refuses all fail by name."""
@@ -40,7 +48,7 @@ def _arguments(params: dict, preset: str, pipeline: str = "training") -> dict:
     from scalekd.params import parameter_names
     from scalekd.stages import config_from_params
 
-    known = set(PIPELINES[pipeline](cluster=False).component_spec.inputs)
+    known = set(PIPELINES[pipeline](cluster=cluster, gpu=cluster and gpu_pods(params)).component_spec.inputs)
     unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(f"--param {unknown[0]}", params[unknown[0]], f"a parameter of the {pipeline} pipeline: "
@@ -151,33 +159,37 @@ def _client(host: str):
 def submit(host: str, params: dict, experiment: str = "scalekd", preset: str = "demo",
            pipeline: str = "training") -> str:
     """Create one run on a Kubeflow Pipelines endpoint from the compiled cluster pipeline."""
-    arguments = _arguments(params, preset, pipeline)  # checked before the endpoint is contacted
+    arguments = _arguments(params, preset, pipeline, cluster=True)  # checked before the endpoint is contacted
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{pipeline}.yaml")
-        from kfp import compiler
-
-        compiler.Compiler().compile(PIPELINES[pipeline](cluster=True), path)
+        path = _compiled(pipeline, params, tmp)
+        # enable_caching=None keeps each task's compiled choice (pipelines.tasks: cached only where content-addressed)
         result = _client(host).create_run_from_pipeline_package(
             path, arguments=arguments, run_name=f"scalekd-{pipeline}-{int(time.time())}",
-            experiment_name=experiment, enable_caching=False)
+            experiment_name=experiment, enable_caching=None)
     return result.run_id
+
+
+def _compiled(pipeline: str, params: dict, folder: str) -> str:
+    """The cluster pipeline compiled into ``folder``: the GPU variant where ``gpu_pods`` says so."""
+    from kfp import compiler
+
+    path = os.path.join(folder, f"{pipeline}.yaml")
+    compiler.Compiler().compile(PIPELINES[pipeline](cluster=True, gpu=gpu_pods(params)), path)
+    return path
 
 
 def schedule(host: str, cron: str, params: dict, experiment: str = "scalekd", preset: str = "demo",
              pipeline: str = "training") -> str:
     """A recurring run (scheduled retraining). kfp cron has six fields, seconds first; one run at a time."""
     check_cron(cron)
-    arguments = _arguments(params, preset, pipeline)
+    arguments = _arguments(params, preset, pipeline, cluster=True)
     client = _client(host)
     experiment_id = client.create_experiment(experiment).experiment_id
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{pipeline}.yaml")
-        from kfp import compiler
-
-        compiler.Compiler().compile(PIPELINES[pipeline](cluster=True), path)
+        path = _compiled(pipeline, params, tmp)
         job = client.create_recurring_run(experiment_id, f"scalekd-{pipeline}-retrain", cron_expression=cron,
                                           max_concurrency=1, no_catchup=True, pipeline_package_path=path,
-                                          params=arguments, enable_caching=False)
+                                          params=arguments, enable_caching=None)
     return job.recurring_run_id
 
 

@@ -5,7 +5,7 @@ an export that ran out of disk half-way left a new model beside the old card. He
 
 - ``held(out)``: a lease file ``OUT/.scalekd-lease.json`` (local or S3) naming the holder (host, process, what it
   runs); a second run is refused by name. The holder renews it every ``lease_s / 3`` seconds from a daemon thread, so
-  a lease left by a crashed run lapses after ``lease_s`` (default 300 s, ``SCALEKD_LEASE_S``), at once when its
+  a lease left by a crashed run lapses after ``lease_s`` (default 120 s, ``SCALEKD_LEASE_S``), at once when its
   process is gone from this host, and a retried pod (another host name) waits at most one lease.
 - ``write_whole(out, files)``: locally, the files are written into a folder beside ``out`` and swapped in by two
   renames (the old folder is kept until the new one is in place); on S3, every object is written and then
@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 
 
 def _lease_seconds() -> float:
-    return storage._env_number("SCALEKD_LEASE_S", 300.0)
+    return storage._env_number("SCALEKD_LEASE_S", 120.0)
 
 
 @contextlib.contextmanager

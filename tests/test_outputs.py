@@ -43,7 +43,7 @@ def test_a_lease_left_by_a_dead_process_or_never_renewed_is_taken_over(out, monk
     assert "lapsed" in caplog.text
     storage.write_json(lease, {"host": "another-pod", "pid": 1, "what": "stage teacher", "since": 0,
                                "renewed": time.time() - 400})
-    with outputs.held(out, "stage teacher"):  # not renewed for more than the lease (300 s)
+    with outputs.held(out, "stage teacher"):  # not renewed for more than the lease (120 s)
         pass
 
 

@@ -17,15 +17,20 @@ from tests.kfp_fake import start
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _spec(path) -> str:
+    """The compiled YAML without kfp's header comment, whose dict defaults come in an order that varies between
+    processes (the spec itself is sorted)."""
+    return "\n".join(line for line in Path(path).read_text().splitlines() if not line.startswith("#"))
+
+
 def test_compiled_yaml_is_committed_and_fresh(tmp_path):
     paths = runner.compile_all(str(tmp_path))
     for path in paths:
         committed = Path(runner.COMPILED_DIR) / Path(path).name
         assert committed.exists(), f"run `scalekd pipeline compile` and commit {committed}"
-        assert committed.read_text() == Path(path).read_text(), \
-            f"{committed} is stale: run `scalekd pipeline compile` and commit it"
+        assert _spec(committed) == _spec(path), f"{committed} is stale: run `scalekd pipeline compile` and commit it"
     again = runner.compile_all(str(tmp_path / "again"))
-    assert [Path(p).read_text() for p in again] == [Path(p).read_text() for p in paths]
+    assert [_spec(p) for p in again] == [_spec(p) for p in paths]
 
 
 def test_components_run_in_the_project_image_without_installs():
@@ -47,6 +52,47 @@ def test_components_run_in_the_project_image_without_installs():
     assert {"dataset_uri", "alpha", "beta", "gamma", "ray_address", "workers", "gpu", "detector",
             "student_backbone", "teacher_backbone", "student_size"} <= set(
         pipeline["root"]["inputDefinitions"]["parameters"])
+
+
+TRAINING_TASKS = {"training": ("train-teacher", "warmup-student", "distill", "distill-2"),
+                  "tune": ("train-teacher", "warmup-student", "tune"), "compare": ("compare",)}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_TASKS))
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_compiled_pipeline_sizes_retries_caches_and_places_its_pods(name, gpu):
+    """What a Kubeflow user looks for first, read from the committed YAML: requests and limits on every task (the
+    training pods' from pipeline parameters), retries on training tasks, caching on only for the config, and in
+    the GPU variant a GPU, the pool's node selector and toleration on the training tasks alone."""
+    path = Path(runner.COMPILED_DIR) / f"{name}{'-gpu' if gpu else ''}.yaml"
+    pipeline, platform = list(yaml.safe_load_all(path.read_text()))
+    executors = pipeline["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    inputs = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert inputs["cpu_request"]["defaultValue"] == "2" and inputs["memory_limit"]["defaultValue"] == "16G"
+    assert ("gpu_toleration" in inputs) == gpu and ("accelerator_type" in inputs) == gpu
+    for task_name, task in pipeline["root"]["dag"]["tasks"].items():
+        executor = task["componentRef"]["name"].replace("comp-", "exec-", 1)
+        resources = executors[executor]["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(
+            resources), task_name
+        training = task_name in TRAINING_TASKS[name]
+        assert ("retryPolicy" in task) == training, task_name
+        assert task.get("cachingOptions", {}).get("enableCache", False) == (task_name in (
+            "resolve-config", "evaluate", "export")), task_name
+        if training:
+            assert resources["resourceCpuRequest"] == "{{$.inputs.parameters['pipelinechannel--cpu_request']}}"
+            assert task["retryPolicy"]["maxRetryCount"] == 2
+        assert ("accelerator" in resources) == (gpu and training), task_name
+        assert ("nodeSelector" in k8s[executor]) == (gpu and training), task_name
+        assert ("tolerations" in k8s[executor]) == (gpu and training), task_name
+        assert k8s[executor]["secretAsEnv"][0]["secretName"] == "scalekd-s3"  # never in the spec itself
+
+
+@pytest.mark.parametrize("params, gpu", [({"gpu": "true"}, True), ({"gpu": "true", "ray_address": "http://h:8265"},
+                                                                     False), ({}, False), ({"gpu": "false"}, False)])
+def test_submit_picks_the_gpu_variant_only_for_gpu_pods_without_a_ray_cluster(params, gpu):
+    assert runner.gpu_pods(params) is gpu
 
 
 def test_training_pipeline_runs_locally_end_to_end(tmp_path):
