@@ -268,10 +268,15 @@ def _s3_call(uri: str, fn, *, transfer_bytes: int = 0, **kwargs):
     budget = _env_number("SCALEKD_S3_BUDGET_S", 60.0) + \
         transfer_bytes / _env_number("SCALEKD_S3_MIN_RATE", 1e6, "number of bytes per second")
     started = time.monotonic()
+    last_error = None
     for attempt in range(1, attempts + 1):
         try:
             return _by_deadline(uri, started + budget, budget, lambda: fn(**kwargs))
+        except _DeadlineExpired as expired:  # an earlier attempt's error says more than "too slow"
+            raise (_s3_error(uri, last_error, attempt, time.monotonic() - started) if last_error is not None
+                   else expired) from None
         except (ClientError, BotoCoreError) as exc:
+            last_error = exc
             elapsed = time.monotonic() - started
             delay = min(0.5 * 2 ** (attempt - 1), 8.0)
             if not _transient(exc) or attempt == attempts or elapsed + delay >= budget:
@@ -280,6 +285,10 @@ def _s3_call(uri: str, fn, *, transfer_bytes: int = 0, **kwargs):
                      type(exc).__name__, attempt, attempts, delay, elapsed, budget)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+class _DeadlineExpired(StorageError):
+    """The total time budget ran out during an attempt."""
 
 
 def _by_deadline(uri: str, deadline: float, budget: float, fn):
@@ -300,10 +309,11 @@ def _by_deadline(uri: str, deadline: float, budget: float, fn):
     if worker.is_alive():
         with _lock:
             _clients.clear()
-        raise StorageError(f"{uri}: the S3 transfer did not finish within {budget:.3g} s (SCALEKD_S3_BUDGET_S, plus "
-                           "1 s per SCALEKD_S3_MIN_RATE bytes of a transfer of known size); the endpoint "
-                           f"{redact(_endpoint() or '(AWS default)')} is answering too slowly or not at all; check "
-                           "the server, or raise those for a slow link")
+        endpoint = redact(_endpoint() or "(AWS default)")
+        raise _DeadlineExpired(
+            f"{uri}: the S3 transfer did not finish within {budget:.3g} s (SCALEKD_S3_BUDGET_S, plus 1 s per "
+            f"SCALEKD_S3_MIN_RATE bytes of a transfer of known size); the endpoint {endpoint} is answering too "
+            "slowly or not at all; check the server, or raise those for a slow link")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

@@ -47,23 +47,21 @@ def test_a_lease_left_by_a_dead_process_or_never_renewed_is_taken_over(out, monk
         pass
 
 
-def test_two_concurrent_stage_runs_on_one_out_one_is_refused(tmp_path, synth_root):
-    """Seeds 1 and 2 given the same --out: the second says who holds it, instead of both exiting 0."""
+def test_a_stage_run_on_an_output_another_run_holds_is_refused_and_writes_nothing(tmp_path, synth_root):
+    """Seeds 1 and 2 given the same --out: while one run holds the folder (here this test, renewing its lease from
+    its own thread as a stage does), the command says who holds it instead of both exiting 0."""
     out = tmp_path / "teacher"
     env = {**os.environ, "SCALEKD_NO_PROGRESS": "1"}
     args = [sys.executable, "-m", "scalekd.cli", "train-teacher", "--preset", "tiny", "--data", synth_root,
             "--out", str(out), "--no-ray"]
-    first = subprocess.Popen([*args, "--set", "train.seed=1"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / outputs.LEASE_NAME).exists() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.05)
-    second = subprocess.run([*args, "--set", "train.seed=2"], env=env, capture_output=True, text=True, timeout=300)
-    first.communicate(timeout=600)
-    assert first.returncode == 0
-    assert second.returncode == 2 and "is held by another run (stage teacher" in second.stderr, second.stderr
+    with outputs.held(str(out), "stage teacher"):
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "is held by another run (stage teacher" in second.stderr, second.stderr
+        assert sorted(p.name for p in out.iterdir()) == [outputs.LEASE_NAME]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)  # released: it runs
+    assert first.returncode == 0, first.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["stage"] == "teacher"
-    assert not (out / outputs.LEASE_NAME).exists()  # released by the run that held it
+    assert not (out / outputs.LEASE_NAME).exists()
 
 
 def test_an_interrupted_whole_write_leaves_the_previous_output_as_it_was(out, monkeypatch):
