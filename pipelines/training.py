@@ -41,16 +41,24 @@ def config_task(values: dict) -> dsl.PipelineTask:
                           overrides=values["overrides"])
 
 
+def teacher_and_student(pods: Pods, v: dict) -> tuple:
+    """The stages every training pipeline starts with: the config, the checked dataset, the 2x teacher and the warm
+    student (their tasks; the first two as outputs)."""
+    config = pods.light(config_task(v)).outputs["config"]
+    workdir = v["workdir"]
+    data = pods.light(prepare_data(config=config, dataset_uri=v["dataset_uri"], workdir=workdir,
+                                   synth_images=v["synth_images"]), cached=False).outputs["dataset"]
+    teacher = pods.training(train_teacher(config=config, dataset=data, workdir=workdir), v)
+    student = pods.training(warmup_student(config=config, dataset=data, workdir=workdir), v)
+    return config, data, teacher, student
+
+
 def build(cluster: bool, gpu: bool = False):
     pods = Pods(cluster, gpu)
 
     def training(v: dict):
-        config = pods.light(config_task(v)).outputs["config"]
+        config, data, teacher, student = teacher_and_student(pods, v)
         workdir = v["workdir"]
-        data = pods.light(prepare_data(config=config, dataset_uri=v["dataset_uri"], workdir=workdir,
-                                       synth_images=v["synth_images"]), cached=False).outputs["dataset"]
-        teacher = pods.training(train_teacher(config=config, dataset=data, workdir=workdir), v)
-        student = pods.training(warmup_student(config=config, dataset=data, workdir=workdir), v)
         plain = pods.training(distill(config=config, dataset=data, teacher=teacher.outputs["teacher"],
                                       student=student.outputs["student"], workdir=workdir, method="none")
                               .set_display_name("plain-student"), v)
