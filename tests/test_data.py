@@ -788,3 +788,13 @@ def test_a_visdrone_image_without_its_annotation_file_is_reported(shared_data, t
     report = convert.convert_visdrone(str(src))["info"]["conversion"]
     assert report["not_converted"]["an image without its annotation file"] == 1
     assert report["not_converted_examples"][-1].startswith(str(src / "images" / "unlabelled"))
+
+
+@pytest.mark.parametrize("args, words", [(["--size", "60000"], "--size 60000: a scene side from 64 to 4096 px"),
+                                         (["--size", "32"], "--size 32"), (["--seed", "-1"], "--seed -1: an integer"),
+                                         (["--images", "1"], "--images 1")])
+def test_synth_refuses_sizes_and_seeds_it_cannot_draw_before_writing(tmp_path, capsys, args, words):
+    from scalekd.cli import main
+
+    assert main(["data", "synth", str(tmp_path / "s"), *args]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -95,8 +95,10 @@ def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction
     """Write ``OUT/images/*.png`` and ``OUT/annotations/instances_{train,val}.json``; returns counts."""
     if images < 2:
         raise DataError(f"--images {images}: need at least 2 (one train, one val)")
-    if size < 64:
-        raise DataError(f"--size {size}: need at least 64 px")
+    if not 64 <= size <= 4096:  # 60000 px would be a 10 GB scene, found only when the first one is drawn
+        raise DataError(f"--size {size}: a scene side from 64 to 4096 px")
+    if not 0 <= seed < 2**32:
+        raise DataError(f"--seed {seed}: an integer from 0 to 2**32 - 1")
     rng = np.random.RandomState(seed)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     n_val = max(1, int(round(images * val_fraction)))
