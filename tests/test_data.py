@@ -798,3 +798,24 @@ def test_synth_refuses_sizes_and_seeds_it_cannot_draw_before_writing(tmp_path, c
 
     assert main(["data", "synth", str(tmp_path / "s"), *args]) == 2
     assert words in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_an_image_that_claims_40000_by_40000_pixels_is_refused_by_name(tmp_path):
+    """A PNG header claiming 1.6 G pixels: PIL's decompression-bomb guard, reported as one named line."""
+    import struct
+    import zlib
+
+    from scalekd.data.coco import decode_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(png)
+    (tmp_path / "bomb.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "names").write_text("car\n")
+    with pytest.raises(DataError, match="bomb.png: .*decompression bomb"):
+        decode_image(png, "bomb.png")
+    with pytest.raises(DataError, match="bomb.png: .*decompression bomb"):
+        convert.convert_yolo(str(tmp_path), str(tmp_path / "names"))

@@ -49,6 +49,9 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
                 gray = np.asarray(img, dtype=np.float32) / depth
                 return torch.from_numpy(np.clip(gray, 0.0, 1.0)).unsqueeze(0).repeat(3, 1, 1)
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: {exc}; an image this large is refused (a decompression bomb, or a strip to cut "
+                        "into tiles first)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc}); the file is corrupt or truncated: "
                         "replace it or remove it from the annotations") from None

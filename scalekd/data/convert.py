@@ -26,6 +26,9 @@ def _image_size(path: str) -> tuple[int, int]:
             img.verify()
         with Image.open(io.BytesIO(storage.read_bytes(path))) as img:
             return oriented_size(img)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: {exc}; an image this large is refused (a decompression bomb, or a strip to cut "
+                        "into tiles first)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
 
@@ -231,6 +234,9 @@ def _read_upright(path: str) -> Image.Image:
             upright = ImageOps.exif_transpose(source)  # a decoded copy
             upright.format = source.format or "PNG"
             return upright
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: {exc}; an image this large is refused (a decompression bomb, or a strip to cut "
+                        "into tiles first)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc}); replace or remove it") from None
 
