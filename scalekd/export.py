@@ -97,6 +97,7 @@ def export_model(model_uri: str, out: str, data_root: str, split: str = "val", i
     # Every argument is checked before the first write: a typo must not leave an export without its card.
     if not isinstance(images, int) or images < 1:
         raise ExportError(f"--images {images}: the parity check needs at least 1 image")
+    storage.is_s3(out)  # the one URI parser: S3://, s4:// or a stray space is refused here, not after the export
     metrics = _read_metrics(metrics_uri)
     model, blob = load_model(model_uri)
     spec = blob["spec"]

@@ -250,6 +250,14 @@ def test_export_checks_every_argument_before_writing_anything(trained, tmp_path,
     assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("out", ["S3://bucket/export", "s4://bucket/export", " s3://bucket/export"])
+def test_export_refuses_a_malformed_out_uri_before_exporting(synth_root, capsys, out):
+    from scalekd.cli import main
+
+    assert main(["export", "--model", "never-read.pt", "--data", synth_root, "--out", out]) == 2
+    assert "use s3://bucket/key or a local path" in capsys.readouterr().err
+
+
 def _planted_search(out, mode: int = 0o700) -> str:
     """A search folder whose tuner.pkl would create a marker file when unpickled."""
     import pickle
