@@ -326,9 +326,20 @@ def read_bytes(uri: str, cache: bool = False) -> bytes:
                 return f.read()
         p = S3Path.parse(uri)
         client = _client()  # the body is read inside the retried call: a stalled read is retried too
-        return _s3_call(uri, lambda: client.get_object(Bucket=p.bucket, Key=p.key)["Body"].read())
+        return _s3_call(uri, lambda: _s3_body(uri, client.get_object(Bucket=p.bucket, Key=p.key)))
     with open(regular_file(uri), "rb") as f:
         return f.read()
+
+
+def _s3_body(uri: str, response: dict) -> bytes:
+    """The object's bytes, once its answer is known to come from an S3 server: a web server at the endpoint (a
+    wrong port, a login page) answers 200 with HTML, which would otherwise be blamed on the file we read."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    if not any(name.lower().startswith("x-amz-") for name in headers):
+        kind = headers.get("content-type", "no content type")
+        raise StorageError(f"{uri}: the endpoint {redact(_endpoint() or '(AWS default)')} answered like a web server, "
+                           f"not S3 ({kind}, no x-amz- headers); check AWS_ENDPOINT_URL / storage.endpoint_url")
+    return response["Body"].read()
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
@@ -497,7 +508,8 @@ def cached_path(uri: str) -> str:
                 return local
         except (OSError, ValueError):
             pass
-    body = _s3_call(uri, lambda: _client().get_object(Bucket=p.bucket, Key=p.key)["Body"].read(), transfer_bytes=size)
+    body = _s3_call(uri, lambda: _s3_body(uri, _client().get_object(Bucket=p.bucket, Key=p.key)),
+                    transfer_bytes=size)
     write_bytes(local, body)
     write_text(meta_path, json.dumps({"size": size, "etag": etag}))
     return local

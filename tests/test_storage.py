@@ -225,8 +225,8 @@ def _trickling_server(what: str):
         try:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\n")
-            if what == "body":
-                conn.sendall(b"Content-Length: 1000000\r\n\r\n")
+            if what == "body":  # an S3 server's answer (x-amz- headers) whose body never ends
+                conn.sendall(b"x-amz-request-id: 1\r\nContent-Length: 1000000\r\n\r\n")
             while True:
                 time.sleep(0.3)
                 conn.sendall(b"x" if what == "body" else b"X-Slow: 1\r\n")
@@ -285,3 +285,34 @@ def test_files_we_write_get_the_ordinary_umask_mode_not_0600(tmp_path):
     storage.upload_file(str(tmp_path / "src"), str(tmp_path / "b" / "copy"))
     for path in (tmp_path / "a.json", tmp_path / "b" / "copy"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_a_web_server_at_the_endpoint_is_named_not_blamed_on_the_file(monkeypatch):
+    """A wrong port that serves a web page answers 200 with HTML; the JSON reader must not call it a bad file."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            body = b"<html><body>Sign in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        storage.configure()
+        with pytest.raises(storage.StorageError, match=r"answered like a web server, not S3 \(text/html"):
+            storage.read_text("s3://bucket/annotations/instances_train.json")
+    finally:
+        server.shutdown()
+        storage.configure()
