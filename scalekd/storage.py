@@ -184,8 +184,8 @@ def _client():
 
 
 def arrow_filesystem():
-    """A pyarrow S3 filesystem on the same endpoint, credentials and timeouts as our boto3 client: Ray Train's
-    ``RunConfig(storage_filesystem=...)`` for any S3-compatible server."""
+    """A pyarrow S3 filesystem on the same endpoint and timeouts as our boto3 client, credentials from the
+    environment: Ray Train's and Ray Tune's ``RunConfig(storage_filesystem=...)`` for any S3-compatible server."""
     from urllib.parse import urlparse
 
     from pyarrow import fs
@@ -200,9 +200,8 @@ def arrow_filesystem():
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc.rsplit("@", 1)[-1], scheme=parsed.scheme or "https",
                       force_virtual_addressing=False)
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+    # No keys passed in: Ray pickles this filesystem into the state it writes to the bucket (tuner.pkl, the search's
+    # state files), so it reads them from each node's environment (the AWS default chain) instead.
     return fs.S3FileSystem(**kwargs)
 
 
