@@ -119,7 +119,7 @@ def _renew(uri: str, me: dict, lease_s: float, stop: threading.Event) -> None:
 def write_whole(out: str, files: dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes) as the whole content of ``out``: readers see the old set or the new one."""
     if storage.is_s3(out):
-        stale = {u for u in storage.list_uris(out)} - {storage.join(out, n) for n in [*files, MANIFEST]}
+        stale = set(storage.list_uris(out)) - {storage.join(out, n) for n in [*files, MANIFEST]}
         with contextlib.suppress(storage.StorageError):
             storage.delete(storage.join(out, MANIFEST))  # from here until the end, the output reads as not whole
         for name, data in files.items():
