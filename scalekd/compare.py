@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict | str] = {
     # Ablations of the default.
     "scalekd_no_cross_head": {"cross_head_weight": 0.0},
     "scalekd_crosskd": {"cross_head_weight": 1.0},  # the cross-head terms at weight 1 whatever auto resolves to
+    "scalekd_cross_head_2": {"cross_head_weight": 2.0},  # the cross-head terms at twice CrossKD's weights
     "scalekd_student_start": {"csa": {"starts_as": "student"}},
     "no_sdf": {"sdf": {"enabled": False}},
     "no_csa": {"csa": {"enabled": False}},
