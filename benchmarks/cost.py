@@ -33,6 +33,7 @@ from scalekd.distill.sdf import ScaleDecoupledFeatures  # noqa: E402
 from scalekd.models.detectors import build_detector, count_parameters  # noqa: E402
 from scalekd.models.parts import DetectorParts  # noqa: E402
 from scalekd.train.loop import detection_step, student_spec, teacher_spec  # noqa: E402
+from scalekd.distill.methods import method_class
 
 
 # C5's channels per backbone: what SDF reads from the student and the teacher.
@@ -117,11 +118,11 @@ class CostBench:
         torch.manual_seed(0)
         student = build_detector(student_spec(method_cfg, self.ds.num_classes))
         teacher = build_detector(teacher_spec(method_cfg, self.ds.num_classes))
-        with_teacher = method_cfg.distill.method != "none"
+        with_teacher = method_class(method_cfg.distill.method).needs_teacher()
         d = Distiller(student, teacher if with_teacher else None, method_cfg).to(self.device).train()
         self.channels_last(d)
         opt = Optimizers(torch.optim.SGD(d.student_parameters(), lr=0.005, momentum=0.9),
-                         torch.optim.Adam(d.assistant_param_groups(), lr=3e-4) if d.csa is not None else None)
+                         torch.optim.Adam(d.assistant_param_groups(), lr=3e-4) if d.assistant_trains else None)
         return d, opt
 
     def time_steps(self, step) -> tuple[float, dict, float]:

@@ -41,6 +41,7 @@ from scalekd.data.synth import ensure_synthetic  # noqa: E402
 from scalekd.eval.evaluate import evaluate_models  # noqa: E402
 from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
 from scalekd.train.memory_format import use_channels_last  # noqa: E402
+from scalekd.distill.methods import method_class
 
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -198,7 +199,7 @@ def run_dataset(args, dataset: str, started: float) -> dict[str, list[dict]]:
     if args.holdout_teacher:
         teacher_root, root = holdout_roots(root)
     # A run of plain students only (an assignment or loss study) trains no teacher.
-    needs_teacher = any(variant_config(base, v).distill.method != "none" for v in args.variants)
+    needs_teacher = any(method_class(variant_config(base, v).distill.method).needs_teacher() for v in args.variants)
     # A given teacher is evaluated (and reported) even when no variant reads it.
     has_teacher = needs_teacher or bool(args.teacher_model)
     runs: dict[str, list[dict]] = {v: [] for v in ["teacher"] * has_teacher + ["warm", *args.variants]}

@@ -55,7 +55,7 @@ def target_gap(distiller: Distiller, images: int) -> dict[str, float]:
         out = parts.forward_train(batch.student_images, batch.student_targets)
         _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
         teacher = distiller.teacher_predictions(teacher_maps, out)["cls_logits"]
-        assistant_maps = distiller.assistant_maps(out.fpn, teacher_maps)
+        assistant_maps = distiller.method.assistant_maps(out.fpn, teacher_maps)
         assistant = parts.predict(assistant_maps, out.fpn_names, out.context, distiller.assistant_head)["cls_logits"]
         fg = torch.stack([m >= 0 for m in out.context.matched_idxs])
         bg = torch.stack([m == -1 for m in out.context.matched_idxs])

@@ -142,7 +142,9 @@ def run_compare(cfg: Config, request: CompareRequest) -> dict:
 
 def _reference_models(cfg: Config, request: CompareRequest) -> dict[str, str]:
     """The teacher (only where some variant reads one) and the warm student, trained once at the first seed."""
-    needs_teacher = any(variant_config(cfg, v).distill.method != "none" for v in request.variants)
+    from scalekd.distill.methods import method_class  # torch: not at import, the CLI's parser reads VARIANTS
+
+    needs_teacher = any(method_class(variant_config(cfg, v).distill.method).needs_teacher() for v in request.variants)
     first = replace(cfg, train={"seed": request.seeds[0]})
     models = {}
     for stage, name in (("teacher", "teacher"), ("warmup", "warm")):

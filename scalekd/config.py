@@ -20,7 +20,6 @@ import yaml
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
-METHODS = ("scalekd", "fitnet", "od", "pkd", "crosskd", "none")
 PAIRINGS = ("scale_aligned", "same_level")
 ASSIGNERS = ("max_iou", "atss")  # RetinaNet's anchor assignment (scalekd.models.parts.DetectorParts.match)
 BOX_LOSSES = ("l1", "giou")  # RetinaNet's box regression loss (torchvision's _box_loss)
@@ -128,7 +127,8 @@ class SDFConfig:
 
 @dataclass(frozen=True)
 class CSAConfig:
-    enabled: bool = True  # the Cross-Scale Assistant (section 3.2); false: output distillation from the teacher
+    enabled: bool = True  # the Cross-Scale Assistant (section 3.2); false: the ablation without it (no assistant and no
+    # output-distillation terms; SDF and the cross-head terms remain)
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
     positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
     head: str = "own"  # "shared" (the paper): the student's head, not stepped; "own": a copy the assistant trains
@@ -313,9 +313,7 @@ class Config:
         """CrossKD's cross-head terms can be formed beside ScaleKD's: the student's head features finished by the 2x
         teacher's P_{l+1} head, which is the same grid and anchors only with scale-aligned pairing on a one-stage
         detector, and a teacher to read (the no-teacher control's keys come from the student)."""
-        k = self.distill
-        return (k.method == "scalekd" and self.one_stage and k.pairing == "scale_aligned"
-                and k.csa.keys_from == "teacher")
+        return _method(self.distill.method).cross_head_possible(self)
 
     @property
     def cross_head_weight(self) -> float:
@@ -338,12 +336,10 @@ class Config:
         return c.lr > 0 or (c.head == "own" and self.assistant_head_lr > 0)
 
     def loss_weights(self) -> tuple[float, float, float]:
-        """(alpha, beta, gamma), the paper's defaults filled in for the detector family (PKD: its own alpha)."""
-        defaults = PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"]
-        if self.distill.method == "pkd":
-            defaults = (PKD_WEIGHT, *defaults[1:])
-        if self.distill.method == "crosskd":
-            defaults = (defaults[0], *CROSSKD_WEIGHTS)
+        """(alpha, beta, gamma), the method's defaults filled in (the paper's for the detector family; PKD's and
+        CrossKD's own for theirs) where the config leaves them null."""
+        defaults = _method(self.distill.method).default_weights(
+            PAPER_WEIGHTS["one_stage" if self.one_stage else "two_stage"])
         given = (self.distill.alpha, self.distill.beta, self.distill.gamma)
         return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
@@ -361,10 +357,6 @@ PAPER_RECIPE: dict = {
     "csa": {"head": "shared", "rates": [2, 4], "warmup_iterations": 0, "locality": "none",
             "zero_init_output": False, "starts_as": "student"},
 }
-# PKD's loss weight per FPN level when distill.alpha is not given (mmrazor's RetinaNet/FCOS configs use ~10).
-PKD_WEIGHT = 10.0
-# CrossKD's (beta, gamma) when not given: its configs weigh the classification and the GIoU term 1.0 each.
-CROSSKD_WEIGHTS = (1.0, 1.0)
 # What distill.cross_head_weight=auto means where the terms can be formed: CrossKD's own weights, the only value
 # measured (docs/results.md).
 AUTO_CROSS_HEAD_WEIGHT = 1.0
@@ -577,6 +569,8 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model)
     _validate_distill(cfg)
     _validate_assistant(cfg)
+    for path, value, allowed in _method(cfg.distill.method).problems(cfg):  # what the method itself cannot run
+        raise ConfigError(path, value, allowed)
     _validate_train(cfg.train)
     _validate_scaling(cfg.scaling)
     _validate_eval(cfg.eval)
@@ -627,9 +621,22 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
 
 
+def _method(name: str):
+    """The registered distillation method class (imported here: the methods import torch, the config does not)."""
+    from scalekd.distill.methods import method_class
+
+    return method_class(name)
+
+
+def _method_names() -> tuple[str, ...]:
+    from scalekd.distill.methods import method_names
+
+    return method_names()
+
+
 def _validate_distill(cfg: Config) -> None:
     k, m = cfg.distill, cfg.model
-    _check(k.method in METHODS, "distill.method", k.method, f"one of {METHODS}")
+    _check(k.method in _method_names(), "distill.method", k.method, f"one of {_method_names()}")
     for name in ("alpha", "beta", "gamma"):
         v = getattr(k, name)
         _check(v is None or v >= 0, f"distill.{name}", v, "a non-negative number (or null for the paper's)")
@@ -650,8 +657,6 @@ def _validate_distill(cfg: Config) -> None:
            "shared or frozen")
     _check(k.sdf.embed_channels >= 1, "distill.sdf.embed_channels", k.sdf.embed_channels, ">= 1")
     _check(k.sdf.bottleneck_ratio >= 1, "distill.sdf.bottleneck_ratio", k.sdf.bottleneck_ratio, ">= 1")
-    _check(k.method != "crosskd" or cfg.one_stage, "distill.method", k.method,
-           "crosskd on a one-stage detector (model.detector=retinanet or fcos): it runs the teacher's dense head")
     _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
            "0-4 (the head's convs below the crossing; 0: the FPN maps themselves)")
     _check(k.crosskd.focal_beta >= 0, "distill.crosskd.focal_beta", k.crosskd.focal_beta, ">= 0")
@@ -664,7 +669,7 @@ def _validate_distill(cfg: Config) -> None:
 
 
 def _validate_assistant(cfg: Config) -> None:
-    k, m, c = cfg.distill, cfg.model, cfg.distill.csa
+    m, c = cfg.model, cfg.distill.csa
     _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
     _check(c.positional in ("sine", "none"), "distill.csa.positional", c.positional, "sine or none")
     _check(c.head in ("shared", "own"), "distill.csa.head", c.head, "shared or own")
@@ -691,11 +696,6 @@ def _validate_assistant(cfg: Config) -> None:
            "distill.csa.teacher_anchor", c.teacher_anchor,
            "0 unless distill.csa.keys_from=teacher, distill.pairing=scale_aligned, a one-stage detector, "
            "distill.csa.head=own and data.teacher_scale=2 (the teacher's own predictions on the student's anchors)")
-    frozen = k.method == "scalekd" and c.enabled and not cfg.assistant_trains
-    _check(not (frozen and c.warmup_iterations), "distill.csa.warmup_iterations", c.warmup_iterations,
-           "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): nothing to warm up")
-    _check(not (frozen and c.teacher_anchor), "distill.csa.teacher_anchor", c.teacher_anchor,
-           "0 when nothing in the assistant trains (distill.csa.lr=0 and its head frozen): the term steps nothing")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
 
 

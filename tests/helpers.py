@@ -30,7 +30,7 @@ def distiller_with_optimizers(cfg: Config, student_lr: float = 0.01, assistant_l
     distiller = Distiller(student, teacher, cfg).train()
     opt = Optimizers(torch.optim.SGD(distiller.student_parameters(), lr=student_lr, momentum=0.9),
                      torch.optim.Adam(distiller.assistant_param_groups(), lr=assistant_lr)
-                     if distiller.csa is not None and distiller.assistant_trains else None)
+                     if distiller.assistant_trains else None)
     return distiller, opt
 
 

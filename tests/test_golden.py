@@ -20,12 +20,12 @@ def recorded() -> dict:
 
 
 def test_the_trace_covers_every_method_and_every_detector(recorded):
-    from scalekd.config import METHODS
+    from scalekd.distill.methods import method_names
 
     traced = recorded["trace"]
     assert set(TRACED) <= set(traced)
     assert {overrides.get("distill", {}).get("method", "scalekd") for overrides in TRACED.values()
-            if isinstance(overrides.get("distill", {}), dict)} == set(METHODS)
+            if isinstance(overrides.get("distill", {}), dict)} == set(method_names())
     assert {name.split("/")[0] for name in traced if name.endswith("/teacher")} == {"retinanet", "fcos",
                                                                                    "faster_rcnn"}
 

@@ -322,16 +322,16 @@ def test_a_frozen_assistant_has_no_optimizer_builds_no_graph_and_stays_the_teach
 def test_the_teacher_anchor_pulls_the_assistant_back_to_the_teachers_own_predictions(tiny_cfg, detector):
     cfg = replace(tiny_cfg, model={"detector": detector}, distill={"csa": {"teacher_anchor": 1.0}})
     distiller, opt = distiller_with_optimizers(cfg)
-    assert distiller.starts_as_teacher
+    assert distiller.method.starts_as_teacher
     batch = tiny_batch(cfg)
     out = distiller.student_parts.forward_train(batch.student_images, batch.student_targets)
     _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
     params = distiller.assistant_parameters()
 
     def anchor_grad_norm() -> float:
-        preds = distiller.student_parts.predict(distiller.assistant_maps(out.fpn, teacher_maps), out.fpn_names,
+        preds = distiller.student_parts.predict(distiller.method.assistant_maps(out.fpn, teacher_maps), out.fpn_names,
                                                 out.context, distiller.assistant_head)
-        terms = distiller._teacher_anchor_losses(preds, out, teacher_maps)
+        terms = distiller.method._teacher_anchor_losses(preds, out, teacher_maps)
         assert {"kd/cls", "kd/bbox"} <= set(terms)
         grads = torch.autograd.grad(sum(terms.values()), params, allow_unused=True)
         return float(sum(g.abs().sum() for g in grads if g is not None))
@@ -394,13 +394,13 @@ def test_the_no_teacher_control_reads_keys_and_values_from_the_student_alone(tin
     teacher_b = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
     with torch.no_grad():
         control, _ = distiller_with_optimizers(replace(tiny_cfg, distill={"csa": {"keys_from": "student"}}))
-        method, _ = distiller_with_optimizers(tiny_cfg)
-        for model in (control, method):  # the output projection starts at zero: give the attention a voice
+        scalekd, _ = distiller_with_optimizers(tiny_cfg)
+        for model in (control, scalekd):  # the output projection starts at zero: give the attention a voice
             torch.nn.init.normal_(model.csa.attention.proj.weight)
-        same = [torch.equal(a, b) for a, b in zip(control.assistant_maps(student_maps, teacher_a),
-                                                  control.assistant_maps(student_maps, teacher_b))]
-        moved = [torch.equal(a, b) for a, b in zip(method.assistant_maps(student_maps, teacher_a),
-                                                   method.assistant_maps(student_maps, teacher_b))]
+        same = [torch.equal(a, b) for a, b in zip(control.method.assistant_maps(student_maps, teacher_a),
+                                                  control.method.assistant_maps(student_maps, teacher_b))]
+        moved = [torch.equal(a, b) for a, b in zip(scalekd.method.assistant_maps(student_maps, teacher_a),
+                                                   scalekd.method.assistant_maps(student_maps, teacher_b))]
     assert all(same) and not any(moved)
 
 
@@ -414,7 +414,7 @@ def test_an_assistant_that_starts_as_the_teacher_predicts_the_teachers_scale_ali
         _, teacher_maps = distiller.teacher_maps(batch.teacher_images)
         names, ctx = student_out.fpn_names, student_out.context
         od_targets = distiller.teacher_parts.predict(teacher_maps, names, ctx)  # what OD imitates
-        maps = distiller.assistant_maps([m.detach() for m in student_out.fpn], teacher_maps)
+        maps = distiller.method.assistant_maps([m.detach() for m in student_out.fpn], teacher_maps)
         assistant = distiller.student_parts.predict(maps, names, ctx, distiller.assistant_head)
     assert od_targets.keys() == assistant.keys()
     for key in od_targets:
@@ -431,7 +431,7 @@ def test_the_no_teacher_control_of_a_teacher_start_starts_as_the_student(tiny_cf
     student_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
     teacher_maps = [torch.randn(1, 32, 8, 8), torch.randn(1, 32, 4, 4)]
     with torch.no_grad():
-        maps = distiller.assistant_maps(student_maps, teacher_maps)
+        maps = distiller.method.assistant_maps(student_maps, teacher_maps)
     assert all(torch.equal(a, s) for a, s in zip(maps, student_maps))
     head = distiller.student_parts.prediction_head().state_dict()
     assert all(torch.equal(v, head[k]) for k, v in distiller.assistant_head.state_dict().items())

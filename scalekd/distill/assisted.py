@@ -44,7 +44,7 @@ def footprint_attention(distiller: Distiller, student_images: list[Tensor], teac
     _, _, _, fpn = parts.features(student_images)
     _, teacher_maps = distiller.teacher_maps(teacher_images)
     student_map = list(fpn.values())[level]
-    teacher_map = distiller.assistant_maps_inputs(list(fpn.values()), teacher_maps)[level]
+    teacher_map = distiller.method.assistant_maps_inputs(list(fpn.values()), teacher_maps)[level]
     h, w = student_map.shape[-2:]
     ratios = []
     for weights, (gh, gw) in distiller.csa.attention.attention_weights(student_map, teacher_map):
@@ -69,7 +69,7 @@ class AssistedDetector(nn.Module):
 
     def __init__(self, distiller: Distiller):
         super().__init__()
-        if not distiller.student_parts.one_stage or distiller.csa is None:
+        if not distiller.student_parts.one_stage or getattr(distiller.method, "csa", None) is None:
             raise ValueError("only a one-stage detector distilled with the Cross-Scale Assistant can be run as "
                              "an assisted detector")
         self.distiller = distiller
@@ -91,7 +91,7 @@ class AssistedDetector(nn.Module):
         image_list, _, _, fpn = d.student_parts.features(student_images)
         _, teacher_maps = d.teacher_maps(teacher_images)
         student_maps = ablate_maps(list(fpn.values()), self.student_ablation)
-        maps = d.assistant_maps(student_maps, ablate_maps(teacher_maps, self.teacher_ablation))
+        maps = d.method.assistant_maps(student_maps, ablate_maps(teacher_maps, self.teacher_ablation))
         head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalekd.config import CrossKDConfig
+from scalekd.distill import losses as L
 from scalekd.distill.losses import standardize_channels
+from scalekd.models.parts import DetectorParts, Forward
 
 
 def conv_blocks(branch: nn.Sequential) -> list[list[nn.Module]]:
@@ -112,3 +115,23 @@ def cross_head_predictions(student_head: nn.Module, teacher_head: nn.Module, stu
             _append(own, _outputs(teacher_head, *teacher_features))
         _append(cross, _outputs(teacher_head, *cross_features))
     return ({k: torch.cat(v, dim=1) for k, v in cross.items()}, {k: torch.cat(v, dim=1) for k, v in own.items()})
+
+
+def cross_head_losses(student_parts: DetectorParts, teacher_parts: DetectorParts, student_out: Forward,
+                      teacher_maps: list[Tensor], k: CrossKDConfig, prefix: str) -> dict[str, Tensor]:
+    """CrossKD's terms on the student's anchors, every one not ignored, named ``{prefix}/cls`` and
+    ``{prefix}/bbox``: the quality focal loss of the cross-head logits towards the teacher's, and the GIoU of the
+    decoded boxes weighted by the teacher's top class score; each per foreground anchor. The student's own outputs
+    learn from the ground truth alone."""
+    heads = student_parts.prediction_head(), teacher_parts.prediction_head()
+    cross, target = cross_head_predictions(*heads, student_out.fpn, teacher_maps, k.head_index)
+    ctx = student_out.context
+    matched = torch.stack(ctx.matched_idxs)
+    valid = (matched >= -1).float()  # -2: between the IoU thresholds, ignored by the detector's own loss
+    foreground = (matched >= 0).sum().float()
+    target_logits = target["cls_logits"].float()
+    cls = L.quality_focal_kd_loss(cross["cls_logits"].float(), target_logits, valid, foreground, k.focal_beta)
+    box_weight = target_logits.sigmoid().amax(dim=-1) * valid
+    boxes = [student_parts.decode_boxes(p["bbox_regression"].float(), ctx.anchors) for p in (cross, target)]
+    box = L.weighted_giou_loss(boxes[0].reshape(-1, 4), boxes[1].reshape(-1, 4), box_weight.reshape(-1), foreground)
+    return {f"{prefix}/cls": cls, f"{prefix}/bbox": box}

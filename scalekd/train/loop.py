@@ -31,6 +31,7 @@ from scalekd.config import Config, config_from_dict
 from scalekd.data.coco import CocoDetection, DataError, dataset_from_root
 from scalekd.data.holdout import stage_images
 from scalekd.data.transforms import DualBatch, DualResolutionCollate
+from scalekd.distill.methods import method_class
 from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
                                       student_update)
 from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
@@ -277,8 +278,7 @@ def stage_iterations(cfg: Config, stage: str) -> tuple[int, int]:
     """(the student's iterations, the assistant-only iterations that come first and do not count against them)."""
     student = {"teacher": cfg.train.teacher_iterations, "warmup": cfg.train.warmup_iterations,
                "distill": cfg.train.distill_iterations}[stage]
-    assistant = (cfg.distill.csa.warmup_iterations if stage == "distill" and cfg.distill.method == "scalekd"
-                 and cfg.distill.csa.enabled else 0)
+    assistant = method_class(cfg.distill.method).assistant_iterations(cfg) if stage == "distill" else 0
     return student, assistant
 
 
@@ -328,13 +328,14 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
         model.head.regression_head._loss_type = cfg.model.box_loss
     distiller = None
     if request.stage == "distill":
-        if not request.student_init or (not request.teacher and cfg.distill.method != "none"):
+        needs_teacher = method_class(cfg.distill.method).needs_teacher()
+        if not request.student_init or (not request.teacher and needs_teacher):
             raise TrainingError("the distill stage needs --teacher MODEL and --student MODEL (warm-up output)")
         warm, blob = ckpt.load_model(request.student_init, expect=spec)
         _check_categories(request.student_init, blob, dataset)
         model.load_state_dict(warm.state_dict())
         teacher = None
-        if cfg.distill.method != "none":
+        if needs_teacher:
             teacher, blob = ckpt.load_model(request.teacher, expect=teacher_spec(cfg, num_classes))
             _check_categories(request.teacher, blob, dataset)
         distiller = Distiller(model, teacher, cfg).to(device)
@@ -347,7 +348,7 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
     scheduler = build_scheduler(student_opt, stage_iterations(cfg, request.stage)[0], cfg.train.lr_warmup_iterations,
                                 cfg.train.lr_steps, cfg.train.lr_gamma)
     assistant_opt = None
-    if distiller is not None and distiller.csa is not None and distiller.assistant_trains:
+    if distiller is not None and distiller.assistant_trains:
         assistant_opt = torch.optim.Adam(distiller.assistant_param_groups(), lr=cfg.distill.csa.lr,
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))

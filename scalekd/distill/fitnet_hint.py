@@ -1,8 +1,4 @@
-"""Baselines users compare ScaleKD against: FitNet hints on the FPN maps.
-
-(Chen et al.'s "OD" output distillation is the distiller with the teacher's own head outputs, at the
-student's resolution, as targets; see ``distiller.py``.)
-"""
+"""FitNet's hint (Romero et al., 2015): the adapter and its L2 to the teacher's maps (``methods/fitnet.py``)."""
 
 from __future__ import annotations
 
