@@ -23,7 +23,7 @@ from scalekd.config import load_config  # noqa: E402
 from scalekd.data.annotations import load_coco_json  # noqa: E402
 from scalekd.data.coverage import image_anchors, resized_objects  # noqa: E402
 from scalekd.models.parts import atss_match  # noqa: E402
-from scalekd.train.loop import student_spec  # noqa: E402
+from scalekd.geometry import student_spec  # noqa: E402
 
 # torchvision RetinaNet's matcher: IoU >= 0.5 positive, < 0.4 background, every object's best anchor kept.
 RETINANET_MATCHER = Matcher(0.5, 0.4, allow_low_quality_matches=True)

@@ -27,7 +27,8 @@ from scalekd.distill.assisted import TEACHER_ABLATIONS, AssistedDetector, footpr
 from scalekd.distill.distiller import Distiller  # noqa: E402
 from scalekd.eval.metrics import metrics_from_eval, run_cocoeval  # noqa: E402
 from scalekd.eval.predict import predict  # noqa: E402
-from scalekd.models.detectors import DetectorSpec, build_detector  # noqa: E402
+from scalekd.geometry import DetectorSpec  # noqa: E402
+from scalekd.models.detectors import build_detector  # noqa: E402
 from scalekd.train import checkpoint as ckpt  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")

@@ -32,7 +32,8 @@ from scalekd.distill.distiller import Distiller, Optimizers  # noqa: E402
 from scalekd.distill.sdf import ScaleDecoupledFeatures  # noqa: E402
 from scalekd.models.detectors import build_detector, count_parameters  # noqa: E402
 from scalekd.models.parts import DetectorParts  # noqa: E402
-from scalekd.train.loop import detection_step, student_spec, teacher_spec  # noqa: E402
+from scalekd.geometry import student_spec, teacher_spec  # noqa: E402
+from scalekd.train.loop import detection_step  # noqa: E402
 from scalekd.distill.methods import method_class
 
 

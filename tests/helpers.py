@@ -11,7 +11,7 @@ from scalekd.data.coco import dataset_from_root
 from scalekd.data.transforms import DualResolutionCollate
 from scalekd.distill.distiller import Distiller, Optimizers
 from scalekd.models.detectors import build_detector
-from scalekd.train.loop import student_spec, teacher_spec
+from scalekd.geometry import student_spec, teacher_spec
 
 
 def build_pair(cfg: Config, num_classes: int = 4):

@@ -62,7 +62,7 @@ def test_export_parity_of_an_fcos_p2_student(tiny_cfg, tmp_path, synth_root):
     (centre-ness times class score), so both exported formats are checked against eager on it too."""
     from scalekd.data.synth import CLASSES
     from scalekd.models.detectors import build_detector
-    from scalekd.train.loop import student_spec
+    from scalekd.geometry import student_spec
 
     cfg = replace(tiny_cfg, model={"detector": "fcos", "student_min_level": 2, "fpn_channels": 64})
     spec = student_spec(cfg, len(CLASSES))

@@ -10,11 +10,11 @@ from scalekd.config import ConfigError, load_config, replace
 from scalekd.data.coverage import covered
 from scalekd.data.transforms import DualResolutionCollate
 from scalekd.distill.losses import pkd_loss
-from scalekd.distill.pairing import pair_teacher_maps
 from scalekd.eval.predict import predict
-from scalekd.models.detectors import DetectorSpec, build_detector
+from scalekd.geometry import DetectorSpec, pair_teacher_maps, student_spec, teacher_spec
+from scalekd.models.detectors import build_detector
 from scalekd.models.parts import DetectorParts, atss_match
-from scalekd.train.loop import StageRequest, student_spec, teacher_spec
+from scalekd.train.loop import StageRequest
 from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch, write_coco
 
 P2_RETINANET = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2)

@@ -8,7 +8,7 @@ from scalekd.distill.distiller import Distiller
 from scalekd.distill.sdf import ScaleDecoupledFeatures
 from scalekd.models.detectors import SingleValueGroupNorm, build_detector
 from scalekd.models.parts import DetectorParts
-from scalekd.train.loop import student_spec
+from scalekd.geometry import student_spec
 from tests.helpers import build_pair, changed, distiller_with_optimizers, snapshot, tiny_batch
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")

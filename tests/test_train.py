@@ -13,7 +13,8 @@ from scalekd.config import load_config, replace
 from scalekd.models.detectors import backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.schedule import lr_factor
-from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage, student_spec
+from scalekd.geometry import student_spec
+from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage
 
 
 def _cli(*args, env=None, check=True, cwd=None):
@@ -124,7 +125,7 @@ def test_a_stage_run_twice_with_one_seed_trains_the_same_weights(tiny_cfg, tmp_p
 def _untrained_start_models(cfg, tmp_path) -> dict[str, str]:
     """A teacher and a warm student as a distill stage reads them, without training either (the tests here are
     about what the stage does with them)."""
-    from scalekd.train.loop import teacher_spec
+    from scalekd.geometry import teacher_spec
 
     with open(f"{cfg.data.root}/annotations/instances_{cfg.data.train_split}.json") as f:
         categories = json.load(f)["categories"]  # the dataset's: a distill stage checks them

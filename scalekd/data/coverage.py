@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import torch
 from torchvision.ops import box_iou
 
-from scalekd.data.transforms import resized_shape
-from scalekd.models.detectors import DetectorSpec, anchor_generator
+from scalekd.geometry import DetectorSpec, anchor_generator, resized_shape
 from scalekd.models.parts import _fcos_match, atss_match
 
 BANDS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))

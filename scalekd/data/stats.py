@@ -38,7 +38,7 @@ def dataset_stats(annotation_uri: str) -> dict:
 def coverage_for_config(annotation_uri: str, cfg) -> dict:
     """Anchor coverage per size band for the config's student and its teacher (at teacher_scale, own pixels)."""
     from scalekd.data.coverage import RPN_POSITIVE_IOU, anchor_coverage, small_object_coverage
-    from scalekd.train.loop import student_spec, teacher_spec
+    from scalekd.geometry import student_spec, teacher_spec
 
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))

@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
-
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    scale = min(short_side / min(height, width), max_size / max(height, width))
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+from scalekd.geometry import resized_shape, teacher_shape
 
 
 def resize_sample(image: torch.Tensor, target: dict, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
@@ -98,8 +95,7 @@ class DualResolutionCollate:
             s_imgs.append(s_img)
             s_tgts.append(s_tgt)
             if self.with_teacher:
-                # Exactly teacher_scale x the student's shape, so feature maps line up across models.
-                th, tw = int(round(sh * self.teacher_scale)), int(round(sw * self.teacher_scale))
+                th, tw = teacher_shape(sh, sw, self.teacher_scale)
                 t_img, t_tgt = resize_sample(image, target, (th, tw))
                 t_imgs.append(t_img)
                 t_tgts.append(t_tgt)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from scalekd.config import Config
 from scalekd.data.transforms import DualBatch
 from scalekd.distill.methods import DistillMethod, method_class
-from scalekd.distill.pairing import pair_teacher_maps
+from scalekd.geometry import pair_teacher_maps
 from scalekd.models.parts import DetectorParts, Forward
 
 GradSync = Callable[[list[nn.Parameter]], None]

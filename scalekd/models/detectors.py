@@ -4,50 +4,19 @@ MobileNetV2, randomly initialised (nothing is downloaded), sized per role (teach
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from scalekd.geometry import DetectorSpec, anchor_generator
+
 # End of each stride stage in mobilenet_v2().features: stride 4, 8, 16, 32 (with the 1280-ch conv).
 _MOBILENET_V2_STAGES = {"4": (3, 24), "8": (6, 32), "16": (13, 96), "32": (18, 1280)}
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """What it takes to rebuild a detector: stored in every checkpoint beside its weights."""
-
-    detector: str
-    backbone: str
-    num_classes: int  # object classes, background excluded
-    fpn_channels: int
-    min_size: int
-    max_size: int
-    anchor_scale: float = 4.0  # anchor side / feature stride on each level (torchvision uses 4)
-    # One-stage only: the finest FPN level. 3 is torchvision's P3-P7; 2 runs P2-P6 (stride 4 to 64), which a
-    # low-resolution student needs to place anchors on objects of 4-12 px (MSAD runs its student on P2-P6).
-    min_level: int = 3
-    # The images are padded to a multiple of this. The teacher at 2x pads to 2 x 32, so that its padded
-    # canvas is exactly twice the student's and every teacher grid is exactly a student grid (or twice one).
-    size_divisible: int = 32
-    # RetinaNet's matcher: positive at IoU >= positive_iou, background below negative_iou (torchvision's 0.5 / 0.4).
-    positive_iou: float = 0.5
-    negative_iou: float = 0.4
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @property
-    def strides(self) -> tuple[int, ...]:
-        """The FPN levels' strides in this detector's own input pixels, finest first."""
-        first = self.min_level if self.detector in ("retinanet", "fcos") else 2
-        return tuple(2**level for level in range(first, first + 5))
 
 
 class LastLevelP6(ExtraFPNBlock):
@@ -95,21 +64,6 @@ def build_detector(spec: DetectorSpec) -> nn.Module:
     model = _build(spec)
     model.transform.size_divisible = spec.size_divisible
     return model
-
-
-def anchor_generator(spec: DetectorSpec) -> AnchorGenerator:
-    """The detector's anchors (RetinaNet boxes, FCOS points, the RPN's boxes), also what ``data stats``
-    measures coverage with."""
-    if spec.detector == "retinanet":
-        sizes = tuple(tuple(spec.anchor_scale * s * 2 ** (k / 3) for k in range(3)) for s in spec.strides)
-        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    if spec.detector == "fcos":
-        # FCOS's anchors are points; its size ranges per level are multiples of the stride.
-        return AnchorGenerator(tuple((float(s),) for s in spec.strides), ((1.0,),) * len(spec.strides))
-    if spec.detector == "faster_rcnn":
-        sizes = tuple((spec.anchor_scale * 2 * s,) for s in spec.strides)
-        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    raise ValueError(f"unknown detector {spec.detector!r}")
 
 
 def _build(spec: DetectorSpec) -> nn.Module:

@@ -14,7 +14,8 @@ import re
 import torch
 
 from scalekd import storage
-from scalekd.models.detectors import DetectorSpec, build_detector
+from scalekd.geometry import DetectorSpec
+from scalekd.models.detectors import build_detector
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = "scalekd-model-v1"

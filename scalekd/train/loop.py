@@ -34,7 +34,8 @@ from scalekd.data.transforms import DualBatch, DualResolutionCollate
 from scalekd.distill.methods import method_class
 from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
                                       student_update)
-from scalekd.models.detectors import DetectorSpec, backbone_parameters, build_detector
+from scalekd.geometry import DetectorSpec, student_spec, teacher_spec
+from scalekd.models.detectors import backbone_parameters, build_detector
 from scalekd.models.parts import DetectorParts
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.memory_format import use_channels_last
@@ -65,23 +66,6 @@ class StageRequest:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def student_spec(cfg: Config, num_classes: int) -> DetectorSpec:
-    size = cfg.data.student_size
-    min_level = cfg.model.student_min_level if cfg.one_stage else 3
-    return DetectorSpec(cfg.model.detector, cfg.model.student_backbone, num_classes, cfg.model.fpn_channels,
-                        size, int(round(size * cfg.data.max_size_ratio)), cfg.model.anchor_scale, min_level,
-                        positive_iou=cfg.model.positive_iou, negative_iou=cfg.model.negative_iou)
-
-
-def teacher_spec(cfg: Config, num_classes: int) -> DetectorSpec:
-    """At teacher_scale x the student's size, max size and padding, so both views' grids line up exactly."""
-    scale = cfg.data.teacher_scale
-    max_size = int(round(int(round(cfg.data.student_size * cfg.data.max_size_ratio)) * scale))
-    return DetectorSpec(cfg.model.detector, cfg.model.teacher_backbone, num_classes, cfg.model.fpn_channels,
-                        cfg.teacher_size, max_size, cfg.model.anchor_scale, 3, cfg.teacher_size_divisible,
-                        positive_iou=cfg.model.positive_iou, negative_iou=cfg.model.negative_iou)
 
 
 def _dist() -> tuple[int, int]:

@@ -58,7 +58,8 @@ def _timed_steps(channels_last: bool, steps: int) -> float:
     import numpy as np
 
     from scalekd.data.synth import render_scene
-    from scalekd.models.detectors import DetectorSpec, build_detector
+    from scalekd.geometry import DetectorSpec
+    from scalekd.models.detectors import build_detector
 
     model = build_detector(DetectorSpec("retinanet", "resnet18", 4, 64, 256, 427, anchor_scale=2.0)).train()
     if channels_last:

@@ -20,7 +20,7 @@ class PKD(DistillMethod):
 
     def losses(self, student_out, teacher, opt, amp, phase):
         from scalekd.distill import losses as L
-        from scalekd.distill.pairing import resize_like
+        from scalekd.geometry import resize_like
 
         with amp, phase("pkd"):
             paired = [resize_like(t, s) for s, t in zip(student_out.fpn, teacher[1])]

@@ -142,7 +142,7 @@ class ScaleKD(DistillMethod):
 
     def assistant_maps_inputs(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> list[Tensor]:
         """The maps the assistant's keys and values come from (``distill.csa.keys_from``)."""
-        from scalekd.distill.pairing import resize_like
+        from scalekd.geometry import resize_like
 
         if self.cfg.distill.csa.keys_from == "student":
             return [resize_like(s, t) for s, t in zip(student_maps, teacher_maps)]
