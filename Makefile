@@ -11,7 +11,7 @@ STAMP := $(VENV)/.scalekd-installed
 # The CPU wheel on these hosts; the GPU image installs the CUDA build of the same version instead.
 TORCH_SPEC ?= torch==2.13.0+cpu
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-fast install lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/torchvision_cpu_compat.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 tests
 
+# The unit tests alone (in-process and quick; tests/conftest.py marks unit, integration and cluster): under a
+# minute on a 2-core machine, for the edit-test loop. `make test` runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m unit tests
+
+# ruff with RUF100: a noqa that silences nothing is an error too.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks
 

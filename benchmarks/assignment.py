@@ -14,16 +14,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from torchvision.models.detection._utils import Matcher  # noqa: E402
-from torchvision.ops import box_iou  # noqa: E402
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import box_iou
 
-from benchmarks.common import machine, table, write_json  # noqa: E402
-from scalekd.config import load_config  # noqa: E402
-from scalekd.data.annotations import load_coco_json  # noqa: E402
-from scalekd.data.coverage import image_anchors, resized_objects  # noqa: E402
-from scalekd.models.parts import atss_match  # noqa: E402
-from scalekd.geometry import student_spec  # noqa: E402
+from benchmarks.common import machine, table, write_json
+from scalekd.config import load_config
+from scalekd.data.annotations import load_coco_json
+from scalekd.data.coverage import image_anchors, resized_objects
+from scalekd.models.parts import atss_match
+from scalekd.geometry import student_spec
 
 # torchvision RetinaNet's matcher: IoU >= 0.5 positive, < 0.4 background, every object's best anchor kept.
 RETINANET_MATCHER = Matcher(0.5, 0.4, allow_low_quality_matches=True)

@@ -19,17 +19,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.config import config_from_dict  # noqa: E402
-from scalekd.data.coco import dataset_from_root  # noqa: E402
-from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
-from scalekd.distill.assisted import TEACHER_ABLATIONS, AssistedDetector, footprint_attention  # noqa: E402
-from scalekd.distill.distiller import Distiller  # noqa: E402
-from scalekd.eval.metrics import metrics_from_eval, run_cocoeval  # noqa: E402
-from scalekd.eval.predict import predict  # noqa: E402
-from scalekd.geometry import DetectorSpec  # noqa: E402
-from scalekd.models.detectors import build_detector  # noqa: E402
-from scalekd.train import checkpoint as ckpt  # noqa: E402
+from benchmarks.common import table, write_json
+from scalekd.config import config_from_dict
+from scalekd.data.coco import dataset_from_root
+from scalekd.data.transforms import DualResolutionCollate
+from scalekd.distill.assisted import TEACHER_ABLATIONS, AssistedDetector, footprint_attention
+from scalekd.distill.distiller import Distiller
+from scalekd.eval.metrics import metrics_from_eval, run_cocoeval
+from scalekd.eval.predict import predict
+from scalekd.geometry import DetectorSpec
+from scalekd.models.detectors import build_detector
+from scalekd.train import checkpoint as ckpt
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 

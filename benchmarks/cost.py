@@ -23,17 +23,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import PeakMemory, PhaseClock, table, write_json  # noqa: E402
-from scalekd.config import Config, load_config, replace  # noqa: E402
-from scalekd.data.synth import ensure_synthetic  # noqa: E402
-from scalekd.data.coco import dataset_from_root  # noqa: E402
-from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
-from scalekd.distill.distiller import Distiller, Optimizers  # noqa: E402
-from scalekd.distill.sdf import ScaleDecoupledFeatures  # noqa: E402
-from scalekd.models.detectors import build_detector, count_parameters  # noqa: E402
-from scalekd.models.parts import DetectorParts  # noqa: E402
-from scalekd.geometry import student_spec, teacher_spec  # noqa: E402
-from scalekd.train.loop import detection_step  # noqa: E402
+from benchmarks.common import PeakMemory, PhaseClock, table, write_json
+from scalekd.config import Config, load_config, replace
+from scalekd.data.synth import ensure_synthetic
+from scalekd.data.coco import dataset_from_root
+from scalekd.data.transforms import DualResolutionCollate
+from scalekd.distill.distiller import Distiller, Optimizers
+from scalekd.distill.sdf import ScaleDecoupledFeatures
+from scalekd.models.detectors import build_detector, count_parameters
+from scalekd.models.parts import DetectorParts
+from scalekd.geometry import student_spec, teacher_spec
+from scalekd.train.loop import detection_step
 from scalekd.distill.methods import method_class
 
 

@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.compare import eval_config  # noqa: E402
-from scalekd.config import load_config, replace  # noqa: E402
-from scalekd.eval.evaluate import evaluate_models  # noqa: E402
+from benchmarks.common import table, write_json
+from scalekd.compare import eval_config
+from scalekd.config import load_config, replace
+from scalekd.eval.evaluate import evaluate_models
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M")
 

@@ -29,11 +29,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS, table  # noqa: E402
-from scalekd import storage  # noqa: E402
-from scalekd.eval.paired import interval_above as _above  # noqa: E402
-from scalekd.eval.paired import interval_text as _interval_text  # noqa: E402
-from scalekd.eval.paired import paired_differences as _paired  # noqa: E402
+from benchmarks.common import RESULTS, table
+from scalekd import storage
+from scalekd.eval.paired import interval_above as _above
+from scalekd.eval.paired import interval_text as _interval_text
+from scalekd.eval.paired import paired_differences as _paired
 
 KEYS = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
 
@@ -73,7 +73,7 @@ def _beats(gains: list[float]) -> str:
 
 def verdicts(variants: dict, ours_name: str = "scalekd") -> dict[str, str]:
     """One line per quality target for ``ours_name``; 'not assessed' where a variant did not run."""
-    get = lambda name: variants.get(name, {}).get("per_seed", [])  # noqa: E731
+    get = lambda name: variants.get(name, {}).get("per_seed", [])
     ours, plain, control = get(ours_name), get("plain"), get("scalekd_no_teacher")
     out = {}
     if ours and plain:

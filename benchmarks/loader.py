@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import table, write_json  # noqa: E402
-from scalekd import storage  # noqa: E402
-from scalekd.data.coco import dataset_from_root  # noqa: E402
-from scalekd.data.synth import ensure_synthetic  # noqa: E402
-from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
-from tests.s3server import SeaweedS3  # noqa: E402
+from benchmarks.common import table, write_json
+from scalekd import storage
+from scalekd.data.coco import dataset_from_root
+from scalekd.data.synth import ensure_synthetic
+from scalekd.data.transforms import DualResolutionCollate
+from tests.s3server import SeaweedS3
 
 
 def throughput(root: str, images: int, cache: bool, batch: int) -> float:

@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.train.memory_format import cpu_model, isa, yardstick_step_seconds  # noqa: E402
+from benchmarks.common import table, write_json
+from scalekd.train.memory_format import cpu_model, isa, yardstick_step_seconds
 
 
 def main() -> None:

@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS, machine, numerics, table, write_json  # noqa: E402
-from benchmarks.headline import verdicts  # noqa: E402
-from scalekd.compare import VARIANTS, eval_config, variant_config  # noqa: E402
-from scalekd.config import Config, load_config, replace  # noqa: E402
-from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco  # noqa: E402
-from scalekd.data.holdout import image_source  # noqa: E402
-from scalekd.data.synth import ensure_synthetic  # noqa: E402
-from scalekd.eval.evaluate import evaluate_models  # noqa: E402
-from scalekd.train.loop import StageRequest, run_stage  # noqa: E402
-from scalekd.train.memory_format import use_channels_last  # noqa: E402
+from benchmarks.common import RESULTS, machine, numerics, table, write_json
+from benchmarks.headline import verdicts
+from scalekd.compare import VARIANTS, eval_config, variant_config
+from scalekd.config import Config, load_config, replace
+from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco
+from scalekd.data.holdout import image_source
+from scalekd.data.synth import ensure_synthetic
+from scalekd.eval.evaluate import evaluate_models
+from scalekd.train.loop import StageRequest, run_stage
+from scalekd.train.memory_format import use_channels_last
 from scalekd.distill.methods import method_class
 
 KEYS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")

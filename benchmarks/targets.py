@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.assistant import load_distiller  # noqa: E402
-from benchmarks.common import table, write_json  # noqa: E402
-from scalekd.data.coco import dataset_from_root  # noqa: E402
-from scalekd.data.transforms import DualResolutionCollate  # noqa: E402
-from scalekd.distill.distiller import Distiller  # noqa: E402
+from benchmarks.assistant import load_distiller
+from benchmarks.common import table, write_json
+from scalekd.data.coco import dataset_from_root
+from scalekd.data.transforms import DualResolutionCollate
+from scalekd.distill.distiller import Distiller
 
 COLUMNS = ("teacher_fg", "assistant_fg", "teacher_bg", "assistant_bg", "teacher_bg_above_0.05",
            "assistant_bg_above_0.05", "logit_gap_fg", "logit_gap_bg")

@@ -51,7 +51,7 @@ _ConfigLoader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     """YAML through the config loader (numbers in exponent form, duplicate keys refused)."""
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,7 @@ class SDFConfig:
     enabled: bool = True  # Scale-Decoupled Feature distillation (section 3.1); false: the ablation
     dilations: tuple[int, ...] = (1, 2, 3)  # one branch per dilation, the same weights for all
     weight_sharing: bool = True  # false: one block per dilation (Table 7)
-    teacher_sdf: str = "shared"  # "shared" | "frozen" (interpretation, see DESIGN.md)
+    teacher_sdf: str = "shared"  # "shared" | "frozen" (interpretation, see docs/method.md)
     embed_channels: int = 128  # width the student C5 is projected to
     bottleneck_ratio: int = 4  # the bottleneck block's reduction
 

@@ -299,7 +299,7 @@ def _by_deadline(uri: str, deadline: float, budget: float, fn):
     def run():
         try:
             outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread below
+        except BaseException as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=run, name="scalekd-s3", daemon=True)
@@ -512,19 +512,6 @@ def cached_path(uri: str) -> str:
     write_bytes(local, body)
     write_text(meta_path, json.dumps({"size": size, "etag": etag}))
     return local
-
-
-def download_dir(prefix: str, local_dir: str) -> str:
-    """Mirror every object under ``prefix`` into ``local_dir``; returns ``local_dir``."""
-    base = prefix.rstrip("/") + "/"
-    for uri in list_uris(prefix):
-        rel = uri[len(base):]
-        dest = os.path.join(local_dir, rel)
-        if is_s3(uri):
-            write_bytes(dest, read_bytes(uri))
-        else:
-            upload_file(uri, dest)
-    return local_dir
 
 
 def upload_dir(local_dir: str, prefix: str) -> None:

@@ -3,7 +3,7 @@ distillation from the warm student, reporting a validation metric (AP_S by defau
 weak trials.
 
 Distillation losses can sit orders of magnitude above or below the detection loss on a new dataset;
-this search is the documented answer (DESIGN.md, "Loss scales"). ``teacher_anchor`` (not in the paper) is in the
+this search is the documented answer (docs/method.md, "Loss scales"). ``teacher_anchor`` (not in the paper) is in the
 space because whether it pays depends on the data (docs/results.md: it helps on KIT AIS cars and costs on the
 synthetic set), so a user settles it on their own validation set; ``cross_head_weight`` (CrossKD's cross-head terms
 beside ScaleKD's, not in the paper; the default's ``auto`` is 1) is there too, measured on three seeds of the

@@ -88,9 +88,34 @@ def pytest_configure(config):
 
         torch.set_num_threads(1)  # in case torch was imported before OMP_NUM_THREADS was read
     config.addinivalue_line("markers", "heavy_cluster: the multi-node Ray test that loses a node mid-run")
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+MARKERS = {
+    "unit": "in-process and quick: make test-fast runs these alone (under a minute)",
+    "integration": "real servers, Ray, kfp's runner, subprocesses or whole training stages",
+    "cluster": "a multi-node Ray cluster on this machine",
+}
+# Files whose every test runs real parts (servers, pipelines, stages, subprocesses); elsewhere a test is integration
+# when it uses the S3 server or says so with @pytest.mark.integration.
+INTEGRATION_FILES = {"test_pipeline.py", "test_packaging.py", "test_golden.py", "test_secrets.py", "test_compare.py",
+                     "test_export_tune_report.py", "test_docs.py", "test_train.py", "test_k8s.py"}
+INTEGRATION_FIXTURES = {"s3", "s3_server"}
+
+
+def _kind(item) -> str:
+    if item.path.name == "test_cluster.py":
+        return "cluster"
+    if (item.path.name in INTEGRATION_FILES or INTEGRATION_FIXTURES & set(item.fixturenames)
+            or item.get_closest_marker("integration")):
+        return "integration"
+    return "unit"
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(getattr(pytest.mark, _kind(item)))
     if config.getoption("--skip-heavy-cluster"):
         skip = pytest.mark.skip(reason="--skip-heavy-cluster given (CI runs it)")
         for item in items:

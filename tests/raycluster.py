@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from tests.s3server import free_port  # noqa: F401 - also the cluster tests' free port
+from tests.s3server import free_port
 
 
 def _free_block(size: int = 40, start: int = 21000, stop: int = 30000) -> int:

@@ -88,7 +88,7 @@ class SeaweedS3:
             try:
                 client.create_bucket(Bucket=self.bucket)
                 return self.endpoint
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.__exit__()
                     raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'weed.log'}") from None

@@ -295,6 +295,7 @@ def test_teacher_ablations_keep_shapes_and_change_what_they_say(tiny_cfg):
     assert len(ratios) == len(tiny_cfg.distill.csa.rates) and all(r > 1.0 for r in ratios)  # the bias localises
 
 
+@pytest.mark.integration
 def test_the_assigner_and_the_box_loss_reach_the_teacher_and_warmup_stages(tiny_cfg):
     from scalekd.train.loop import build_stage, detection_step
 

@@ -95,6 +95,7 @@ def test_renaming_swaps_names_together_keeps_the_numbers_records_it_and_drops_st
         renamed(doc, {"scalekd_crosskd": "scalekd"}, "pilot.json")
 
 
+@pytest.mark.integration
 def test_merging_a_headline_adds_seeds_run_the_same_way_and_refuses_others_before_training(tmp_path, monkeypatch):
     import json
 

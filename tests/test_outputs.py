@@ -47,6 +47,7 @@ def test_a_lease_left_by_a_dead_process_or_never_renewed_is_taken_over(out, monk
         pass
 
 
+@pytest.mark.integration
 def test_a_stage_run_on_an_output_another_run_holds_is_refused_and_writes_nothing(tmp_path, synth_root):
     """Seeds 1 and 2 given the same --out: while one run holds the folder (here this test, renewing its lease from
     its own thread as a stage does), the command says who holds it instead of both exiting 0."""

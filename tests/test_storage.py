@@ -47,14 +47,15 @@ def test_s3_cache_is_validated_by_size_and_etag(s3):
     assert storage.read_bytes(uri, cache=True) == b"second, longer version"
 
 
-def test_s3_upload_and_download_dir(s3, tmp_path):
+def test_s3_upload_dir_mirrors_a_folder_tree(s3, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("a")
     (src / "sub" / "b.txt").write_text("b")
     storage.upload_dir(str(src), f"s3://{s3['bucket']}/dirs/run1")
-    dest = storage.download_dir(f"s3://{s3['bucket']}/dirs/run1", str(tmp_path / "dest"))
-    assert (tmp_path / "dest" / "sub" / "b.txt").read_text() == "b" and dest
+    prefix = f"s3://{s3['bucket']}/dirs/run1"
+    assert sorted(storage.list_uris(prefix)) == [f"{prefix}/a.txt", f"{prefix}/sub/b.txt"]
+    assert storage.read_text(f"{prefix}/sub/b.txt") == "b"
 
 
 def test_s3_missing_key_and_bucket_errors(s3):
@@ -182,6 +183,7 @@ def test_json_we_write_never_holds_nan(tmp_path):
     assert json.loads(text) == {"AP": None, "rows": [None, 1.5], "ok": 2}
 
 
+@pytest.mark.integration
 def test_an_endpoint_that_never_answers_fails_within_the_budget_logging_each_retry(monkeypatch, caplog):
     import logging
     import socket
@@ -245,6 +247,7 @@ def _trickling_server(what: str):
     return server
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("what", ["headers", "body"])
 @pytest.mark.parametrize("call", ["read_bytes", "cached_path", "write_bytes"])
 def test_a_trickling_endpoint_is_given_up_at_the_budget_naming_the_uri(monkeypatch, what, call):
@@ -293,7 +296,7 @@ def test_a_web_server_at_the_endpoint_is_named_not_blamed_on_the_file(monkeypatc
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     class Page(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server API
+        def do_GET(self):
             body = b"<html><body>Sign in</body></html>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html")

@@ -25,7 +25,7 @@ def feature_l2_loss(student: Tensor, teacher: Tensor, standardize: bool = True) 
 
     Departs from the paper (which gives only "an L2 loss"): with ``standardize`` each channel is
     standardised first, making the loss invariant to the projection's scale so a shared SDF cannot
-    lower it by shrinking its outputs towards zero (DESIGN.md, interpretation ``teacher_sdf=shared``).
+    lower it by shrinking its outputs towards zero (docs/method.md, interpretation ``teacher_sdf=shared``).
     """
     if standardize:
         student, teacher = standardize_channels(student), standardize_channels(teacher)

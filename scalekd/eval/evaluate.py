@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scalekd import storage
 from scalekd.config import Config
 from scalekd.data.coco import CocoDetection, DataError, dataset_from_root
 from scalekd.eval.metrics import metrics_from_eval, run_cocoeval
@@ -77,5 +76,3 @@ def evaluate_models(models: dict[str, str], data_root: str, cfg: Config, split: 
     return results
 
 
-def write_detections(result: ModelResult, uri: str) -> None:
-    storage.write_json(uri, result.detections)

@@ -37,7 +37,7 @@ def load(uri: str) -> dict:
     raw = storage.read_bytes(uri)
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+    except Exception as exc:
         # torch's own message can suggest weights_only=False (unsafe loading): never pass that advice on.
         raise CheckpointError(f"{uri}: not a scalekd model or checkpoint file (unreadable as one: "
                               f"{type(exc).__name__}); it may be truncated, or not a file scalekd wrote") from None

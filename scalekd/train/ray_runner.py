@@ -99,7 +99,7 @@ def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error; surface its message
+    except Exception as exc:
         raise TrainingError(f"stage {request.stage} failed on Ray Train: {_root_message(exc)}") from None
     summary = json.loads(storage.read_text(storage.join(request.out, "summary.json")))
     ray_result = {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -162,7 +162,7 @@ def job_client(address: str):
         client = JobSubmissionClient(address)
         client.list_jobs()  # the first authenticated call: a refused token shows here, not mid-run
         return client
-    except Exception as exc:  # noqa: BLE001 - the SDK raises ConnectionError, RuntimeError, ...
+    except Exception as exc:
         raise TrainingError(_job_api_error(address, exc)) from None
 
 
