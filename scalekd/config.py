@@ -362,66 +362,17 @@ PAPER_RECIPE: dict = {
 AUTO_CROSS_HEAD_WEIGHT = 1.0
 
 
-# Presets: overrides on the defaults, sized from measured CPU costs (docs/benchmarks.md).
-PRESETS: dict[str, dict] = {
-    "tiny": {  # tests: seconds
-        "data": {"student_size": 64},
-        "model": {"fpn_channels": 32, "anchor_scale": 2.0},
-        "distill": {"sdf": {"embed_channels": 16}, "csa": {"heads": 4, "warmup_iterations": 2}},
-        "train": {"teacher_iterations": 4, "warmup_iterations": 4, "distill_iterations": 4,
-                  "freeze_backbone_iterations": 2, "batch_size": 2, "lr_warmup_iterations": 1,
-                  "checkpoint_interval": 2, "log_interval": 1},
-        "eval": {"batch_size": 2},
-    },
-    "demo": {  # the README's main command: <= 15 min where the reference step (benchmarks/machine.py) takes 1.0 s
-        # 128 px scenes whose objects keep their pixel sizes (8-24 px mostly; stages.prepare_data), so a 64 px
-        # student sees them at 4-12 px as the bench student does at 128, for a quarter of the pixels per step.
-        "data": {"student_size": 64},
-        # FCOS, P2-P6, anchors 1.5 x stride (they set FCOS's size range per level): objects are 4-12 px at the
-        # student's size. FCOS's centre sampling covers 98.7% of the 1,000-image synthetic set's objects under 32 px
-        # (`scalekd data stats --preset bench`) and trains a far better plain student than RetinaNet on the same
-        # levels (bench AP_S 66.6 vs 38.6): RetinaNet's IoU >= 0.5 matcher covers 83% (4-7 px objects between
-        # anchor centres reach no anchor), and the options that cover more trained worse (docs/results.md).
-        # `--set model.detector=retinanet` gives the RetinaNet recipe every result before this choice was measured on.
-        "model": {"detector": "fcos", "fpn_channels": 64, "anchor_scale": 1.5, "student_min_level": 2},
-        "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4, "warmup_iterations": 50}},
-        # Iterations sized by measurement to fit 15 minutes at a 1.0 s reference step (docs/results.md): the
-        # teacher is most of the time. A 500-iteration RetinaNet teacher had not taken off (AP 1.8): the learning
-        # rate stays high until 80% of each stage, where the default drops it at 67%. With FCOS the demo took 13%
-        # longer than with RetinaNet (512 vs 454 s, same machine) and its teacher trained far better (AP_S 54.3
-        # after 900 iterations, RetinaNet's 12.6), so the teacher runs 600.
-        "train": {"teacher_iterations": 600, "warmup_iterations": 400, "distill_iterations": 150,
-                  "freeze_backbone_iterations": 100, "batch_size": 4, "lr": 0.02, "lr_steps": [0.8, 0.95],
-                  "lr_warmup_iterations": 30, "checkpoint_interval": 100, "log_interval": 10},
-        "scaling": {"cpus_per_worker": 2},
-        "eval": {"score_threshold": 0.001},
-    },
-    # The quality benchmarks' recipe (benchmarks/quality.py): 128 px student, 256 px teacher.
-    "bench": {
-        "data": {"student_size": 128},
-        "model": {"detector": "fcos", "fpn_channels": 64, "anchor_scale": 1.5, "student_min_level": 2},  # as demo
-        "distill": {"sdf": {"embed_channels": 64}, "csa": {"heads": 4}},
-        # The paper warms the student up before distilling (CSA reads the student's features and a
-        # random student makes its targets noise); 300 iterations here left AP at 0.1, 900 reach ~10.
-        # Teacher: 1500 iterations gave AP_S 54.0 in one run and 65.7 in another, 3000 gave 81.4, and whether the
-        # teacher's knowledge beat the no-teacher control turned on it (docs/results.md): 3000 since then. (Those were
-        # RetinaNet teachers; the FCOS teacher of 3000 iterations reaches AP_S 82.5.)
-        "train": {"teacher_iterations": 3000, "warmup_iterations": 900, "distill_iterations": 300,
-                  "freeze_backbone_iterations": 100, "batch_size": 4, "lr": 0.02,
-                  "lr_warmup_iterations": 30, "checkpoint_interval": 100, "log_interval": 10},
-        "scaling": {"cpus_per_worker": 2},
-        "eval": {"score_threshold": 0.001},
-    },
-    "paper": {  # COCO 1x-style schedule for a GPU cluster (section 4.1)
-        "data": {"student_size": 800, "max_size_ratio": 1.667},
-        "model": {"fpn_channels": 256, "student_backbone": "resnet50", "teacher_backbone": "resnet101"},
-        "distill": {"sdf": {"embed_channels": 256}, "csa": {"heads": 8}},
-        "train": {"teacher_iterations": 90000, "warmup_iterations": 30000, "distill_iterations": 90000,
-                  "freeze_backbone_iterations": 10000, "batch_size": 2, "lr": 0.01,
-                  "lr_warmup_iterations": 500, "checkpoint_interval": 5000, "log_interval": 50},
-        "scaling": {"workers": 8, "gpu": True},
-    },
-}
+def _load_presets() -> dict[str, dict]:
+    """The presets shipped in the package (``scalekd/presets/NAME.yaml``): overrides on the defaults, each file
+    values only; what they rest on is in docs/presets.md."""
+    from importlib import resources
+
+    folder = resources.files("scalekd") / "presets"
+    return {entry.name[: -len(".yaml")]: parse_yaml(entry.read_text(encoding="utf-8")) or {}
+            for entry in sorted(folder.iterdir(), key=lambda e: e.name) if entry.name.endswith(".yaml")}
+
+
+PRESETS: dict[str, dict] = _load_presets()
 
 
 def load_config(path: str | None = None, preset: str | None = None,

@@ -125,3 +125,23 @@ def test_workers_0_on_the_command_line_is_checked_not_ignored(tmp_path, capsys):
     assert main(["train-teacher", "--preset", "tiny", "--workers", "0", "--out", str(tmp_path / "t")]) == 2
     assert not (tmp_path / "t").exists()
     assert "scaling.workers" in capsys.readouterr().err
+
+
+def test_each_preset_is_a_yaml_file_of_values_whose_settings_reach_the_config():
+    import pathlib
+
+    import yaml
+
+    folder = pathlib.Path(__file__).resolve().parent.parent / "scalekd" / "presets"
+    assert {p.stem for p in folder.glob("*.yaml")} == set(PRESETS) == {"tiny", "demo", "bench", "paper"}
+    for path in folder.glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        assert all(not line.lstrip().startswith("#") for line in lines[2:]), f"{path.name}: notes go to docs"
+        resolved = load_config(preset=path.stem).to_dict()
+        for section, values in yaml.safe_load(path.read_text()).items():
+            for key, value in values.items():
+                got = resolved[section][key]
+                if isinstance(value, dict):
+                    assert {k: got[k] for k in value} == value, (path.name, section, key)
+                else:
+                    assert got == (list(value) if isinstance(value, list) else value), (path.name, section, key)
