@@ -68,7 +68,8 @@ def _stage(request) -> tuple[list[dict], str]:
     """The stage's logged numbers, and its reuse key as if its data lived at one fixed root and it started from no
     model files (the key holds the config, whose ``data.root`` here is a temporary folder, and the bytes of the
     starting models, which hold that folder's name)."""
-    from scalekd.train.loop import inputs_key, run_stage
+    from scalekd.train.keys import inputs_key
+    from scalekd.train.loop import run_stage
 
     run_stage(request)
     config = {**request.config, "data": {**request.config["data"], "root": "golden-data"}}

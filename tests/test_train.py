@@ -14,7 +14,8 @@ from scalekd.models.detectors import backbone_parameters, build_detector
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.schedule import lr_factor
 from scalekd.geometry import student_spec
-from scalekd.train.loop import POISON_ENV, StageRequest, TrainingError, run_stage
+from scalekd.train.hooks import POISON_ENV
+from scalekd.train.loop import StageRequest, TrainingError, run_stage
 
 
 def _cli(*args, env=None, check=True, cwd=None):
@@ -259,7 +260,7 @@ def test_weights_that_do_not_fit_their_stored_spec_get_one_line(tiny_cfg, tmp_pa
 
 
 def test_a_finished_stage_is_reused_only_for_the_same_inputs(tiny_cfg, tmp_path):
-    from scalekd.train.loop import inputs_key
+    from scalekd.train.keys import inputs_key
 
     out = str(tmp_path / "warmup")
     request = StageRequest("warmup", tiny_cfg.to_dict(), tiny_cfg.data.root, out)
@@ -278,7 +279,7 @@ def test_a_finished_stage_is_reused_only_for_the_same_inputs(tiny_cfg, tmp_path)
 
 
 def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
-    from scalekd.train.loop import inputs_key
+    from scalekd.train.keys import inputs_key
 
     def key(stage, cfg):
         return inputs_key(StageRequest(stage, cfg.to_dict(), tiny_cfg.data.root, "unused"))
@@ -318,7 +319,7 @@ def test_teacher_holdout_trains_each_stage_on_its_share_and_keys_it(tiny_cfg, tm
     of every stage (absent keys as 0); a share that leaves a stage no image is a named error, nothing written."""
     from scalekd.data.coco import DataError, dataset_from_root
     from scalekd.data.holdout import in_teacher_share
-    from scalekd.train.loop import inputs_key
+    from scalekd.train.keys import inputs_key
 
     held = replace(tiny_cfg, data={"teacher_holdout": 0.5})
     images = dataset_from_root(tiny_cfg.data.root, "train").images
@@ -351,7 +352,7 @@ def test_a_checkpoint_from_other_inputs_is_not_resumed(tiny_cfg, tmp_path):
 
 
 def test_the_starting_models_are_inputs_of_the_distill_stage(tiny_cfg, tmp_path):
-    from scalekd.train.loop import inputs_key
+    from scalekd.train.keys import inputs_key
 
     root = tiny_cfg.data.root
     teacher = run_stage(StageRequest("teacher", tiny_cfg.to_dict(), root, str(tmp_path / "t")))
@@ -366,7 +367,7 @@ def test_the_starting_models_are_inputs_of_the_distill_stage(tiny_cfg, tmp_path)
 
 
 def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
-    from scalekd.train.loop import inputs_key, stage_inputs_config
+    from scalekd.train.keys import inputs_key, stage_inputs_config
 
     def key(config: dict) -> str:
         return inputs_key(StageRequest("warmup", config, tiny_cfg.data.root, "unused"))
@@ -423,3 +424,14 @@ def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):
     with pytest.raises(TrainingError, match="needs --teacher"):
         build_stage(StageRequest("distill", tiny_cfg.to_dict(), tiny_cfg.data.root, "unused", student_init=warm),
                     tiny_cfg, 4, torch.device("cpu"), 1)
+
+
+def test_the_training_loop_steps_and_leaves_the_rest_to_hooks_reading_no_environment():
+    import inspect
+
+    from scalekd.train import loop
+
+    for function in (loop._train, loop._step):
+        source = inspect.getsource(function)
+        assert "environ" not in source and "getenv" not in source, function.__name__
+    assert "hook.before_step" in inspect.getsource(loop._train)

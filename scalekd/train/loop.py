@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import resource
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,17 +33,18 @@ from scalekd.distill.methods import method_class
 from scalekd.distill.distiller import (Distiller, NonFiniteLossError, Optimizers, autocast_context, check_finite,
                                       student_update)
 from scalekd.geometry import DetectorSpec, student_spec, teacher_spec
-from scalekd.models.detectors import backbone_parameters, build_detector
+from scalekd.models.detectors import build_detector
 from scalekd.models.parts import DetectorParts
 from scalekd.train import checkpoint as ckpt
+from scalekd.train.keys import inputs_key
+from scalekd.train.hooks import (BackboneFreeze, Checkpoints, FaultInjection, LoopHook, Metrics, MetricsLog,
+                                 Progress)
 from scalekd.train.memory_format import use_channels_last
 from scalekd.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 STAGES = ("teacher", "warmup", "distill")
 # Fault-injection hooks for the tests (a worker dies / a batch turns to NaN at an iteration).
-FAULT_ENV = "SCALEKD_FAULT_AT_ITERATION"
-POISON_ENV = "SCALEKD_POISON_AT_ITERATION"
 
 
 class TrainingError(RuntimeError):
@@ -91,47 +90,6 @@ def make_grad_sync(world: int) -> Callable[[list[nn.Parameter]], None]:
     return sync
 
 
-class MetricsLog:
-    """JSONL (with each line's wall-clock time) and TensorBoard events, written locally and mirrored to the stage's
-    output URI. A run resumed on another machine (a lost node) continues the S3 copy instead of replacing it."""
-
-    def __init__(self, out: str, enabled: bool):
-        self.out, self.enabled = out, enabled
-        if not enabled:
-            return
-        self.local = out if not storage.is_s3(out) else tempfile.mkdtemp(prefix="scalekd-logs-")
-        os.makedirs(self.local, exist_ok=True)
-        self.jsonl_path = os.path.join(self.local, "metrics.jsonl")
-        remote = storage.join(out, "metrics.jsonl")
-        if storage.is_s3(out) and storage.exists(remote):
-            with open(self.jsonl_path, "wb") as f:
-                f.write(storage.read_bytes(remote))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
-
-    def write(self, iteration: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.jsonl_path, "a") as f:
-            f.write(storage.json_text({"iteration": iteration, "time": round(time.time(), 3), **values}))
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, iteration)
-
-    def flush(self) -> None:
-        if not self.enabled:
-            return
-        self.tb.flush()
-        if storage.is_s3(self.out):
-            storage.upload_dir(self.local, self.out)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.flush()
-            self.tb.close()
-
-
 def _device(cfg: Config) -> torch.device:
     if cfg.scaling.gpu and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -170,92 +128,6 @@ class StageHooks:
 
     def checkpointed(self, iteration: int, metrics: dict, state: dict | None) -> None:
         """After each checkpoint; ``state`` on rank 0 only."""
-
-
-# Config fields that say where or how robustly a stage runs, not what it computes: a rerun that changes only these
-# reuses the finished stage.
-_NOT_INPUTS = {"scaling": ("ray_address", "max_failures"), "train": ("log_interval", "checkpoint_interval")}
-# Config a stage never reads: the teacher and the warm-up train no distillation modules, and each stage runs its own
-# iteration count. A new distillation setting (or a new field with its default) must not retire a finished teacher.
-_OTHER_STAGES = {
-    "teacher": {"distill": None, "train": ("warmup_iterations", "distill_iterations", "freeze_backbone_iterations")},
-    "warmup": {"distill": None, "train": ("teacher_iterations", "distill_iterations")},
-    "distill": {"train": ("teacher_iterations", "warmup_iterations", "freeze_backbone_iterations")},
-}
-
-
-# Settings (paths into the config) left out of a stage's key when they cannot change its result, so that adding one
-# (with its default) does not retire the stages a user finished before it existed: ATSS's k is read only by ATSS;
-# the box loss at "l1", the assistant's head at the CSA's rate and no teacher anchor are what every stage ran before
-# the fields existed; CrossKD's settings are read by CrossKD alone, or by ScaleKD with cross-head terms beside it.
-_LEFT_OUT_WHEN: dict[tuple[str, ...], Callable[[dict], bool]] = {
-    ("model", "atss_topk"): lambda config: _setting(config, "model", "assigner") != "atss",
-    ("model", "box_loss"): lambda config: _setting(config, "model", "box_loss") in (None, "l1"),
-    ("distill", "csa", "head_lr"): lambda config: _setting(config, "distill", "csa", "head_lr") is None,
-    ("distill", "csa", "teacher_anchor"): lambda config: not _setting(config, "distill", "csa", "teacher_anchor"),
-    ("distill", "crosskd"): lambda config: (_setting(config, "distill", "method") != "crosskd"
-                                            and not _setting(config, "distill", "cross_head_weight")),
-    ("distill", "cross_head_weight"): lambda config: not _setting(config, "distill", "cross_head_weight"),
-    ("data", "teacher_holdout"): lambda config: not _setting(config, "data", "teacher_holdout"),
-    ("distill", "kd_ramp_iterations"): lambda config: not _setting(config, "distill", "kd_ramp_iterations"),
-}
-
-
-def _setting(config: dict, *path: str):
-    """The value at ``path`` in a config dict, None where any part of it is absent."""
-    for key in path:
-        config = config.get(key) if isinstance(config, dict) else None
-    return config
-
-
-def stage_inputs_config(stage: str, config: dict) -> dict:
-    """The part of a stage's config that determines its result (``inputs_key``)."""
-    other = _OTHER_STAGES.get(stage, {})
-    out = {}
-    for section, values in config.items():
-        if section in other and other[section] is None:
-            continue
-        if isinstance(values, dict):
-            dropped = _NOT_INPUTS.get(section, ()) + other.get(section, ())
-            values = {k: v for k, v in values.items() if k not in dropped}
-        out[section] = values
-    for path, left_out in _LEFT_OUT_WHEN.items():
-        if left_out(config):
-            out = _without(out, path)
-    return out
-
-
-def _without(config: dict, path: tuple[str, ...]) -> dict:
-    """A copy of ``config`` without the setting at ``path`` (unchanged where it is absent)."""
-    head, *rest = path
-    if head not in config:
-        return config
-    if not rest:
-        return {k: v for k, v in config.items() if k != head}
-    inner = config[head]
-    return {**config, head: _without(inner, tuple(rest)) if isinstance(inner, dict) else inner}
-
-
-def _with_cross_head_weight_resolved(config: dict, cfg: Config) -> dict:
-    """The config with ``distill.cross_head_weight`` set to the weight the stage runs at (``auto`` resolved, and a
-    dict written without the field given the default's weight), so that a stage run at ``auto`` and one run at that
-    number share a key, and one run at 0 keys as the stages finished before the field existed."""
-    distill = config.get("distill")
-    if not isinstance(distill, dict):
-        return config
-    return {**config, "distill": {**distill, "cross_head_weight": cfg.cross_head_weight}}
-
-
-def inputs_key(request: StageRequest) -> str:
-    """sha256 over what determines a stage's result: the stage, its config, its training annotations and the
-    bytes of the models it starts from. A finished stage is reused only for the same key."""
-    cfg = config_from_dict(request.config)
-    config = stage_inputs_config(request.stage, _with_cross_head_weight_resolved(request.config, cfg))
-    h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
-    h.update(storage.read_bytes(storage.join(request.data, "annotations", f"instances_{cfg.data.train_split}.json")))
-    for model in (request.teacher, request.student_init):
-        h.update(storage.read_bytes(model) if model else b"-")
-    return h.hexdigest()
 
 
 def stage_iterations(cfg: Config, stage: str) -> tuple[int, int]:
@@ -420,8 +292,10 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
             metrics.flush()
         hooks.checkpointed(iteration, {"iteration": iteration, **values}, state)
 
+    loop_hooks, logged = _stage_hooks(stage, request, cfg, (rank, world), (start, end), metrics, checkpoint, report)
     started = time.perf_counter()
-    last = _train(stage, request, cfg, dataset, device, (rank, world), (start, end), metrics, checkpoint, report)
+    _train(stage, request, cfg, dataset, device, (rank, world), (start, end), loop_hooks)
+    last = logged.last if logged is not None else {}
     elapsed = time.perf_counter() - started
     summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
                "wall_s": round(elapsed, 2), "it_per_s": round((end - start) / max(elapsed, 1e-9), 4),
@@ -479,71 +353,52 @@ def _loader(request: StageRequest, cfg: Config, dataset, rank_world: tuple[int, 
 
 
 def _train(stage: _Stage, request: StageRequest, cfg: Config, dataset, device: torch.device,
-           rank_world: tuple[int, int], span: tuple[int, int], metrics: MetricsLog,
-           checkpoint: Callable[[int, dict], None], report: Callable[[dict], None] | None) -> dict:
-    """Iterations ``span`` = [start, end): a step each, logs every log_interval, checkpoints every interval;
-    returns the last logged values."""
-    (rank, world), (start, end) = rank_world, span
+           rank_world: tuple[int, int], span: tuple[int, int], hooks: list[LoopHook]) -> None:
+    """Iterations ``span`` = [start, end): a batch and a step each (the assistant's alone first, where the method has
+    one), the scheduler after each student step; ``hooks`` do everything else."""
+    start, end = span
     assistant_warmup = stage_iterations(cfg, request.stage)[1]
     student_batches = _loader(request, cfg, dataset, rank_world, "student", max(0, start - assistant_warmup))
     assistant_batches = _loader(request, cfg, dataset, rank_world, "assistant", start) \
         if start < assistant_warmup else None
     autocast = torch.bfloat16 if (device.type == "cuda" and cfg.train.amp) else None
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=end, initial=start, desc=f"{request.stage}", unit="it", file=sys.stderr,
-                        mininterval=2.0, dynamic_ncols=True, disable=os.environ.get("SCALEKD_NO_PROGRESS") == "1")
     stage.model.train()
     if stage.distiller is not None:
         stage.distiller.train()
-    frozen, values = False, {}
-    t0 = time.perf_counter()
-    fault_at = int(os.environ.get(FAULT_ENV, "-1"))
     for iteration in range(start, end):
-        if request.stage == "warmup":
-            frozen = _freeze_backbone(stage.model, iteration < cfg.train.freeze_backbone_iterations, frozen)
         if iteration == assistant_warmup:
             assistant_batches = None  # its loader (and any workers) go
         batch: DualBatch = next(assistant_batches if iteration < assistant_warmup else student_batches).to(device)
+        for hook in hooks:
+            hook.before_step(iteration, batch)
         terms = _step(stage, request, batch, iteration, assistant_warmup, autocast)
         if iteration >= assistant_warmup:
             stage.scheduler.step()
-        done = iteration + 1
-        if rank == 0 and (done % cfg.train.log_interval == 0 or done == end):
-            elapsed = time.perf_counter() - t0
-            values = {k: round(float(v), 6) for k, v in terms.items()}
-            values.update(lr=stage.student_opt.param_groups[0]["lr"], it_per_s=round((done - start) / elapsed, 4),
-                          images_per_s=round((done - start) * cfg.train.batch_size * world / elapsed, 3))
-            metrics.write(done, values)
-            if report is not None:
-                report({"iteration": done, **values})
-            progress.set_postfix(loss=f"{values.get('loss/total', 0.0):.3f}")
-        if progress is not None:
-            progress.update(1)
-        if done % cfg.train.checkpoint_interval == 0 and done != end:
-            checkpoint(done, {k: round(float(v), 6) for k, v in terms.items()})
-        if done == fault_at and rank == world - 1:
-            _inject_fault(request, rank, done)
-    if progress is not None:
-        progress.close()
-    return values
+        for hook in hooks:
+            hook.after_step(iteration + 1, terms)
+    for hook in hooks:
+        hook.after_train()
 
 
-def _freeze_backbone(model: nn.Module, want_frozen: bool, frozen: bool) -> bool:
-    if want_frozen != frozen:
-        for p in backbone_parameters(model):
-            p.requires_grad_(not want_frozen)
-    return want_frozen
+def _stage_hooks(stage: _Stage, request: StageRequest, cfg: Config, rank_world: tuple[int, int],
+                 span: tuple[int, int], log: MetricsLog, save: Callable[[int, dict], None],
+                 report: Callable[[dict], None] | None) -> tuple[list[LoopHook], Metrics | None]:
+    """The stage's hooks in the order they run after a step: metrics, progress, checkpoints, the tests' faults."""
+    (rank, world), hooks = rank_world, []
+    if request.stage == "warmup":
+        hooks.append(BackboneFreeze(stage.model, cfg.train.freeze_backbone_iterations))
+    metrics = None
+    if rank == 0:
+        metrics = Metrics(log, report, cfg.train.log_interval, span, cfg.train.batch_size * world,
+                          lambda: stage.student_opt.param_groups[0]["lr"])
+        hooks += [metrics, Progress(request.stage, span, metrics)]
+    hooks.append(Checkpoints(save, cfg.train.checkpoint_interval, span[1]))
+    faults = FaultInjection.from_environment(request.out, rank, world)
+    return hooks + ([faults] if faults is not None else []), metrics
 
 
 def _step(stage: _Stage, request: StageRequest, batch: DualBatch, iteration: int, assistant_warmup: int,
           autocast: torch.dtype | None) -> dict:
-    if iteration == int(os.environ.get(POISON_ENV, "-1")):
-        batch.student_images[0] = batch.student_images[0] * float("nan")
-        if batch.teacher_images:
-            batch.teacher_images[0] = batch.teacher_images[0] * float("nan")
     try:
         if iteration < assistant_warmup:
             return stage.distiller.assistant_warmup_step(batch, stage.opt, autocast)
@@ -564,14 +419,6 @@ def kd_ramp(student_iteration: int, ramp_iterations: int) -> float:
     if ramp_iterations <= 0:
         return 1.0
     return min(1.0, (student_iteration + 1) / ramp_iterations)
-
-
-def _inject_fault(request: StageRequest, rank: int, done: int) -> None:
-    """The tests' dying worker: once per output (a marker file), at the iteration they name."""
-    marker = storage.join(request.out, ".fault-injected")
-    if not storage.exists(marker):
-        storage.write_text(marker, f"worker {rank} killed at iteration {done}\n")
-        os._exit(17)
 
 
 def detection_step(parts: DetectorParts, images: list, targets: list, opt: Optimizers,

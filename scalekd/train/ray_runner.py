@@ -17,7 +17,8 @@ from scalekd import storage
 from scalekd.config import Config
 from scalekd.net import free_port
 from scalekd.train import checkpoint as ckpt
-from scalekd.train.loop import StageHooks, StageRequest, TrainingError, completed_summary, inputs_key, run_stage
+from scalekd.train.keys import inputs_key
+from scalekd.train.loop import StageHooks, StageRequest, TrainingError, completed_summary, run_stage
 
 log = logging.getLogger(__name__)
 
