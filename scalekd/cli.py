@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 from scalekd import storage
 from scalekd.config import Config, ConfigError, load_config
@@ -536,10 +537,25 @@ def main(argv: list[str] | None = None) -> int:
         _resolve_data(args)
         return args.func(args)
     except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
+        return _report(exc, args.verbose)
+
+
+def _report(exc: Exception, verbose: bool) -> int:
+    """Bad input (our own error types) and the system's answers about paths, disks and connections (OSError: a
+    full disk, a missing file, a refused connection) are one line; anything else is a bug of ours, said so, with
+    its traceback under -v."""
+    if isinstance(exc, _user_errors()):
         print(f"scalekd: error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(exc, OSError):
+        print(f"scalekd: error: {storage.redact(str(exc))}", file=sys.stderr)
+        return 1
+    if verbose:
+        print(storage.redact("".join(traceback.format_exception(exc))), file=sys.stderr, end="")
+    print(f"scalekd: internal error, a bug in scalekd: {type(exc).__name__}: {storage.redact(str(exc))}\n"
+          f"Please report it with the output of the same command run with -v"
+          f"{'' if verbose else ' (which prints the traceback)'}.", file=sys.stderr)
+    return 70  # EX_SOFTWARE
 
 
 # Errors that mean bad input, reported in one line; anything else (a ValueError from a library, a bug of ours) keeps
