@@ -16,12 +16,15 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 from scalekd import storage
 from scalekd.config import Config, ConfigError, replace
 
 log = logging.getLogger(__name__)
+# A trial whose worker dies (a lost node, a preempted pod) is restarted this often, from its last reported rung.
+TRIAL_RETRIES = 2
 WEIGHTS = ("alpha", "beta", "gamma")
 # What a search may vary, and where each lives under ``distill``.
 SEARCHABLE = {"alpha": ("alpha",), "beta": ("beta",), "gamma": ("gamma",), "teacher_anchor": ("csa", "teacher_anchor"),
@@ -124,12 +127,31 @@ def _trial(params: dict) -> None:
     out = storage.join(base["out"], "trials", tune.get_context().get_trial_id())
     val = dataset_from_root(base["data"], cfg.data.val_split)
     node_id = ray.get_runtime_context().get_node_id()
-    for stop, student_iterations in rung_stops(cfg, base["rungs"]):
+    restored = _rungs_done(tune.get_checkpoint())
+    for rung, (stop, student_iterations) in enumerate(rung_stops(cfg, base["rungs"]), 1):
+        if rung <= restored:
+            continue  # reported before this trial was lost and restarted
+        # A restarted trial's stage resumes from its own last checkpoint under ``out``.
         run_stage(StageRequest("distill", cfg.to_dict(), base["data"], out, teacher=base["teacher"],
                                student_init=base["student"], stop_at=stop))
         result = evaluate_model("trial", storage.join(out, "model.pt"), val, cfg, speed_images=1)
-        tune.report({**result.metrics, "iteration": student_iterations, "node_id": node_id,
-                     **{n: params[n] for n in SEARCHABLE if n in params}})
+        with tempfile.TemporaryDirectory(prefix="scalekd-rung-") as folder:
+            with open(os.path.join(folder, RUNG_FILE), "w") as f:
+                json.dump({"rungs_done": rung}, f)
+            tune.report({**result.metrics, "iteration": student_iterations, "node_id": node_id,
+                         "restored_after_rung": restored, **{n: params[n] for n in SEARCHABLE if n in params}},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+RUNG_FILE = "rung.json"  # a trial's Tune checkpoint: how many rungs it reported (its model lives in its stage)
+
+
+def _rungs_done(checkpoint) -> int:
+    """Rungs a restarted trial already reported, from its Tune checkpoint (JSON, never a pickle); 0 when new."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder, open(os.path.join(folder, RUNG_FILE)) as f:
+        return int(json.load(f)["rungs_done"])
 
 
 @dataclass(frozen=True)
@@ -223,7 +245,7 @@ def _search(request: TuneRequest, shared_storage: bool) -> dict:
             tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=request.trials, scheduler=scheduler,
                                         max_concurrent_trials=max(1, slots)),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      verbose=0))
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
     rows = _trial_rows(tuner.fit(), metric, space.names)
     best_cfg = replace(cfg, distill=distill_overrides(rows[0]))
     storage.write_text(storage.join(out, "best.yaml"), best_cfg.to_yaml())
@@ -298,7 +320,8 @@ def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:
         if result.metrics and metric in result.metrics:
             rows.append({**{n: result.metrics.get(n) for n in names}, metric: result.metrics[metric],
                          "AP": result.metrics.get("AP"), "iteration": result.metrics.get("iteration"),
-                         "node_id": result.metrics.get("node_id"), "path": result.path})
+                         "node_id": result.metrics.get("node_id"),
+                         "restored_after_rung": result.metrics.get("restored_after_rung"), "path": result.path})
     if not rows:
         errors = [str(r.error) for r in grid if r.error]
         raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")

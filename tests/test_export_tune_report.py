@@ -1,5 +1,6 @@
 """Export parity on a tiny model, a tiny Ray Tune search, and the evaluation report with pictures."""
 
+import glob
 import json
 import os
 import shutil
@@ -287,3 +288,27 @@ def test_a_search_found_in_the_output_is_never_unpickled_unless_resumed_from_a_p
     assert not os.path.exists(marker)
     with pytest.raises(ConfigError, match="no search to resume"):
         run_tune(tiny_cfg, "t.pt", "s.pt", "data", str(tmp_path / "new"), space, resume=True)
+
+
+def test_a_trial_whose_worker_dies_is_restarted_from_its_last_rung_and_the_search_completes(trained, tmp_path,
+                                                                                          synth_root):
+    """Every trial's worker process dies once, part way through its second rung (the tests' fault injection, as a
+    lost node or a preempted pod would): Tune restarts it from its rung checkpoint, its stage resumes from its own
+    checkpoint, and every trial reports all its rungs."""
+    import subprocess
+    import sys
+
+    cfg, root = trained
+    out = str(tmp_path / "tune")
+    env = {**os.environ, "SCALEKD_FAULT_AT_ITERATION": "5", "SCALEKD_NO_PROGRESS": "1"}  # rung 2 ends at 6
+    done = subprocess.run([sys.executable, "-m", "scalekd.cli", "tune", "--preset", "tiny", "--data", synth_root,
+                           "--teacher", str(root / "teacher" / "model.pt"), "--student",
+                           str(root / "warmup" / "model.pt"), "--out", out, "--trials", "2", "--rungs", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = json.load(open(os.path.join(out, "results.json")))["trials"]
+    assert len(trials) == 2
+    assert all(t["iteration"] == cfg.train.distill_iterations and t["restored_after_rung"] == 1 for t in trials)
+    for trial_dir in glob.glob(os.path.join(out, "trials", "*")):
+        assert os.path.exists(os.path.join(trial_dir, ".fault-injected"))  # each died once
+        assert json.load(open(os.path.join(trial_dir, "summary.json")))["resumed_from"] > 0
