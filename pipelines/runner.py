@@ -150,6 +150,33 @@ def _shared_local_ray(enabled: bool):
         ray.shutdown()
 
 
+class PipelineError(RuntimeError):
+    """A Kubeflow Pipelines endpoint that cannot be reached, or that refused a request."""
+
+
+@contextlib.contextmanager
+def _endpoint(host: str):
+    """Every call to a Kubeflow Pipelines API: a connection that fails (urllib3's errors after its retries) or an
+    HTTP error answer becomes a PipelineError naming the endpoint (credentials redacted) and what it said."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    from scalekd.storage import redact
+
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise PipelineError(f"cannot reach the Kubeflow Pipelines API at {redact(host)}: {redact(str(reason))}; "
+                            "check --host (the ml-pipeline service or your Kubeflow URL)") from None
+    except TimeoutError as exc:  # kfp's Client: its health check answered with errors on every attempt
+        raise PipelineError(f"the Kubeflow Pipelines API at {redact(host)} failed its health check ({exc}); check "
+                            "--host and that your credentials may reach it") from None
+    except ApiException as exc:
+        raise PipelineError(f"the Kubeflow Pipelines API at {redact(host)} refused the request: HTTP {exc.status} "
+                            f"{exc.reason}; {redact(str(exc.body or ''))[:300]}") from None
+
+
 def _client(host: str):
     from kfp import Client
 
@@ -160,7 +187,7 @@ def submit(host: str, params: dict, experiment: str = "scalekd", preset: str = "
            pipeline: str = "training") -> str:
     """Create one run on a Kubeflow Pipelines endpoint from the compiled cluster pipeline."""
     arguments = _arguments(params, preset, pipeline, cluster=True)  # checked before the endpoint is contacted
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _endpoint(host):
         path = _compiled(pipeline, params, tmp)
         # enable_caching=None keeps each task's compiled choice (pipelines.tasks: cached only where content-addressed)
         result = _client(host).create_run_from_pipeline_package(
@@ -183,9 +210,9 @@ def schedule(host: str, cron: str, params: dict, experiment: str = "scalekd", pr
     """A recurring run (scheduled retraining). kfp cron has six fields, seconds first; one run at a time."""
     check_cron(cron)
     arguments = _arguments(params, preset, pipeline, cluster=True)
-    client = _client(host)
-    experiment_id = client.create_experiment(experiment).experiment_id
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _endpoint(host):
+        client = _client(host)
+        experiment_id = client.create_experiment(experiment).experiment_id
         path = _compiled(pipeline, params, tmp)
         job = client.create_recurring_run(experiment_id, f"scalekd-{pipeline}-retrain", cron_expression=cron,
                                           max_concurrency=1, no_catchup=True, pipeline_package_path=path,

@@ -563,7 +563,7 @@ def _report(exc: Exception, verbose: bool) -> int:
 # detections file) must not import it to report an error.
 _USER_ERROR_CLASSES = {"scalekd.data.annotations": "DataError", "scalekd.export": "ExportError",
                        "scalekd.train.checkpoint": "CheckpointError", "scalekd.train.loop": "TrainingError",
-                       "scalekd.compare": "CompareError"}
+                       "scalekd.compare": "CompareError", "pipelines.runner": "PipelineError"}
 
 
 def _user_errors() -> tuple[type, ...]:

@@ -247,3 +247,42 @@ def test_a_cron_kubeflow_would_refuse_is_refused_here(cron, capsys):
 @pytest.mark.parametrize("cron", ["0 0 3 * * *", "0 */15 * * * ?", "0 0 3 1-5 jan,jul mon-fri", "30 5 2 1 1 0"])
 def test_ordinary_crons_pass(cron):
     runner.check_cron(cron)
+
+
+def _refusing_server(status: int):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "forbidden by policy"}')
+
+        do_GET = do_POST = _answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("command", [["pipeline", "submit"], ["pipeline", "schedule", "--cron", "0 0 3 * * *"]])
+def test_an_unreachable_or_refusing_kfp_endpoint_is_one_line_naming_it_without_credentials(command, capsys):
+    from scalekd.cli import main
+
+    assert main([*command, "--host", "http://admin:s3cret@127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Kubeflow Pipelines API at http://***@127.0.0.1:9" in err
+    assert "s3cret" not in err and "Traceback" not in err and err.count("\n") == 1
+    server = _refusing_server(403)
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main([*command, "--host", host]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"the Kubeflow Pipelines API at {host} failed its health check" in err and "Traceback" not in err
