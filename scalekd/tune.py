@@ -225,6 +225,8 @@ def _search(request: TuneRequest, shared_storage: bool) -> dict:
     storage_path, filesystem = _experiment_storage(out, shared_storage)
     restore = False if shared_storage else _search_to_resume(os.path.join(storage_path, name), request.resume, out)
     init_ray()
+    if not shared_storage:  # a private local Ray: a trial larger than this machine would wait forever
+        _check_trial_fits(request.cpus_per_trial, cfg.scaling.gpu, ray.cluster_resources())
     # Trials run in their own working directory: hand them absolute local paths.
     base = {"config": request.config, "out": storage.absolute(out), "data": storage.absolute(request.data),
             "teacher": storage.absolute(request.teacher), "student": storage.absolute(request.student),
@@ -311,6 +313,15 @@ def _writable_by_others(path: str) -> str | None:
         if st.st_uid != uid or st.st_mode & 0o022:
             return item
     return None
+
+
+def _check_trial_fits(cpus: int, gpu: bool, have: dict) -> None:
+    cpus_here, gpus_here = have.get("CPU", 0), have.get("GPU", 0)
+    fits = f"a trial that fits this machine ({cpus_here:g} CPUs, {gpus_here:g} GPUs), or a Ray cluster (--ray-address)"
+    if cpus > cpus_here:
+        raise ConfigError("--cpus-per-trial", cpus, fits)
+    if gpu and gpus_here < 1:
+        raise ConfigError("--gpu", True, fits)
 
 
 def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:

@@ -312,3 +312,14 @@ def test_a_trial_whose_worker_dies_is_restarted_from_its_last_rung_and_the_searc
     for trial_dir in glob.glob(os.path.join(out, "trials", "*")):
         assert os.path.exists(os.path.join(trial_dir, ".fault-injected"))  # each died once
         assert json.load(open(os.path.join(trial_dir, "summary.json")))["resumed_from"] > 0
+
+
+def test_a_trial_larger_than_this_machine_is_refused_naming_the_flag():
+    from scalekd.config import ConfigError
+    from scalekd.tune import _check_trial_fits
+
+    _check_trial_fits(2, False, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="--cpus-per-trial.*2 CPUs, 0 GPUs"):
+        _check_trial_fits(4, False, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="--gpu"):
+        _check_trial_fits(1, True, {"CPU": 2.0})

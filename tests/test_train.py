@@ -435,3 +435,12 @@ def test_the_training_loop_steps_and_leaves_the_rest_to_hooks_reading_no_environ
         source = inspect.getsource(function)
         assert "environ" not in source and "getenv" not in source, function.__name__
     assert "hook.before_step" in inspect.getsource(loop._train)
+
+
+def test_a_worker_group_this_machine_cannot_hold_is_refused_instead_of_waiting_forever(synth_root, tmp_path):
+    need = 4 * (os.cpu_count() or 1)
+    proc = _cli("train-teacher", "--preset", "tiny", "--data", synth_root, "--out", str(tmp_path / "t"),
+                "--workers", "4", "--set", f"scaling.cpus_per_worker={os.cpu_count()}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"needs {need} CPUs" in proc.stderr and "--ray-address" in proc.stderr
+    assert not (tmp_path / "t" / "model.pt").exists()

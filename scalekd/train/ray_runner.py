@@ -83,6 +83,8 @@ def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
+    if not os.environ.get("RAY_ADDRESS"):
+        _check_fits_this_machine(s)
     # Named from the output and the inputs, not a timestamp: a rerun of the same stage finds the same run (and its
     # checkpoints); other inputs at the same output get another.
     name = f"scalekd-{request.stage}-{hashlib.sha1((request.out + inputs_key(request)).encode()).hexdigest()[:12]}"
@@ -107,6 +109,23 @@ def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
                   "run": f"{storage_path}/{name}"}
     storage.write_json(storage.join(request.out, "ray_result.json"), ray_result)
     return {**summary, "ray": ray_result}
+
+
+def _check_fits_this_machine(s) -> None:
+    """A private local Ray has this machine's CPUs and GPUs and nothing will be added: a worker group that cannot
+    fit would wait for resources forever, so it is refused (a cluster's autoscaler may add nodes: not checked)."""
+    import ray
+
+    fewest = s.min_workers or s.workers
+    have = ray.cluster_resources()
+    need = {"CPU": fewest * s.cpus_per_worker, "GPU": fewest if s.gpu else 0}
+    short = [f"{need[r]:g} {r}s" for r in need if need[r] > have.get(r, 0)]
+    if short:
+        raise TrainingError(
+            f"scaling.workers={s.workers} (at least {fewest}) x scaling.cpus_per_worker={s.cpus_per_worker}"
+            f"{' with a GPU each' if s.gpu else ''} needs {' and '.join(short)}; this machine has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs. Use fewer workers (--workers), fewer CPUs "
+            "per worker (--set scaling.cpus_per_worker=N), or a Ray cluster (--ray-address)")
 
 
 def ray_storage(out: str) -> tuple[str, object | None]:
