@@ -24,6 +24,7 @@ PAIRINGS = ("scale_aligned", "same_level")
 ASSIGNERS = ("max_iou", "atss")  # RetinaNet's anchor assignment (scalekd.models.parts.DetectorParts.match)
 BOX_LOSSES = ("l1", "giou")  # RetinaNet's box regression loss (torchvision's _box_loss)
 ONE_STAGE = ("retinanet", "fcos")
+MAX_FPN_CHANNELS = 2048  # 8x torchvision's 256: beyond it a model is a typo that would exhaust memory, not a design
 # Paper, section 4.1: loss weights (alpha, beta, gamma) per detector family.
 PAPER_WEIGHTS = {"one_stage": (0.01, 0.2, 0.05), "two_stage": (0.07, 0.5, 0.2)}
 
@@ -547,8 +548,8 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.detector in DETECTORS, "model.detector", m.detector, f"one of {DETECTORS}")
     _check(m.student_backbone in BACKBONES, "model.student_backbone", m.student_backbone, f"one of {BACKBONES}")
     _check(m.teacher_backbone in BACKBONES, "model.teacher_backbone", m.teacher_backbone, f"one of {BACKBONES}")
-    _check(m.fpn_channels >= 8 and m.fpn_channels % 8 == 0, "model.fpn_channels", m.fpn_channels,
-           "a multiple of 8, at least 8")
+    _check(8 <= m.fpn_channels <= MAX_FPN_CHANNELS and m.fpn_channels % 8 == 0, "model.fpn_channels",
+           m.fpn_channels, f"a multiple of 8 from 8 to {MAX_FPN_CHANNELS}")
     # torchvision's FCOS head normalises with GroupNorm(32, channels): other widths fail deep inside its constructor.
     _check(m.detector != "fcos" or m.fpn_channels % 32 == 0, "model.fpn_channels", m.fpn_channels,
            "a multiple of 32 with model.detector=fcos (its head's GroupNorm has 32 groups)")

@@ -11,6 +11,7 @@ The tests that guard it: tests/test_geometry.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,29 @@ class DetectorSpec:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def problems(self) -> list[str]:
+        """What in a spec read from a model file no detector of ours has: unknown names, sizes or widths out of
+        range, non-numbers. Checked before anything is built, so an altered file cannot make us allocate a
+        model of any size it likes."""
+        from scalekd.config import BACKBONES, DETECTORS, MAX_FPN_CHANNELS
+
+        def whole(v, lo: int, hi: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        def number(v, lo: float, hi: float) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+        checks = {"detector": self.detector in DETECTORS, "backbone": self.backbone in BACKBONES,
+                  "num_classes": whole(self.num_classes, 1, 100_000),
+                  "fpn_channels": whole(self.fpn_channels, 8, MAX_FPN_CHANNELS),
+                  "min_size": whole(self.min_size, 32, 16_384),
+                  "max_size": whole(self.max_size, 32, 32_768) and self.max_size >= self.min_size,
+                  "anchor_scale": number(self.anchor_scale, 1e-3, 64), "min_level": self.min_level in (2, 3),
+                  "size_divisible": whole(self.size_divisible, 32, 256),
+                  "positive_iou": number(self.positive_iou, 0, 1),
+                  "negative_iou": number(self.negative_iou, 0, 1) and self.negative_iou <= self.positive_iou}
+        return [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
 
     @property
     def strides(self) -> tuple[int, ...]:

@@ -444,3 +444,26 @@ def test_a_worker_group_this_machine_cannot_hold_is_refused_instead_of_waiting_f
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"needs {need} CPUs" in proc.stderr and "--ray-address" in proc.stderr
     assert not (tmp_path / "t" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("field, value", [("fpn_channels", 1 << 20), ("min_size", 10 ** 9), ("num_classes", -3),
+                                          ("backbone", "resnet1000"), ("anchor_scale", float("nan")),
+                                          ("fpn_channels", True), ("negative_iou", 0.9)])
+def test_a_model_file_whose_spec_is_out_of_range_is_refused_before_anything_is_built(tiny_cfg, tmp_path, monkeypatch,
+                                                                                     field, value):
+    cfg = replace(tiny_cfg, train={"warmup_iterations": 1})
+    run_stage(StageRequest("warmup", cfg.to_dict(), tiny_cfg.data.root, str(tmp_path / "w")))
+    blob = ckpt.load(str(tmp_path / "w" / "model.pt"))
+    blob["spec"][field] = value
+    ckpt.save(blob, str(tmp_path / "altered.pt"))
+    monkeypatch.setattr(ckpt, "build_detector", lambda spec: pytest.fail("built a model from an altered spec"))
+    with pytest.raises(ckpt.CheckpointError, match=f"out of range .*{field}=") as err:
+        ckpt.load_model(str(tmp_path / "altered.pt"))
+    assert len(str(err.value)) < 400
+
+
+def test_a_huge_fpn_width_is_refused_in_the_config():
+    from scalekd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.fpn_channels.*to 2048"):
+        load_config(preset="tiny", overrides=["model.fpn_channels=1048576"])

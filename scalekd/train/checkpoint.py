@@ -82,6 +82,10 @@ def load_model(uri: str, expect: DetectorSpec | None = None) -> tuple[torch.nn.M
         spec = DetectorSpec(**blob["spec"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{uri}: its stored spec is unreadable ({exc}); re-export the model") from None
+    wrong = spec.problems()
+    if wrong:
+        raise CheckpointError(f"{uri}: its stored spec is out of range ({', '.join(wrong)}); the file was altered or "
+                              "written by other code") from None
     if expect is not None:
         mine = (expect.detector, expect.backbone, expect.num_classes, expect.fpn_channels, expect.min_level)
         theirs = (spec.detector, spec.backbone, spec.num_classes, spec.fpn_channels, spec.min_level)
