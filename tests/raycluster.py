@@ -63,6 +63,7 @@ class LocalRayCluster:
     cpus_per_worker: int = 1
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     nodes: list[Node] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)  # nodes this session killed (Ray marks them dead only later)
 
     def __post_init__(self):
         self.tmp = tempfile.mkdtemp(prefix="rkc", dir="/tmp")  # short: unix socket paths stay under 107 chars
@@ -178,6 +179,7 @@ class LocalRayCluster:
         node = next(n for n in self.nodes if n.name == name)
         pid = node.raylet_pid()
         os.kill(pid, signal.SIGKILL)
+        self.killed.append(name)
         return pid
 
     def stop(self) -> None:
