@@ -58,7 +58,42 @@ def held(out: str, what: str) -> Iterator[None]:
 
 
 def _take(out: str, uri: str, me: dict, lease_s: float) -> None:
+    if storage.is_s3(uri):
+        return _take_s3(out, uri, me, lease_s)
     holder = _read(uri)
+    _refuse_unless_lapsed(out, uri, holder, lease_s)
+    os.makedirs(os.path.dirname(uri), exist_ok=True)
+    if holder is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(uri)
+    try:  # O_EXCL: of two runs starting together, one creates the file and the other is refused
+        fd = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return _take(out, uri, me, lease_s)
+    with os.fdopen(fd, "w") as f:
+        json.dump({**me, "renewed": time.time()}, f)
+
+
+def _take_s3(out: str, uri: str, me: dict, lease_s: float) -> None:
+    """Create the lease only if there is none (If-None-Match), or replace a lapsed one only if it is still the one
+    read (If-Match): of two runs starting together exactly one writes it, the other reads the winner and is refused."""
+    current = storage.read_s3_with_etag(uri)
+    holder = _parse(current[0]) if current is not None else None
+    if holder is not None and _is(holder, me):
+        me["etag"] = current[1]  # a retried create that had succeeded: the lease is already ours
+        return
+    _refuse_unless_lapsed(out, uri, holder, lease_s)
+    try:
+        me["etag"] = storage.write_s3_if(uri, _lease_bytes(me), current[1] if current is not None else None)
+    except storage.PreconditionFailed:
+        return _take_s3(out, uri, me, lease_s)  # another run wrote it between our read and our write
+    time.sleep(0.2)  # a server that ignores the conditions: the last writer wins, so check who did
+    winner = _read(uri)
+    if winner is None or not _is(winner, me):
+        raise storage.StorageError(f"{uri}: another run took this output at the same moment; give another --out")
+
+
+def _refuse_unless_lapsed(out: str, uri: str, holder: dict | None, lease_s: float) -> None:
     if holder is not None and not _lapsed(holder, lease_s):
         raise storage.StorageError(
             f"{out} is held by another run ({holder.get('what')}, process "
@@ -68,30 +103,28 @@ def _take(out: str, uri: str, me: dict, lease_s: float) -> None:
     if holder is not None:
         log.warning("%s: taking over the lease of %s (process %s on %s), which lapsed", uri, holder.get("what"),
                     holder.get("pid"), holder.get("host"))
-    if not storage.is_s3(uri):
-        os.makedirs(os.path.dirname(uri), exist_ok=True)
-        if holder is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(uri)
-        try:  # O_EXCL: of two runs starting together, one creates the file and the other is refused
-            fd = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return _take(out, uri, me, lease_s)
-        with os.fdopen(fd, "w") as f:
-            json.dump({**me, "renewed": time.time()}, f)
-        return
-    storage.write_json(uri, {**me, "renewed": time.time()})
-    time.sleep(0.2)  # S3 has no create-if-absent everywhere: the last writer wins, so check who did
-    winner = _read(uri)
-    if winner is None or (winner.get("host"), winner.get("pid"), winner.get("since")) != \
-            (me["host"], me["pid"], me["since"]):
-        raise storage.StorageError(f"{uri}: another run took this output at the same moment; give another --out")
+
+
+def _is(holder: dict, me: dict) -> bool:
+    return (holder.get("host"), holder.get("pid"), holder.get("since")) == (me["host"], me["pid"], me["since"])
+
+
+def _lease_bytes(me: dict) -> bytes:
+    return storage.json_text({k: v for k, v in me.items() if k != "etag"} | {"renewed": time.time()}).encode()
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = None
+    return holder if isinstance(holder, dict) else {"what": "unreadable lease", "renewed": 0.0}
 
 
 def _read(uri: str) -> dict | None:
     try:
-        return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
-    except (ValueError, storage.StorageError):
+        return _parse(storage.read_bytes(uri)) if storage.exists(uri) else None
+    except storage.StorageError:
         return {"what": "unreadable lease", "renewed": 0.0}  # a torn or foreign file: lapsed
 
 
@@ -111,7 +144,14 @@ def _lapsed(holder: dict, lease_s: float) -> bool:
 def _renew(uri: str, me: dict, lease_s: float, stop: threading.Event) -> None:
     while not stop.wait(lease_s / 3):
         try:
-            storage.write_json(uri, {**me, "renewed": time.time()})
+            if storage.is_s3(uri):  # only while it is still ours: a run that stalled past the lease may have lost it
+                me["etag"] = storage.write_s3_if(uri, _lease_bytes(me), me.get("etag"))
+            else:
+                storage.write_json(uri, {**me, "renewed": time.time()})
+        except storage.PreconditionFailed:
+            log.error("%s: another run took over this output's lease after ours lapsed; this run no longer holds "
+                      "it and its writes may mix with the other's", uri)
+            return
         except (storage.StorageError, OSError) as exc:  # the next renewal may succeed; the lease says how old it is
             log.warning("%s: could not renew the lease (%s)", uri, exc)
 

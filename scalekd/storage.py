@@ -32,6 +32,10 @@ class StorageError(RuntimeError):
     """An artifact could not be read or written; the message names the URI and what to do."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional S3 write found the object other than the condition said (created, or changed, meanwhile)."""
+
+
 def configure(endpoint_url: str = "", region: str = "") -> None:
     """Set the S3 endpoint used when AWS_ENDPOINT_URL is not set (from the config's storage section; credentials
     in it are adopted, see ``adopt_endpoint``)."""
@@ -228,6 +232,8 @@ def _s3_error(uri: str, exc: Exception, attempts: int = 1, elapsed: float = 0.0)
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
             return StorageError(f"{uri}: the S3 server rejected the credentials ({code}); check "
                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
+        if code in ("PreconditionFailed", "412"):
+            return PreconditionFailed(f"{uri}: changed by another writer since it was read (S3 {code})")
         return StorageError(f"{uri}: S3 error {code}: {exc.response.get('Error', {}).get('Message', '')}")
     return StorageError(f"{uri}: {type(exc).__name__}: {redact(str(exc))}")
 
@@ -328,6 +334,30 @@ def read_bytes(uri: str, cache: bool = False) -> bytes:
         return _s3_call(uri, lambda: _s3_body(uri, client.get_object(Bucket=p.bucket, Key=p.key)))
     with open(regular_file(uri), "rb") as f:
         return f.read()
+
+
+def read_s3_with_etag(uri: str) -> tuple[bytes, str] | None:
+    """An S3 object's bytes and ETag (for a conditional write back), or None when there is none."""
+    p = S3Path.parse(uri)
+    client = _client()
+    try:
+        return _s3_call(uri, lambda: (lambda r: (_s3_body(uri, r), r["ETag"]))(
+            client.get_object(Bucket=p.bucket, Key=p.key)))
+    except StorageError as exc:
+        if "no such object" in str(exc):
+            return None
+        raise
+
+
+def write_s3_if(uri: str, data: bytes, etag: str | None) -> str:
+    """Write an S3 object only if it still has ``etag``, or (None) does not exist yet; its new ETag.
+    PreconditionFailed when another writer came first. A server without conditional writes ignores the condition:
+    callers that depend on it read back what they wrote."""
+    p = S3Path.parse(uri)
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    response = _s3_call(uri, _client().put_object, transfer_bytes=len(data), Bucket=p.bucket, Key=p.key, Body=data,
+                        **condition)
+    return response["ETag"]
 
 
 def _s3_body(uri: str, response: dict) -> bytes:

@@ -88,3 +88,45 @@ def test_an_interrupted_whole_write_leaves_the_previous_output_as_it_was(out, mo
     outputs.write_whole(out, {"model.onnx": b"new model", "model_card.json": b'{"v": "new"}'})
     assert outputs.check_whole(out) == ["model.onnx", "model_card.json"]
     assert storage.read_bytes(storage.join(out, "model.onnx")) == b"new model"
+
+
+def test_of_two_runs_that_both_saw_no_lease_on_s3_only_one_takes_it(s3, monkeypatch):
+    """The race itself, made certain: both runs read "no lease"; the other run's write lands between our read and
+    ours. The create-if-absent write (If-None-Match) then fails, and we read the winner and are refused."""
+    out = f"s3://{s3['bucket']}/outputs/race"
+    lease = storage.join(out, outputs.LEASE_NAME)
+    real_read = storage.read_s3_with_etag
+    calls = []
+
+    def read_then_lose_the_race(uri):
+        calls.append(uri)
+        if len(calls) == 1:
+            storage.write_json(lease, {"host": "other-pod", "pid": 7, "what": "stage teacher", "since": 1.0,
+                                       "renewed": time.time()})
+            return None  # what we saw before the other run wrote
+        return real_read(uri)
+
+    monkeypatch.setattr(storage, "read_s3_with_etag", read_then_lose_the_race)
+    refused = pytest.raises(storage.StorageError, match=r"held by another run \(stage teacher, process 7 on other-pod")
+    with refused, outputs.held(out, "stage warmup"):
+        pass
+    assert json.loads(storage.read_text(lease))["host"] == "other-pod"  # theirs, not overwritten
+
+
+def test_a_lapsed_s3_lease_is_replaced_only_if_it_is_still_the_one_read(s3, monkeypatch):
+    out = f"s3://{s3['bucket']}/outputs/takeover"
+    lease = storage.join(out, outputs.LEASE_NAME)
+    storage.write_json(lease, {"host": "gone-pod", "pid": 1, "what": "stage teacher", "since": 0.0, "renewed": 0.0})
+    real_write = storage.write_s3_if
+    raced = []
+
+    def another_takes_it_first(uri, data, etag):
+        if not raced:  # a second run replaced the lapsed lease after we read it
+            raced.append(True)
+            storage.write_json(lease, {"host": "fast-pod", "pid": 2, "what": "stage teacher", "since": 2.0,
+                                       "renewed": time.time()})
+        return real_write(uri, data, etag)
+
+    monkeypatch.setattr(storage, "write_s3_if", another_takes_it_first)
+    with pytest.raises(storage.StorageError, match="process 2 on fast-pod"), outputs.held(out, "stage warmup"):
+        pass
