@@ -103,6 +103,21 @@ def trace(names: tuple[str, ...] = tuple(TRACED)) -> dict:
     return out
 
 
+def numerics_probe() -> list[float]:
+    """A few torch kernels the trace runs (conv, norms, linear, their gradients) on seeded data, one thread: the same
+    numbers to the last bit only where this machine's kernels are the recording machine's. The CPU's name and ISA
+    do not decide that (oneDNN picks kernels per microarchitecture), this does."""
+    from torch import nn
+
+    with _one_thread():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+                            nn.GroupNorm(8, 32), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16 * 16, 10))
+        out = net(torch.randn(4, 3, 32, 32))
+        out.square().mean().backward()
+        return [float(out.detach().sum()), *(float(p.grad.double().norm()) for p in net.parameters())]
+
+
 def differences(recorded: dict, now: dict, rtol: float) -> list[str]:
     """Where ``now`` departs from ``recorded``: a missing entry, another stage key, or a number beyond ``rtol``."""
     found = []
@@ -133,7 +148,8 @@ def main() -> None:
     now = trace()
     if args.write:
         with open(TRACE_FILE, "w") as f:
-            json.dump({"numerics": {**numerics(), "threads": 1}, "trace": now}, f, indent=1, sort_keys=True)
+            json.dump({"numerics": {**numerics(), "threads": 1}, "probe": numerics_probe(), "trace": now}, f,
+                      indent=1, sort_keys=True)
         print(f"wrote {TRACE_FILE}")
         return
     with open(TRACE_FILE) as f:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.common import numerics
-from tests.golden import TRACE_FILE, TRACED, differences, trace
+from tests.golden import TRACE_FILE, TRACED, differences, numerics_probe, trace
 
 # Seeded CPU runs repeat to the last digit only under the same torch build, vector ISA and thread count. Elsewhere
 # the rounding differences grow through the tiny preset's few steps to several percent within 6 iterations (measured
@@ -32,9 +32,10 @@ def test_the_trace_covers_every_method_and_every_detector(recorded):
 
 def test_every_method_reproduces_its_recorded_losses_and_stage_keys(recorded):
     here, then = ({k: n.get(k) for k in NUMERICS} for n in (numerics(), recorded["numerics"]))
-    if here != then:
-        pytest.skip(f"the trace was recorded under {then}, this machine is {here}; re-record it here with "
-                    "python -m tests.golden --write before a refactor, and compare after")
+    if here != then or numerics_probe() != recorded["probe"]:
+        pytest.skip(f"the trace was recorded under other numerics ({then}; this machine: {here}, or its kernels "
+                    "compute the probe otherwise); re-record it here with python -m tests.golden --write before a "
+                    "refactor, and compare after")
     found = differences(recorded["trace"], trace(), 1e-6)
     assert not found, "the golden trace moved (python -m tests.golden --write re-records it after a change " \
                       "meant to move numbers):\n" + "\n".join(found[:20])
