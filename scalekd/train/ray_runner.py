@@ -39,8 +39,21 @@ def init_ray(num_cpus: int | None = None) -> None:
     # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner polls to free a dead
     # controller's resources (without it, that safety net fails with a warning every few seconds). On 127.0.0.1
     # and a free port, never 8265: another job's cluster on this machine may want it. About 3 s of start-up.
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True, configure_logging=False)
+    # A free port can be taken by another process between our check and the dashboard's bind: then again, on another.
+    for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True, configure_logging=False)
+            return
+        except Exception as exc:
+            taken = "address already in use" in str(exc) or "already occupied" in str(exc)  # Ray's two wordings
+            if not taken or attempt == DASHBOARD_ATTEMPTS:
+                raise
+            ray.shutdown()
+            log.info("the local Ray dashboard's port was taken before it bound (attempt %d); another port", attempt)
+
+
+DASHBOARD_ATTEMPTS = 3
 
 
 class RayTrainHooks(StageHooks):
