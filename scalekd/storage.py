@@ -32,6 +32,10 @@ class StorageError(RuntimeError):
     """An artifact could not be read or written; the message names the URI and what to do."""
 
 
+class NoSuchObject(StorageError):
+    """The S3 object (or key) is not there."""
+
+
 class PreconditionFailed(StorageError):
     """A conditional S3 write found the object other than the condition said (created, or changed, meanwhile)."""
 
@@ -225,7 +229,7 @@ def _s3_error(uri: str, exc: Exception, attempts: int = 1, elapsed: float = 0.0)
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"{uri}: no such object; check the path, or run the stage that writes it")
+            return NoSuchObject(f"{uri}: no such object; check the path, or run the stage that writes it")
         if code == "NoSuchBucket":
             bucket = S3Path.parse(uri).bucket
             return StorageError(f"{uri}: bucket '{bucket}' does not exist; create it or fix the URI")
@@ -343,10 +347,8 @@ def read_s3_with_etag(uri: str) -> tuple[bytes, str] | None:
     try:
         return _s3_call(uri, lambda: (lambda r: (_s3_body(uri, r), r["ETag"]))(
             client.get_object(Bucket=p.bucket, Key=p.key)))
-    except StorageError as exc:
-        if "no such object" in str(exc):
-            return None
-        raise
+    except NoSuchObject:
+        return None
 
 
 def write_s3_if(uri: str, data: bytes, etag: str | None) -> str:

@@ -105,6 +105,7 @@ class Metrics(LoopHook):
         (self.start, self.end), self.images_per_step, self.learning_rate = span, images_per_step, learning_rate
         self.t0 = time.perf_counter()
         self.last: dict = {}
+        self.logged_at = -1  # the iteration of ``last``
 
     def after_step(self, done: int, terms: dict) -> None:
         if done % self.interval and done != self.end:
@@ -116,7 +117,7 @@ class Metrics(LoopHook):
         self.log.write(done, values)
         if self.report is not None:
             self.report({"iteration": done, **values})
-        self.last = values
+        self.last, self.logged_at = values, done
 
 
 class Progress(LoopHook):
@@ -130,8 +131,7 @@ class Progress(LoopHook):
                         dynamic_ncols=True, disable=os.environ.get("SCALEKD_NO_PROGRESS") == "1")
 
     def after_step(self, done: int, terms: dict) -> None:
-        if self.metrics.last and self.metrics.last is not getattr(self, "_shown", None):
-            self._shown = self.metrics.last
+        if self.metrics.logged_at == done:
             self.bar.set_postfix(loss=f"{self.metrics.last.get('loss/total', 0.0):.3f}")
         self.bar.update(1)
 
