@@ -42,9 +42,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m unit tests
 
-# ruff with RUF100: a noqa that silences nothing is an error too.
+# ruff with RUF100: a noqa that silences nothing is an error too; mypy on the library (pyproject.toml's [tool.mypy]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check scalekd components pipelines tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/machine.py && $(PY) benchmarks/cost.py && $(PY) benchmarks/eval_speed.py && $(PY) benchmarks/loader.py \

@@ -39,7 +39,7 @@ from scalekd.data.convert import convert_visdrone, convert_yolo, tile_coco
 from scalekd.data.holdout import image_source
 from scalekd.data.synth import ensure_synthetic
 from scalekd.eval.evaluate import evaluate_models
-from scalekd.train.loop import StageRequest, run_stage
+from scalekd.train.stage import StageRequest, run_stage
 from scalekd.train.memory_format import use_channels_last
 from scalekd.distill.methods import method_class
 

@@ -57,7 +57,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from scalekd.train.loop import StageRequest
+    from scalekd.train.stage import StageRequest
     from scalekd.train.ray_runner import launch
 
     cfg = _load(args)

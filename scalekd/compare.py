@@ -82,7 +82,7 @@ class CompareRequest:
 def variant_config(base: Config, name: str) -> Config:
     """The variant's config: its overrides of ``distill`` on the base config."""
     overrides = VARIANTS[name]
-    if overrides == "paper":
+    if isinstance(overrides, str):  # "paper": the paper's recipe for this student
         overrides = {"recipe": "paper", **paper_recipe(base.model.student_min_level)}
     return replace(base, distill=overrides)
 
@@ -169,7 +169,7 @@ def _distil_seed(cfg: Config, request: CompareRequest, models: dict[str, str], s
 
 def _launch(stage: str, cfg: Config, request: CompareRequest, out: str, teacher: str = "",
             student: str = "") -> dict:
-    from scalekd.train.loop import StageRequest
+    from scalekd.train.stage import StageRequest
     from scalekd.train.ray_runner import launch
 
     return launch(StageRequest(stage, cfg.to_dict(), request.data, out, teacher=teacher, student_init=student),

@@ -34,7 +34,7 @@ def comparisons(results: dict[str, list[dict]]) -> list[dict]:
     for theirs in results:
         if theirs == ours:
             continue
-        entry = {"ours": ours, "theirs": theirs, "metrics": {}}
+        entry: dict = {"ours": ours, "theirs": theirs, "metrics": {}}
         for key in _paired_keys(results[ours]):
             diffs = paired_differences(results[ours], results[theirs], key)
             if diffs:

@@ -384,13 +384,13 @@ def load_config(path: str | None = None, preset: str | None = None,
         if preset not in PRESETS:
             raise ConfigError("preset", preset, f"one of {', '.join(PRESETS)}")
         merged = copy.deepcopy(PRESETS[preset])
-    if path is not None or text is not None:
-        if text is None:
-            from scalekd import storage
+    if text is None and path is not None:
+        from scalekd import storage
 
-            if not storage.is_s3(path) and os.path.isdir(path):
-                raise ConfigError("--config", path, "is a folder; give a YAML file")
-            text = storage.read_text(path)  # names the file and the byte when it is not UTF-8
+        if not storage.is_s3(path) and os.path.isdir(path):
+            raise ConfigError("--config", path, "is a folder; give a YAML file")
+        text = storage.read_text(path)  # names the file and the byte when it is not UTF-8
+    if text is not None:
         try:
             loaded = parse_yaml(text) or {}
         except yaml.YAMLError as exc:
@@ -416,7 +416,8 @@ def apply_recipe(raw: dict) -> dict:
     """``distill.recipe=paper``: the paper's settings beneath whatever the raw config sets itself."""
     distill = raw.get("distill")
     if isinstance(distill, dict) and distill.get("recipe") == "paper":
-        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        model = raw.get("model")
+        model = model if isinstance(model, dict) else {}
         base = paper_recipe(model.get("student_min_level", ModelConfig.student_min_level))
         _deep_update(base, distill)
         raw = {**raw, "distill": base}
@@ -484,7 +485,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
             raise ConfigError(path, value, " or ".join(repr(a) for a in args))
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

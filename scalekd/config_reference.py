@@ -63,7 +63,7 @@ def _section(prefix: str, cls: type, node: ast.ClassDef, lines: list[str]) -> st
 
 def _comment(lines: list[str], lineno: int) -> str:
     """The comment block right above a field and the comment at the end of its line, joined."""
-    above = []
+    above: list[str] = []
     index = lineno - 2
     while index >= 0 and lines[index].strip().startswith("#"):
         above.insert(0, lines[index].strip().lstrip("#").strip())

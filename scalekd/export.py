@@ -68,8 +68,8 @@ def _dataset_hash(data_root: str, split: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _versions() -> dict:
-    out = {}
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for name in ("scalekd", "torch", "torchvision", "onnx", "onnxruntime", "ray", "kfp"):
         try:
             out[name] = md.version(name)
@@ -169,7 +169,8 @@ def _onnx(model: torch.nn.Module, samples: list[torch.Tensor]) -> tuple[bytes, l
     started = time.perf_counter()
     buf = io.BytesIO()
     with _quiet_export():
-        torch.onnx.export(model, ([samples[0]],), buf, opset_version=ONNX_OPSET, dynamo=False,
+        # A file object is accepted where the annotation says a path.
+        torch.onnx.export(model, ([samples[0]],), buf, opset_version=ONNX_OPSET, dynamo=False,  # type: ignore[arg-type]
                           input_names=["image"], output_names=["boxes", "scores", "labels"])
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     outputs = []

@@ -144,5 +144,5 @@ def resize_like(source: Tensor, like: Tensor) -> Tensor:
     if source.shape[-2:] == like.shape[-2:]:
         return source
     if source.shape[-2] >= like.shape[-2]:
-        return F.adaptive_avg_pool2d(source, like.shape[-2:])
+        return F.adaptive_avg_pool2d(source, (like.shape[-2], like.shape[-1]))
     return F.interpolate(source, size=like.shape[-2:], mode="nearest")

@@ -79,7 +79,7 @@ def _take_s3(out: str, uri: str, me: dict, lease_s: float) -> None:
     read (If-Match): of two runs starting together exactly one writes it, the other reads the winner and is refused."""
     current = storage.read_s3_with_etag(uri)
     holder = _parse(current[0]) if current is not None else None
-    if holder is not None and _is(holder, me):
+    if current is not None and holder is not None and _is(holder, me):
         me["etag"] = current[1]  # a retried create that had succeeded: the lease is already ours
         return
     _refuse_unless_lapsed(out, uri, holder, lease_s)

@@ -71,7 +71,7 @@ def train(config_path: str, stage: str, data_root: str, workdir: str, model_path
           teacher_uri: str = "", student_uri: str = "", method: str = "") -> dict:
     """Run one training stage (Ray Train locally, or a Ray job on ``scaling.ray_address``)."""
     from scalekd.config import replace
-    from scalekd.train.loop import StageRequest
+    from scalekd.train.stage import StageRequest
     from scalekd.train.ray_runner import launch
 
     cfg = read_config(config_path)

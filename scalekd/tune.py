@@ -104,7 +104,7 @@ def rung_stops(cfg: Config, rungs: int) -> list[tuple[int, int]]:
     """Per rung: (the distill stage's iteration to stop at, the student's iterations done by then). The stage
     first runs the assistant alone (``csa.warmup_iterations``), so the rungs split the student's iterations that
     follow it: a rung inside the assistant's warm-up would score the unchanged warm student."""
-    from scalekd.train.loop import stage_iterations
+    from scalekd.train.stage import stage_iterations
 
     student, assistant = stage_iterations(cfg, "distill")
     done = [max(1, student * rung // rungs) for rung in range(1, rungs + 1)]
@@ -120,7 +120,7 @@ def _trial(params: dict) -> None:
     from scalekd.config import config_from_dict
     from scalekd.data.coco import dataset_from_root
     from scalekd.eval.evaluate import evaluate_model
-    from scalekd.train.loop import StageRequest, run_stage
+    from scalekd.train.stage import StageRequest, run_stage
 
     base = params["_base"]
     cfg = replace(config_from_dict(base["config"]), distill=distill_overrides(params))

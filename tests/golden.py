@@ -69,7 +69,7 @@ def _stage(request) -> tuple[list[dict], str]:
     model files (the key holds the config, whose ``data.root`` here is a temporary folder, and the bytes of the
     starting models, which hold that folder's name)."""
     from scalekd.train.keys import inputs_key
-    from scalekd.train.loop import run_stage
+    from scalekd.train.stage import run_stage
 
     run_stage(request)
     config = {**request.config, "data": {**request.config["data"], "root": "golden-data"}}
@@ -80,7 +80,7 @@ def _stage(request) -> tuple[list[dict], str]:
 def trace(names: tuple[str, ...] = tuple(TRACED)) -> dict:
     """Teacher and warm student once per detector, then each traced method's distillation from them."""
     from scalekd.data.synth import generate
-    from scalekd.train.loop import StageRequest
+    from scalekd.train.stage import StageRequest
 
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="scalekd-golden-") as tmp, _one_thread():

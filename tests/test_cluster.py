@@ -227,7 +227,7 @@ def storage_exists(s3: dict, key: str) -> bool:
 def test_s3_down_during_a_checkpoint_write_is_retried_then_named_and_the_last_checkpoint_survives(
         s3, tiny_cfg, monkeypatch):
     from scalekd.train import checkpoint as ckpt
-    from scalekd.train.loop import StageRequest, run_stage
+    from scalekd.train.stage import StageRequest, run_stage
 
     out = f"s3://{s3['bucket']}/cluster/s3-down"
     run_stage(StageRequest("teacher", tiny_cfg.to_dict(), tiny_cfg.data.root, out, stop_at=2))

@@ -715,7 +715,7 @@ def test_a_float_image_is_scaled_by_its_range_or_refused(high, expected):
 
 def test_a_training_split_without_objects_is_refused(tmp_path, synth_root):
     from scalekd.config import load_config
-    from scalekd.train.loop import StageRequest, training_images
+    from scalekd.train.stage import StageRequest, training_images
 
     shutil.copytree(synth_root, tmp_path / "d", ignore=shutil.ignore_patterns("images"))
     path = tmp_path / "d" / "annotations" / "instances_train.json"

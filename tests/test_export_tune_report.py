@@ -11,7 +11,7 @@ import torch
 from scalekd.config import ConfigError, replace
 from scalekd.export import ExportError, compare, export_model
 from scalekd.train import checkpoint as ckpt
-from scalekd.train.loop import StageRequest, run_stage
+from scalekd.train.stage import StageRequest, run_stage
 from scalekd.tune import TuneSpace, distill_overrides, results_table, rung_stops, run_tune
 
 

@@ -14,7 +14,7 @@ from scalekd.eval.predict import predict
 from scalekd.geometry import DetectorSpec, pair_teacher_maps, student_spec, teacher_spec
 from scalekd.models.detectors import build_detector
 from scalekd.models.parts import DetectorParts, atss_match
-from scalekd.train.loop import StageRequest
+from scalekd.train.stage import StageRequest
 from tests.helpers import build_pair, distiller_with_optimizers, tiny_batch, write_coco
 
 P2_RETINANET = DetectorSpec("retinanet", "resnet18", 2, 16, 128, 213, anchor_scale=1.5, min_level=2)
@@ -297,7 +297,8 @@ def test_teacher_ablations_keep_shapes_and_change_what_they_say(tiny_cfg):
 
 @pytest.mark.integration
 def test_the_assigner_and_the_box_loss_reach_the_teacher_and_warmup_stages(tiny_cfg):
-    from scalekd.train.loop import build_stage, detection_step
+    from scalekd.train.stage import build_stage
+    from scalekd.train.loop import detection_step
 
     cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss", "box_loss": "giou"})
     batch = tiny_batch(cfg)

@@ -15,7 +15,7 @@ from scalekd.train import checkpoint as ckpt
 from scalekd.train.schedule import lr_factor
 from scalekd.geometry import student_spec
 from scalekd.train.hooks import POISON_ENV
-from scalekd.train.loop import StageRequest, TrainingError, run_stage
+from scalekd.train.stage import StageRequest, TrainingError, run_stage
 
 
 def _cli(*args, env=None, check=True, cwd=None):
@@ -413,7 +413,7 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
 
 
 def test_a_plain_distill_stage_needs_no_teacher(tiny_cfg, tmp_path):
-    from scalekd.train.loop import build_stage
+    from scalekd.train.stage import build_stage
 
     warm = ckpt.save_model(build_detector(student_spec(tiny_cfg, 4)), student_spec(tiny_cfg, 4), str(tmp_path), [],
                            {})
@@ -431,10 +431,10 @@ def test_the_training_loop_steps_and_leaves_the_rest_to_hooks_reading_no_environ
 
     from scalekd.train import loop
 
-    for function in (loop._train, loop._step):
+    for function in (loop.train, loop._step):
         source = inspect.getsource(function)
         assert "environ" not in source and "getenv" not in source, function.__name__
-    assert "hook.before_step" in inspect.getsource(loop._train)
+    assert "hook.before_step" in inspect.getsource(loop.train)
 
 
 def test_a_worker_group_this_machine_cannot_hold_is_refused_instead_of_waiting_forever(synth_root, tmp_path):

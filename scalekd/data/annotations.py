@@ -120,7 +120,8 @@ def _check_annotation(uri: str, i: int, ann: dict, images: dict, category_ids: s
 
 def _usable_boxes(annotations: list, images: dict) -> tuple[list, dict]:
     """The annotations whose box has positive size and overlaps its image, and the others counted by reason."""
-    kept, dropped = [], {}
+    kept: list = []
+    dropped: dict[str, int] = {}
     for ann in annotations:
         x, y, w, h = ann["bbox"]
         image = images[ann["image_id"]]

@@ -39,9 +39,9 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     Decoded at the image's real bit depth (a 16-bit PNG is scaled by 65535, not clipped at 255) and turned by
     its EXIF orientation, as converters measure its size (``oriented_size``)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             if img.mode == "F":
                 return _float_image(np.asarray(img, dtype=np.float32), name)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -65,7 +65,7 @@ def _float_image(gray: np.ndarray, name: str) -> torch.Tensor:
         raise DataError(f"{name}: a 32-bit float image with values in [{low:g}, {high:g}]; expected [0, 1] or "
                         "[0, 255]: rescale it, or save it as 8- or 16-bit")
     scaled = gray if high <= 1.0 else gray / 255.0
-    return torch.from_numpy(np.ascontiguousarray(scaled)).unsqueeze(0).repeat(3, 1, 1)
+    return torch.from_numpy(np.array(scaled, dtype=np.float32)).unsqueeze(0).repeat(3, 1, 1)  # a writable copy
 
 
 @dataclass

@@ -38,8 +38,11 @@ class DropReport:
     file's ``info.conversion`` and printed by the CLI. Nothing is dropped without a word."""
 
     def __init__(self, source: str):
-        self.source, self.counts, self.examples = source, {}, []
-        self.skipped, self.skipped_examples = {}, []
+        self.source = source
+        self.counts: dict[str, int] = {}
+        self.examples: list[str] = []
+        self.skipped: dict[str, int] = {}
+        self.skipped_examples: list[str] = []
 
     def drop(self, reason: str, where: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -116,7 +119,8 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
         path = os.path.join(ann_dir, txt)
         image_path = _find_image(img_dir, txt[:-4])
         width, height = _image_size(image_path)
-        objects, ignores = [], []
+        objects: list = []
+        ignores: list = []
         for lineno, line in enumerate(storage.read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
@@ -127,11 +131,11 @@ def convert_visdrone(src: str, patches: int = 1, images_out: str | None = None) 
             ignored = category in (0, 11) or not evaluated
             (ignores if ignored else objects).append((bbox, category, f"{path}:{lineno}"))
         tiles = _tiles(width, height, patches)
-        source = _read_upright(image_path) if patches > 1 else None
+        source = _read_upright(image_path) if images_out and patches > 1 else None  # patches > 1 needs images_out
         for t_index, tile in enumerate(tiles):
             image_id = len(out["images"]) + 1
             file_name = os.path.basename(image_path)
-            if source is not None:
+            if source is not None and images_out:
                 stem, suffix = os.path.splitext(file_name)
                 file_name = f"{stem}_p{t_index}{suffix}"
                 _save_crop(source, tile, storage.join(images_out, file_name))

@@ -68,10 +68,10 @@ def holdout_shares(annotation_uri: str, fraction: float) -> dict:
     for ann in data["annotations"]:
         if not (ann.get("iscrowd", 0) or ann.get("ignore", 0)):
             objects[ann["image_id"]] = objects.get(ann["image_id"], 0) + 1
-    shares = {"share": fraction}
+    shares: dict = {"share": fraction}
     for role, stage in (("teacher", "teacher"), ("students", "distill")):
         keep = stage_images(stage, fraction)
-        images = [im for im in data["images"] if keep(im)]
+        images = [im for im in data["images"] if keep is None or keep(im)]
         shares[role] = {"images": len(images), "sources": len({image_source(im) for im in images}),
                         "objects": sum(objects.get(im["id"], 0) for im in images)}
     return shares

@@ -27,7 +27,8 @@ SIZE_MIX = ((0.72, 8, 24), (0.24, 34, 80), (0.04, 100, 140))
 
 def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
     coarse = rng.uniform(40, 150, size=(4, 4, 3)).astype(np.float32)
-    img = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.BILINEAR), np.float32)
+    coarse_image = Image.fromarray(coarse.astype(np.uint8))
+    img = np.asarray(coarse_image.resize((size, size), Image.Resampling.BILINEAR), np.float32)
     img += rng.normal(0, 12, size=(size, size, 3))
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -39,7 +40,7 @@ def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, cls: int, box: tuple[int, int, int, int], colour) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, cls: int, box: tuple[int, ...], colour) -> None:
     x0, y0, x1, y1 = box
     w = x1 - x0
     if cls == 0:

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from scalekd.distill.csa import squared_cell_distance
 from scalekd.distill.distiller import Distiller
+from scalekd.models.detectors import Detector
+from scalekd.distill.methods.scalekd import ScaleKD
 
 TEACHER_ABLATIONS = ("intact", "permuted", "other_image", "zeroed")
 
@@ -44,14 +46,23 @@ def footprint_attention(distiller: Distiller, student_images: list[Tensor], teac
     _, _, _, fpn = parts.features(student_images)
     _, teacher_maps = distiller.teacher_maps(teacher_images)
     student_map = list(fpn.values())[level]
-    teacher_map = distiller.method.assistant_maps_inputs(list(fpn.values()), teacher_maps)[level]
+    method = assistant_method(distiller)
+    teacher_map = method.assistant_maps_inputs(list(fpn.values()), teacher_maps)[level]
     h, w = student_map.shape[-2:]
     ratios = []
-    for weights, (gh, gw) in distiller.csa.attention.attention_weights(student_map, teacher_map):
+    for weights, (gh, gw) in method.csa.attention.attention_weights(student_map, teacher_map):
         nearest = squared_cell_distance(h, w, gh, gw, weights.device).argmin(dim=1)  # [hw]
         own = weights.gather(-1, nearest.view(1, 1, -1, 1).expand(*weights.shape[:2], -1, 1))
         ratios.append(float(own.mean()) * weights.shape[-1])
     return ratios
+
+
+def assistant_method(distiller: Distiller) -> ScaleKD:
+    """The distiller's method, which must have a Cross-Scale Assistant."""
+    method = distiller.method
+    if not isinstance(method, ScaleKD) or method.csa is None:
+        raise ValueError(f"distill.method={distiller.cfg.distill.method} has no Cross-Scale Assistant to run")
+    return method
 
 
 def _student_setting(name: str) -> property:
@@ -86,13 +97,14 @@ class AssistedDetector(nn.Module):
     @torch.no_grad()
     def forward(self, student_images: list[Tensor], teacher_images: list[Tensor]) -> list[dict[str, Tensor]]:
         d = self.distiller
-        student: nn.Module = d.student
+        method = assistant_method(d)
+        student: Detector = d.student
         original_sizes = [tuple(im.shape[-2:]) for im in student_images]
         image_list, _, _, fpn = d.student_parts.features(student_images)
         _, teacher_maps = d.teacher_maps(teacher_images)
         student_maps = ablate_maps(list(fpn.values()), self.student_ablation)
-        maps = d.method.assistant_maps(student_maps, ablate_maps(teacher_maps, self.teacher_ablation))
-        head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, d.assistant_head)
+        maps = method.assistant_maps(student_maps, ablate_maps(teacher_maps, self.teacher_ablation))
+        head_outputs = d.student_parts.predict(maps, list(fpn.keys()), None, method.assistant_head)
         anchors = student.anchor_generator(image_list, maps)
         # As torchvision's RetinaNet/FCOS forward: split per level, then their own post-processing.
         cells = [m.shape[2] * m.shape[3] for m in maps]

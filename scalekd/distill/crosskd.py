@@ -16,6 +16,8 @@ distilled, as in CrossKD. Torchvision's RetinaNet and FCOS heads only (four conv
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,7 +77,7 @@ def _flatten(x: Tensor, per_anchor: int) -> Tensor:
     return x.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, per_anchor)
 
 
-def _outputs(head: nn.Module, cls_features: Tensor, reg_features: Tensor) -> dict[str, Tensor]:
+def _outputs(head: Any, cls_features: Tensor, reg_features: Tensor) -> dict[str, Tensor]:
     """One level's predictions of ``head`` (RetinaNet or FCOS) from its branches' last features."""
     cls_head, reg_head = head.classification_head, head.regression_head
     out = {"cls_logits": _flatten(cls_head.cls_logits(cls_features), cls_head.num_classes)}

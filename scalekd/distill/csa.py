@@ -39,6 +39,7 @@ attention alone; docs/results.md).
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +111,8 @@ class CrossScaleAttention(nn.Module):
         if attention == "multiscale":
             self.aggregate = nn.ModuleList(MultiScaleAggregation(dim, r) for r in self.rates)
             # Eq. 5: V_i = V_i + P(V_i), P a depth-wise 3x3 conv on the pooled grid.
-            self.dwconv = nn.ModuleList(nn.Conv2d(group_dim, group_dim, 3, padding=1, groups=group_dim)
-                                        for _ in self.rates)
+            self.dwconv: nn.ModuleList | None = nn.ModuleList(
+                nn.Conv2d(group_dim, group_dim, 3, padding=1, groups=group_dim) for _ in self.rates)
         else:  # standard cross-attention over every teacher token (Table 6's "plain")
             self.aggregate = nn.ModuleList([nn.LayerNorm(dim)])
             self.dwconv = None
@@ -168,8 +169,9 @@ class CrossScaleAttention(nn.Module):
             length = kv_tokens.shape[1]
             if self.positional == "sine":
                 # Position goes into K only (not V), as in DETR; one Linear holds both projections.
-                weight_k, weight_v = self.kv[g].weight.chunk(2, dim=0)
-                bias_k, bias_v = self.kv[g].bias.chunk(2, dim=0)
+                kv = cast(nn.Linear, self.kv[g])
+                weight_k, weight_v = kv.weight.chunk(2, dim=0)
+                bias_k, bias_v = kv.bias.chunk(2, dim=0)
                 keys_in = kv_tokens + sine_position_encoding(gh, gw, c, kv_tokens.device, kv_tokens.dtype)
                 k, v = F.linear(keys_in, weight_k, bias_k), F.linear(kv_tokens, weight_v, bias_v)
             else:

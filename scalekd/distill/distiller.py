@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -171,7 +172,7 @@ class Distiller(nn.Module):
         weights = {name: kd_scale * w for name, w in self.method.weights.items()}
         check_finite(terms)
         with phase("student_backward_step"):
-            total = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+            total = cast(Tensor, sum(weights.get(name, 1.0) * value.float() for name, value in terms.items()))
             student_update(total, self.student_parameters(), opt)
         logs.update({k: v.detach() for k, v in terms.items()})
         logs["loss/total"] = total.detach()
@@ -182,10 +183,13 @@ class Distiller(nn.Module):
         """The method's assistant alone steps; the student's weights do not move (``distill.csa.warmup_iterations``)."""
         amp = autocast_context(autocast)
         with torch.no_grad(), amp, frozen_batchnorm_statistics(self.student):
-            _, teacher_maps = self._teacher_features(batch)
+            teacher = self._teacher_features(batch)
+            if teacher is None:
+                raise ValueError(f"distill.method={self.cfg.distill.method}: its assistant needs the teacher's maps")
+            _, teacher_maps = teacher
             student_out = self.student_parts.forward_train(batch.student_images, batch.student_targets)
         _, logs = self.method.assistant_step(student_out, teacher_maps, opt, amp, _no_phase)
-        logs["loss/total"] = sum(logs.values())
+        logs["loss/total"] = cast(Tensor, sum(logs.values()))
         return logs
 
     def teacher_maps(self, images_2x: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -16,6 +16,9 @@ class FitNetHint(nn.Module):
     def forward(self, student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
         losses = []
         for s, t in zip(student_maps, teacher_maps):
-            t = F.adaptive_avg_pool2d(t, s.shape[-2:]) if t.shape[-2:] != s.shape[-2:] else t
+            t = F.adaptive_avg_pool2d(t, (s.shape[-2], s.shape[-1])) if t.shape[-2:] != s.shape[-2:] else t
             losses.append(F.mse_loss(self.adapter(s), t))
-        return sum(losses) / len(losses)
+        total = losses[0]
+        for loss in losses[1:]:  # summed in order, as sum() would
+            total = total + loss
+        return total / len(losses)

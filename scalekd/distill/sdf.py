@@ -9,6 +9,7 @@ each branch has its own MLP; the branches are concatenated and compared with one
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class ScaleDecoupledFeatures(nn.Module):
             nn.Sequential(nn.Conv2d(teacher_channels, embed_channels, 1), nn.ReLU(inplace=True),
                           nn.Conv2d(embed_channels, embed_channels, 1))
             for _ in self.dilations)
-        self.teacher_branch = None
+        self.teacher_branch: nn.ModuleDict | None = None
         if teacher_mode == "frozen":
             # Interpretation: the teacher side is a frozen copy of the initial block and MLPs
             # (saved with the module so a resumed run compares against the same projection).
@@ -61,7 +62,8 @@ class ScaleDecoupledFeatures(nn.Module):
                                                  "mlps": copy.deepcopy(self.mlps)})
             self.teacher_branch.requires_grad_(False)
 
-    def embed(self, x: Tensor, blocks: nn.ModuleList, mlps: nn.ModuleList) -> Tensor:
+    def embed(self, x: Tensor, blocks: Any, mlps: Any) -> Tensor:
+        """``blocks`` and ``mlps``: ModuleLists of the bottleneck blocks and the per-branch MLPs."""
         branches = []
         reduced = blocks[0].reduce(x) if self.weight_sharing else None  # one 1x1 reduce for every dilation
         for i, dilation in enumerate(self.dilations):
@@ -72,11 +74,11 @@ class ScaleDecoupledFeatures(nn.Module):
     def forward(self, student_c5: Tensor, teacher_c5: Tensor) -> tuple[Tensor, Tensor]:
         student = self.embed(self.adapter(student_c5), self.blocks, self.mlps)
         with torch.no_grad():
-            if self.teacher_mode == "frozen":
+            if self.teacher_branch is not None:  # teacher_mode "frozen"
                 self.teacher_branch.eval()
-                teacher = self.embed(teacher_c5, self.teacher_branch["blocks"], self.teacher_branch["mlps"])
+                teacher = self.embed(teacher_c5, self.teacher_branch.blocks, self.teacher_branch.mlps)
             else:  # shared: gradient reaches the module only through the student side
                 teacher = self.embed(teacher_c5, self.blocks, self.mlps)
             # The teacher ran at its own (2x) resolution: area-pool it onto the student's grid.
-            teacher = F.adaptive_avg_pool2d(teacher, student.shape[-2:])
+            teacher = F.adaptive_avg_pool2d(teacher, (student.shape[-2], student.shape[-1]))
         return student, teacher

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,8 +12,11 @@ from torch.utils.data import DataLoader
 from scalekd.data.coco import CocoDetection
 from scalekd.data.transforms import DualResolutionCollate
 
+if TYPE_CHECKING:
+    from scalekd.models.detectors import Detector
 
-def configure_for_eval(model: nn.Module, score_threshold: float, max_detections: int) -> None:
+
+def configure_for_eval(model: Detector, score_threshold: float, max_detections: int) -> None:
     if hasattr(model, "roi_heads"):
         model.roi_heads.score_thresh = score_threshold
         model.roi_heads.detections_per_img = max_detections

@@ -94,7 +94,7 @@ def draw_examples(results: list[ModelResult], dataset: CocoDetection, uri: str, 
         image, target = dataset[index]
         base = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8"))
         scale = max(1, 256 // max(base.size))
-        base = base.resize((base.width * scale, base.height * scale), Image.NEAREST)
+        base = base.resize((base.width * scale, base.height * scale), Image.Resampling.NEAREST)
         row = []
         gt = base.copy()
         draw = ImageDraw.Draw(gt)

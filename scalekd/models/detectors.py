@@ -4,6 +4,7 @@ MobileNetV2, randomly initialised (nothing is downloaded), sized per role (teach
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from scalekd.geometry import DetectorSpec, anchor_generator
+
+# A torchvision RetinaNet, FCOS or FasterRCNN. Any: we reach into its submodules (transform, backbone.body, head,
+# roi_heads), which nn.Module's attribute lookup types as Tensor | Module.
+Detector = Any
 
 # End of each stride stage in mobilenet_v2().features: stride 4, 8, 16, 32 (with the 1280-ch conv).
 _MOBILENET_V2_STAGES = {"4": (3, 24), "8": (6, 32), "16": (13, 96), "32": (18, 1280)}
@@ -26,7 +31,7 @@ class LastLevelP6(ExtraFPNBlock):
         super().__init__()
         self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
         nn.init.kaiming_uniform_(self.p6.weight, a=1)
-        nn.init.constant_(self.p6.bias, 0)
+        nn.init.constant_(self.p6.bias, 0.0)  # type: ignore[arg-type]  # a Conv2d made with bias
 
     def forward(self, results: list[torch.Tensor], x: list[torch.Tensor],
                 names: list[str]) -> tuple[list[torch.Tensor], list[str]]:
@@ -59,14 +64,14 @@ def _backbone(name: str, detector: str, fpn_channels: int, min_level: int = 3) -
     raise ValueError(f"unknown backbone {name!r}")
 
 
-def build_detector(spec: DetectorSpec) -> nn.Module:
+def build_detector(spec: DetectorSpec) -> Detector:
     """A torchvision detector; its ``forward(images, targets=None)`` contract is unchanged."""
     model = _build(spec)
     model.transform.size_divisible = spec.size_divisible
     return model
 
 
-def _build(spec: DetectorSpec) -> nn.Module:
+def _build(spec: DetectorSpec) -> Detector:
     backbone = _backbone(spec.backbone, spec.detector, spec.fpn_channels, spec.min_level)
     common = dict(min_size=spec.min_size, max_size=spec.max_size)
     anchors = anchor_generator(spec)
@@ -106,12 +111,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+def backbone_parameters(model: Detector) -> list[nn.Parameter]:
     """The backbone body (not the FPN): what student warm-up freezes."""
     return list(model.backbone.body.parameters())
 
 
-def last_stage_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, OrderedDict]:
+def last_stage_features(model: Detector, images: torch.Tensor) -> tuple[torch.Tensor, OrderedDict]:
     """(C5 [N, C, H/32, W/32], FPN maps) of a batched, normalised image tensor."""
     body = model.backbone.body(images)
     c5 = list(body.values())[-1]

@@ -9,6 +9,7 @@ predictions are scored by exactly the student's loss. It adds no parameters and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
-from scalekd.models.detectors import last_stage_features
+from scalekd.models.detectors import Detector, last_stage_features
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DetectorParts:
         """``assigner``: how RetinaNet's anchors get their ground truth: ``max_iou`` (torchvision's matcher,
         0.4/0.5 with low-quality matches) or ``atss`` (adaptive per object, ``atss_match`` with ``atss_topk``
         candidate cells per level). FCOS and Faster R-CNN keep their own assignment."""
-        self.model = model
+        self.model: Detector = model
         self.assigner = assigner
         self.atss_topk = atss_topk
         if isinstance(model, RetinaNet):
@@ -133,16 +134,19 @@ class DetectorParts:
         roi = self.model.roi_heads
         return nn.ModuleDict({"box_head": roi.box_head, "box_predictor": roi.box_predictor})
 
-    def predict(self, maps: list[Tensor], names: list[str], ctx: StepContext,
+    def predict(self, maps: list[Tensor], names: list[str], ctx: StepContext | None,
                 head: nn.Module | None = None) -> dict[str, Tensor]:
         """Head outputs for FPN maps on the context's anchors (dense) or sampled proposals (RoI).
 
-        ``head`` (shaped like ``prediction_head()``) runs other weights on the same anchors/proposals."""
+        ``head`` (shaped like ``prediction_head()``) runs other weights on the same anchors/proposals; a dense
+        head needs no context."""
         if self.one_stage:
             return (head or self.model.head)(maps)
+        if ctx is None:
+            raise ValueError("RoI predictions need the step's context (its sampled proposals)")
         roi = self.model.roi_heads
-        box_head, box_predictor = ((head["box_head"], head["box_predictor"]) if head is not None
-                                   else (roi.box_head, roi.box_predictor))
+        weights: Any = head if head is not None else roi  # both hold a box_head and a box_predictor
+        box_head, box_predictor = weights.box_head, weights.box_predictor
         features = dict(zip(names, maps))
         pooled = roi.box_roi_pool(features, ctx.proposals, ctx.image_sizes)
         class_logits, box_regression = box_predictor(box_head(pooled))
@@ -219,13 +223,13 @@ def atss_match(gt_boxes: Tensor, anchors: Tensor, cells_per_level: list[int], to
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
     distances = torch.cdist((gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2, anchor_centers)  # [G, N]
     per_cell = anchors.size(0) // sum(cells_per_level)
-    candidates, start = [], 0
+    per_level, start = [], 0
     for count in (cells * per_cell for cells in cells_per_level):
         nearest = distances[:, start:start + count].topk(min(topk_cells * per_cell, count), dim=1,
                                                          largest=False).indices
-        candidates.append(nearest + start)
+        per_level.append(nearest + start)
         start += count
-    candidates = torch.cat(candidates, dim=1)  # [G, K]
+    candidates = torch.cat(per_level, dim=1)  # [G, K]
     candidate_ious = ious.gather(1, candidates)
     threshold = candidate_ious.mean(dim=1, keepdim=True) + candidate_ious.std(dim=1, keepdim=True)
     cx, cy = anchor_centers[candidates, 0], anchor_centers[candidates, 1]  # [G, K]

@@ -18,7 +18,7 @@ from scalekd.config import Config
 from scalekd.net import free_port
 from scalekd.train import checkpoint as ckpt
 from scalekd.train.keys import inputs_key
-from scalekd.train.loop import StageHooks, StageRequest, TrainingError, completed_summary, run_stage
+from scalekd.train.stage import StageHooks, StageRequest, TrainingError, completed_summary, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_with_ray_train(request: StageRequest, cfg: Config) -> dict:
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=request.to_dict(),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.gpu,  # type: ignore[arg-type]  # (min, max): elastic
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -181,7 +181,7 @@ def _auth_env() -> None:
         (Path.home() / ".ray" / "auth_token").exists()
     if has_token and os.environ.get("RAY_AUTH_MODE", "disabled") == "disabled":
         os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]  # compiled, without stubs
 
         Config.initialize("")  # Ray reads the mode into its config once; read it again
 

@@ -16,8 +16,10 @@ from scalekd.distill.methods.crosskd import CROSSKD_WEIGHTS
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from scalekd.models.detectors import Detector
 
-def c5_channels(model: nn.Module) -> int:
+
+def c5_channels(model: Detector) -> int:
     import torch
 
     with torch.no_grad():
@@ -102,7 +104,7 @@ class ScaleKD(DistillMethod):
         head = list(self.assistant_head.parameters()) if self.assistant_head is not None else []
         if c.head_lr is None:
             return [{"params": list(self.csa.parameters()) + head}] if c.lr > 0 else []
-        groups = [{"params": list(self.csa.parameters())}] if c.lr > 0 else []
+        groups: list[dict] = [{"params": list(self.csa.parameters())}] if c.lr > 0 else []
         if head and c.head_lr > 0:
             groups.append({"params": head, "lr": c.head_lr})
         return groups
