@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 from scalekd import storage
@@ -128,6 +129,7 @@ def _trial(params: dict) -> None:
     val = dataset_from_root(base["data"], cfg.data.val_split)
     node_id = ray.get_runtime_context().get_node_id()
     restored = _rungs_done(tune.get_checkpoint())
+    attempt = _record_attempt(out, node_id)
     for rung, (stop, student_iterations) in enumerate(rung_stops(cfg, base["rungs"]), 1):
         if rung <= restored:
             continue  # reported before this trial was lost and restarted
@@ -139,11 +141,22 @@ def _trial(params: dict) -> None:
             with open(os.path.join(folder, RUNG_FILE), "w") as f:
                 json.dump({"rungs_done": rung}, f)
             tune.report({**result.metrics, "iteration": student_iterations, "node_id": node_id,
-                         "restored_after_rung": restored, **{n: params[n] for n in SEARCHABLE if n in params}},
+                         "restored_after_rung": restored, "attempt": attempt,
+                         **{n: params[n] for n in SEARCHABLE if n in params}},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 RUNG_FILE = "rung.json"  # a trial's Tune checkpoint: how many rungs it reported (its model lives in its stage)
+
+
+def _record_attempt(trial_out: str, node_id: str) -> int:
+    """This run of a trial: 1, or 2 and on after Tune restarted it (a lost node, a preempted pod). Each run is
+    recorded under the trial's folder (``attempts/N.json``: the node it ran on, when it started), so a search's
+    results say which trials were restarted and where they ran."""
+    folder = storage.join(trial_out, "attempts")
+    attempt = sum(1 for uri in storage.list_uris(folder) if uri.endswith(".json")) + 1
+    storage.write_json(storage.join(folder, f"{attempt}.json"), {"node_id": node_id, "started": time.time()})
+    return attempt
 
 
 def _rungs_done(checkpoint) -> int:
@@ -332,7 +345,8 @@ def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:
             rows.append({**{n: result.metrics.get(n) for n in names}, metric: result.metrics[metric],
                          "AP": result.metrics.get("AP"), "iteration": result.metrics.get("iteration"),
                          "node_id": result.metrics.get("node_id"),
-                         "restored_after_rung": result.metrics.get("restored_after_rung"), "path": result.path})
+                         "restored_after_rung": result.metrics.get("restored_after_rung"),
+                         "attempts": result.metrics.get("attempt"), "path": result.path})
     if not rows:
         errors = [str(r.error) for r in grid if r.error]
         raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")

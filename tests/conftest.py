@@ -79,7 +79,7 @@ def tiny_cfg(synth_root):
 
 def pytest_addoption(parser):
     parser.addoption("--skip-heavy-cluster", action="store_true",
-                     help="skip the multi-node node-loss test (about 2 minutes); CI runs it")
+                     help="skip the multi-node node-loss tests; CI runs them")
 
 
 def pytest_configure(config):
@@ -87,7 +87,7 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)  # in case torch was imported before OMP_NUM_THREADS was read
-    config.addinivalue_line("markers", "heavy_cluster: the multi-node Ray test that loses a node mid-run")
+    config.addinivalue_line("markers", "heavy_cluster: the multi-node Ray tests that lose a node mid-run")
     for name, what in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {what}")
 

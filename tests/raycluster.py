@@ -174,6 +174,17 @@ class LocalRayCluster:
                 parts.append(f"== {os.path.basename(path)}\n{''.join(fatal[:5] + lines[-5:])[-1500:]}")
         return "\n".join(parts)
 
+    def add_worker(self, timeout_s: float = 120.0) -> Node:
+        """One more worker node (e.g. after a test killed one), started and alive before this returns."""
+        node = self._start(f"worker{sum(n.name != 'head' for n in self.nodes)}",
+                           ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(self.cpus_per_worker)])
+        self.wait_for_nodes(len(self.alive_workers()) + 1, timeout_s)
+        return node
+
+    def alive_workers(self) -> list[Node]:
+        """Worker nodes started and not killed by this session."""
+        return [n for n in self.nodes if n.name != "head" and n.name not in self.killed]
+
     def kill_node(self, name: str) -> int:
         """Lose a node: its raylet killed by its process id (SIGKILL), as a machine going away."""
         node = next(n for n in self.nodes if n.name == name)

@@ -1,8 +1,8 @@
 """The cluster path, for real: a head and two worker nodes (separate `ray start` processes), the Jobs API on
 loopback with token authentication on, data and outputs on the SeaweedFS S3 server (nodes share no disk).
 
-The node-loss test is the heaviest of the suite (about 2 minutes on 2 cores): `pytest --skip-heavy-cluster`
-skips it locally; CI runs it.
+The node-loss tests (a distillation and a tune search that each lose a worker node) are the heaviest of the suite:
+`pytest --skip-heavy-cluster` skips them locally; CI runs them.
 """
 
 from __future__ import annotations
@@ -186,6 +186,50 @@ def test_a_tune_search_runs_as_a_job_with_its_trials_on_the_worker_nodes(cluster
     assert len(nodes) == 4 and all(nodes) and len(set(nodes)) == min(2, workers_alive), nodes
     assert storage_exists(s3_server, "cluster/tune/best.yaml")
     assert any(k.startswith("cluster/tune/experiment/") for k in list_keys(s3_server, "cluster/tune/experiment/"))
+
+
+@pytest.mark.heavy_cluster
+def test_a_tune_search_survives_losing_a_worker_node(cluster, s3_server, s3_models, tmp_path):
+    """A worker node is lost while every worker runs a trial that has checkpointed: Tune restarts the lost trial
+    (FailureConfig) on a node that is left, its stage resumes from its checkpoint in S3, and the search completes
+    with every trial reporting every rung."""
+    spare = cluster.add_worker()  # two workers alive, whatever the node-loss test before this one left
+    prefix = "cluster/tune-node-loss"
+    args = ["tune", "--preset", "tiny", "--data", s3_models["data"], "--teacher", s3_models["teacher"],
+            "--student", s3_models["student"], "--out", f"s3://{s3_server['bucket']}/{prefix}", "--trials", "4",
+            "--rungs", "2", "--set", "train.distill_iterations=40", "--ray-address", cluster.address]
+    log = tmp_path / "tune.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads the output until the search ends
+        job = subprocess.Popen([sys.executable, "-m", "scalekd.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                               env=_env(s3_server, RAY_AUTH_TOKEN=cluster.token), text=True)
+    try:
+        _wait_for_trials_with_a_checkpoint(s3_server, f"{prefix}/trials/", len(cluster.alive_workers()), job, 300)
+        cluster.kill_node(spare.name)  # every worker runs a trial (4 trials, 1 CPU each): the spare's is lost
+        job.wait(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log.read_text()
+    assert job.returncode == 0, output[-5000:]
+    trials = json.loads(storage_read(s3_server, f"{prefix}/results.json"))["trials"]
+    assert len(trials) == 4 and all(t["iteration"] == 40 for t in trials), trials
+    restarted = [t for t in trials if t["attempts"] > 1]
+    assert restarted, trials
+    print("tune node loss:", json.dumps([{k: t[k] for k in ("attempts", "restored_after_rung", "node_id")}
+                                         for t in trials]))
+
+
+def _wait_for_trials_with_a_checkpoint(s3: dict, prefix: str, count: int, job: subprocess.Popen,
+                                       timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            raise AssertionError("the search ended before its trials checkpointed")
+        trials = {key[len(prefix):].split("/", 1)[0] for key in list_keys(s3, prefix) if "/checkpoints/iter_" in key}
+        if len(trials) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {count} trials under {prefix} checkpointed in {timeout_s} s")
 
 
 def test_tune_refuses_flags_it_cannot_honour(s3_server, tmp_path):

@@ -309,6 +309,7 @@ def test_a_trial_whose_worker_dies_is_restarted_from_its_last_rung_and_the_searc
     trials = json.load(open(os.path.join(out, "results.json")))["trials"]
     assert len(trials) == 2
     assert all(t["iteration"] == cfg.train.distill_iterations and t["restored_after_rung"] == 1 for t in trials)
+    assert all(t["attempts"] == 2 for t in trials), trials  # the first run and the restarted one
     for trial_dir in glob.glob(os.path.join(out, "trials", "*")):
         assert os.path.exists(os.path.join(trial_dir, ".fault-injected"))  # each died once
         assert json.load(open(os.path.join(trial_dir, "summary.json")))["resumed_from"] > 0
