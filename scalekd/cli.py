@@ -240,10 +240,12 @@ def cmd_report(args) -> int:
     from scalekd.data.coco import dataset_from_root
     from scalekd.eval.evaluate import evaluate_models
     from scalekd.eval.report import metrics_table, write_report
+    from scalekd.tracking import log_evaluation
 
     cfg = _load(args)
     results = evaluate_models(_named_models(args.model), cfg.data.root, cfg)
     paths = write_report(results, dataset_from_root(cfg.data.root, cfg.data.val_split), args.out)
+    log_evaluation(args.out, cfg.data.root, [r.row() for r in results], [paths["report.md"]])
     print(metrics_table(results, markdown=False))
     print(f"report: {paths['report.md']}")
     return 0

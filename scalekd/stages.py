@@ -92,6 +92,7 @@ def evaluate(config_path: str, data_root: str, models: dict[str, str], workdir: 
     from scalekd.data.coco import dataset_from_root
     from scalekd.eval.evaluate import evaluate_models
     from scalekd.eval.report import metrics_table, write_report
+    from scalekd.tracking import log_evaluation
 
     cfg = read_config(config_path)
     results = evaluate_models(models, data_root, cfg)
@@ -103,6 +104,8 @@ def evaluate(config_path: str, data_root: str, models: dict[str, str], workdir: 
         write_report(results, dataset, report_dir, title="scalekd: teacher, plain student and ScaleKD student")
     rows = [r.row() for r in results]
     storage.write_json(storage.join(workdir, "metrics.json"), {"models": rows})
+    log_evaluation(workdir, data_root, rows, [storage.join(report_uri, "report.md"),
+                                              storage.join(workdir, "metrics.json")])
     return {"models": rows, "table": metrics_table(results, markdown=False),
             "markdown": metrics_table(results), "report": storage.join(report_uri, "report.md")}
 

@@ -162,12 +162,14 @@ def _root_message(exc: BaseException) -> str:
 # Settings a submitted job needs on the cluster besides the installed package (the image): never credentials, which
 # the cluster's nodes hold themselves (k8s: the scalekd-s3 Secret as env), so they never show in the job's record.
 _JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "SCALEKD_S3_CONNECT_TIMEOUT",
-            "SCALEKD_S3_READ_TIMEOUT", "SCALEKD_S3_BUDGET_S", "SCALEKD_RAY_STORAGE")
+            "SCALEKD_S3_READ_TIMEOUT", "SCALEKD_S3_BUDGET_S", "SCALEKD_RAY_STORAGE", "MLFLOW_TRACKING_URI",
+            "MLFLOW_EXPERIMENT_NAME")
 
 
 def job_runtime_env() -> dict:
     """The job's ``runtime_env``: what it needs from here, by name. Credentials are not among them."""
-    env = {name: os.environ[name] for name in _JOB_ENV if os.environ.get(name)}
+    # Any URL among them goes without its user-info (MLflow's credentials, like S3's, are the cluster's own).
+    env = {name: storage.split_credentials(os.environ[name])[0] for name in _JOB_ENV if os.environ.get(name)}
     env.update(RAY_TRAIN_V2_ENABLED="1", SCALEKD_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
     return {"env_vars": env}
 

@@ -37,6 +37,7 @@ from scalekd.train.keys import inputs_key
 from scalekd.train.loop import TrainingError
 from scalekd.train.memory_format import use_channels_last
 from scalekd.train.schedule import build_scheduler
+from scalekd.tracking import Tracker, flat_params
 
 log = logging.getLogger(__name__)
 STAGES = ("teacher", "warmup", "distill")
@@ -234,17 +235,25 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
     student, assistant = stage_iterations(cfg, request.stage)
     end = min(student + assistant, request.stop_at) if request.stop_at else student + assistant
     metrics = MetricsLog(request.out, enabled=rank == 0)
+    tracker = _tracker(request, key) if rank == 0 else None
 
     def checkpoint(iteration: int, values: dict) -> None:
         state = None
         if rank == 0:
             state = save_checkpoint(stage, request, key, iteration)
             metrics.flush()
+            if tracker is not None:
+                tracker.log_metrics(values, iteration)
         hooks.checkpointed(iteration, {"iteration": iteration, **values}, state)
 
     loop_hooks, logged = _stage_hooks(stage, request, cfg, (rank, world), (start, end), metrics, checkpoint, report)
     started = time.perf_counter()
-    loop.train(stage, request, cfg, dataset, device, (rank, world), (start, end), loop_hooks)
+    try:
+        loop.train(stage, request, cfg, dataset, device, (rank, world), (start, end), loop_hooks)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")  # a rerun resumes this run
+        raise
     last = logged.last if logged is not None else {}
     elapsed = time.perf_counter() - started
     summary = {"stage": request.stage, "iterations": end, "resumed_from": start, "workers": world,
@@ -258,9 +267,21 @@ def run_stage(request: StageRequest, report: Callable[[dict], None] | None = Non
                         {"stage": request.stage, "config": request.config, "iterations": end})
         storage.write_json(storage.join(request.out, "summary.json"), summary)
         metrics.close()
+        if tracker is not None:
+            tracker.log_artifact(ckpt.model_uri(request.out), "model")
+            tracker.log_artifact(storage.join(request.out, "summary.json"), "model")
+            tracker.finish()
     if world > 1:
         dist.barrier()
     return summary
+
+
+def _tracker(request: StageRequest, key: str) -> Tracker | None:
+    """The stage's MLflow run when ``MLFLOW_TRACKING_URI`` is set (scalekd.tracking), else None."""
+    tags = {"scalekd.stage": request.stage, "scalekd.out": request.out, "scalekd.inputs_key": key}
+    params = {"stage": request.stage, "data": request.data, "teacher": request.teacher,
+              "student_init": request.student_init, **flat_params(request.config)}
+    return Tracker.start(f"{request.stage} {request.out}", tags, params)
 
 
 def training_images(request: StageRequest, cfg: Config) -> CocoDetection:
