@@ -210,7 +210,7 @@ def test_same_level_pairing_with_a_p2_student_is_refused_and_the_paper_recipe_ke
     assert paper.distill.csa.locality == "none" and paper.distill.csa.warmup_iterations == 0
     # CrossKD's cross-head terms (the default's, not the paper's) stay off in the paper's reading, even where its
     # P2-P6 student keeps the scale-aligned pairing they need.
-    assert load_config(preset="bench").cross_head_weight == 1.0 and paper.cross_head_weight == 0.0
+    assert load_config(preset="bench").cross_head_weight == 2.0 and paper.cross_head_weight == 0.0
     literal = load_config(overrides=["distill.recipe=paper"])  # a P3-P7 student: the paper's every setting
     assert literal.distill.pairing == "same_level" and literal.distill.csa.rates == (2, 4)
     assert load_config(overrides=["distill.recipe=paper", "distill.csa.head=own"]).distill.csa.head == "own"

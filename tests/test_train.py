@@ -395,11 +395,11 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
     del before_cross_head["distill"]["crosskd"]
     old_stage_config = stage_inputs_config("distill", before_cross_head)  # a stage from before the field
     assert stage_inputs_config("distill", no_cross_head.to_dict()) == old_stage_config
-    cross_head = replace(tiny_cfg, distill={"cross_head_weight": 1.0})
+    cross_head = replace(tiny_cfg, distill={"cross_head_weight": 2.0})
     assert distill_key(cross_head.to_dict()) != distill_key(no_cross_head.to_dict())
     assert distill_key(cross_head.to_dict()) != distill_key(
         replace(cross_head, distill={"crosskd": {"head_index": 2}}).to_dict())
-    # "auto" (the default) keys as the weight it resolves to: CrossKD's 1 where the terms can be formed, 0 (absent)
+    # "auto" (the default) keys as the weight it resolves to: 2 where the terms can be formed, 0 (absent)
     # elsewhere; a dict written without the field runs at the default, so it keys as the default does.
     auto = replace(tiny_cfg, distill={"cross_head_weight": "auto"})
     assert auto == tiny_cfg
