@@ -155,6 +155,8 @@ class LocalRayCluster:
 
     def _check_alive(self) -> None:
         for node in self.nodes:
+            if node.name in self.killed:
+                continue  # lost on purpose
             if node.process.poll() is not None:
                 with open(node.log) as f:
                     tail = f.read()[-1500:]
