@@ -529,7 +529,7 @@ def test_cross_head_terms_refuse_what_they_cannot_run_on_and_the_no_teacher_cont
     ({"distill": {"pairing": "same_level"}, "model": {"student_min_level": 3}}, 0.0),
     ({"model": {"detector": "faster_rcnn"}}, 0.0),
 ])
-def test_cross_head_weight_auto_is_twice_crosskds_weight_only_where_the_terms_can_be_formed(tiny_cfg, overrides, weight):
+def test_cross_head_weight_auto_is_twice_crosskds_only_where_the_terms_can_be_formed(tiny_cfg, overrides, weight):
     cfg = replace(tiny_cfg, distill={"cross_head_weight": "auto"})
     cfg = replace(cfg, **overrides)
     assert cfg.distill.cross_head_weight == "auto"  # recorded as asked; resolved where it is read
