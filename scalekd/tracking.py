@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -134,14 +133,7 @@ def _log_metrics(client: Any, run_id: str, values: dict, step: int) -> None:
 
 
 def _log_artifact(client: Any, run_id: str, uri: str, folder: str) -> None:
-    if not storage.is_s3(uri):
-        client.log_artifact(run_id, uri, folder)
-        return
-    with tempfile.TemporaryDirectory(prefix="scalekd-mlflow-") as tmp:
-        local = os.path.join(tmp, uri.rstrip("/").rsplit("/", 1)[-1])
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(uri))
-        client.log_artifact(run_id, local, folder)
+    client.log_artifact(run_id, storage.cached_path(uri), folder)  # an S3 object through the local cache
 
 
 def log_evaluation(workdir: str, data_root: str, rows: list[dict], files: list[str]) -> None:
