@@ -65,16 +65,14 @@ def _config(data_root: str, name: str) -> dict:
 
 
 def _stage(request) -> tuple[list[dict], str]:
-    """The stage's logged numbers, and its reuse key as if its data lived at one fixed root and it started from no
-    model files (the key holds the config, whose ``data.root`` here is a temporary folder, and the bytes of the
-    starting models, which hold that folder's name)."""
+    """The stage's logged numbers, and its reuse key as if it started from no model files (their bytes hold the
+    config they ran, whose ``data.root`` here is a temporary folder)."""
     from scalekd.train.keys import inputs_key
     from scalekd.train.stage import run_stage
 
     run_stage(request)
-    config = {**request.config, "data": {**request.config["data"], "root": "golden-data"}}
     return (_numbers(os.path.join(request.out, "metrics.jsonl")),
-            inputs_key(dataclasses.replace(request, config=config, teacher="", student_init="")))
+            inputs_key(dataclasses.replace(request, teacher="", student_init="")))
 
 
 def trace(names: tuple[str, ...] = tuple(TRACED)) -> dict:

@@ -278,6 +278,37 @@ def test_a_finished_stage_is_reused_only_for_the_same_inputs(tiny_cfg, tmp_path)
     assert open(os.path.join(out, "model.pt"), "rb").read() == model_bytes  # nothing was overwritten
 
 
+def test_one_dataset_spelled_two_ways_shares_its_stages(tiny_cfg, tmp_path):
+    import hashlib
+
+    from scalekd.train.keys import inputs_key, stage_inputs_config
+
+    root = tiny_cfg.data.root
+    respelled = os.path.join(root, "..", os.path.basename(root))
+
+    def request(data_root, out, **train):
+        cfg = replace(tiny_cfg, data={"root": data_root}, train=train)
+        return StageRequest("warmup", cfg.to_dict(), data_root, out)
+
+    assert inputs_key(request(root, "x")) == inputs_key(request(respelled, "x"))
+    out = str(tmp_path / "warmup")
+    run_stage(request(root, out))
+    model_bytes = open(os.path.join(out, "model.pt"), "rb").read()
+    # Keys written before the location left them hashed the root as it was spelled: rewrite the stage's key so.
+    config = stage_inputs_config("warmup", request(root, out).config, location=True)
+    assert config["data"]["root"] == root
+    earlier = hashlib.sha256(json.dumps({"stage": "warmup", "config": config}, sort_keys=True).encode())
+    earlier.update(open(os.path.join(root, "annotations", f"instances_{tiny_cfg.data.train_split}.json"), "rb").read())
+    earlier.update(b"--")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    summary["inputs_key"] = earlier.hexdigest()
+    json.dump(summary, open(os.path.join(out, "summary.json"), "w"))
+    assert run_stage(request(respelled, out))["inputs_key"] == earlier.hexdigest()  # reused, not retrained
+    with pytest.raises(TrainingError, match="from other inputs"):
+        run_stage(request(respelled, out, lr=0.003))
+    assert open(os.path.join(out, "model.pt"), "rb").read() == model_bytes
+
+
 def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     from scalekd.train.keys import inputs_key
 
