@@ -1,7 +1,7 @@
 """What each RetinaNet anchor assignment gives the student's objects: coverage (objects with a positive anchor),
 positives per object, and how well those positives overlap their object. Explains why ATSS, which covers almost
 every tiny object, can still train a worse detector: the threshold it adapts per object also admits anchors that
-barely overlap (``model.atss_topk`` sets how many candidates it is taken over).
+barely overlap (``experimental.atss_topk`` sets how many candidates it is taken over).
 
     python benchmarks/assignment.py --annotations runs/bench/q12/synth-data/annotations/instances_val.json
 """

@@ -40,18 +40,21 @@ from scalekd.distill.methods import method_class
 # C5's channels per backbone: what SDF reads from the student and the teacher.
 C5_CHANNELS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
-# The distillation iterations timed after the plain step and the teacher's forward: key, row name, overrides.
+# The distillation iterations timed after the plain step and the teacher's forward: key, row name, overrides by
+# config section.
 # "scalekd" is the default recipe: it adds CrossKD's cross-head terms where they can be formed
 # (distill.cross_head_weight=auto: a one-stage detector with scale-aligned pairing), so the two rows after it
 # split what those terms cost from what ScaleKD's own parts cost.
 METHODS = (("scalekd", "ScaleKD (the default recipe)", {}),
            ("scalekd_no_cross_head", "ScaleKD without cross-head terms",
-            {"cross_head_weight": 0.0}),
-           ("crosskd", "CrossKD alone", {"method": "crosskd"}),
-           ("scalekd_recompute", "ScaleKD, assistant outputs recomputed after its step", {"csa": {"recompute": True}}),
+            {"distill": {"cross_head_weight": 0.0}}),
+           ("crosskd", "CrossKD alone", {"distill": {"method": "crosskd"}}),
+           ("scalekd_recompute", "ScaleKD, assistant outputs recomputed after its step",
+            {"experimental": {"csa_recompute": True}}),
            # The default assistant has its own head (a copy of the teacher's); the paper's shares the student's.
-           ("scalekd_shared_head", "ScaleKD, assistant sharing the student's head", {"csa": {"head": "shared"}}),
-           ("fitnet", "FitNet", {"method": "fitnet"}))
+           ("scalekd_shared_head", "ScaleKD, assistant sharing the student's head",
+            {"distill": {"csa": {"head": "shared"}}}),
+           ("fitnet", "FitNet", {"distill": {"method": "fitnet"}}))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,7 +181,7 @@ def measure_methods(bench: CostBench) -> None:
     results = bench.results
     base = results["teacher_forward_2x_ms"] + results["plain_student_step_ms"]
     for key, what, overrides in METHODS:
-        d, opt = bench.build(replace(bench.cfg, distill=overrides))
+        d, opt = bench.build(replace(bench.cfg, **overrides))
         ms, phases, peak = bench.time_steps(lambda b, c, d=d, opt=opt: d.train_step(b, opt, phase=c))
         bench.record(key, f"{what} iteration", ms, peak, phases)
         results[f"{key}_overhead_pct"] = 100 * (ms - base) / base

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
@@ -95,25 +98,6 @@ class ModelConfig:
     # to cover objects of 4-12 px (`scalekd data stats --config` reports the coverage). The teacher stays on
     # P3-P7: at 2x its P3 anchors are the student's P2 anchors.
     student_min_level: int = 3
-    # RetinaNet's anchor assignment, both roles: "max_iou" (torchvision: IoU >= 0.5 positive) or "atss" (adaptive
-    # per object: tiny objects between anchor centres still get positives; `scalekd data stats` shows the coverage).
-    assigner: str = "max_iou"
-    # ATSS's k: candidate cells per level and object, whose anchors the IoU threshold (mean + std) is taken over.
-    # 9 is the original code's reading (k x anchors per cell: 81 candidates with RetinaNet's 9 anchors per cell);
-    # 1 gives mmdetection's ATSSAssigner (k anchors: the 9 of the nearest cell). Fewer candidates, a higher
-    # threshold, fewer low-IoU positives (`scalekd data stats` reports coverage either way).
-    atss_topk: int = 9
-    # RetinaNet's max_iou thresholds, both roles: an anchor is positive at IoU >= positive_iou with an object,
-    # background below negative_iou, ignored between (torchvision: 0.5 / 0.4, every object's best anchor kept).
-    # On a stride-4 grid a 4-7 px object between anchor centres cannot reach 0.5 with any anchor (`scalekd data
-    # stats` counts them); 0.4 / 0.3 covers most of them with the same anchors and the same loss, but on the
-    # bench the plain student trained worse with it (AP_S 34.6 vs 38.3), so the default stays torchvision's.
-    positive_iou: float = 0.5
-    negative_iou: float = 0.4  # see positive_iou: background below this IoU
-    # RetinaNet's box loss, every stage: "l1" on the encoded deltas (torchvision's RetinaNet) or "giou" on the decoded
-    # boxes (torchvision's RetinaNet v2 recipe, ATSS's paper). GIoU is bounded, so the low-IoU positives that ATSS
-    # gives tiny objects cannot dominate it the way their large deltas dominate L1. FCOS always uses GIoU.
-    box_loss: str = "l1"
 
 
 @dataclass(frozen=True)
@@ -121,7 +105,6 @@ class SDFConfig:
     enabled: bool = True  # Scale-Decoupled Feature distillation (section 3.1); false: the ablation
     dilations: tuple[int, ...] = (1, 2, 3)  # one branch per dilation, the same weights for all
     weight_sharing: bool = True  # false: one block per dilation (Table 7)
-    teacher_sdf: str = "shared"  # "shared" | "frozen" (interpretation, see docs/method.md)
     embed_channels: int = 128  # width the student C5 is projected to
     bottleneck_ratio: int = 4  # the bottleneck block's reduction
 
@@ -131,7 +114,6 @@ class CSAConfig:
     enabled: bool = True  # the Cross-Scale Assistant (section 3.2); false: the ablation without it (no assistant and no
     # output-distillation terms; SDF and the cross-head terms remain)
     attention: str = "multiscale"  # "multiscale" | "plain" (Table 6 ablation)
-    positional: str = "sine"  # "sine" | "none": position codes on Q and K (interpretation, see csa.py)
     head: str = "own"  # "shared" (the paper): the student's head, not stepped; "own": a copy the assistant trains
     heads: int = 8  # attention heads, split evenly over the pooling rates
     # Pooling rates on the teacher's paired map, one per head group. With distill.pairing=scale_aligned that map
@@ -142,9 +124,6 @@ class CSAConfig:
     # assistant that starts as the teacher can change the teacher's predictions only through the attention.
     head_lr: float | None = None
     weight_decay: float = 1e-4  # the assistant's Adam weight decay
-    # Recompute the assistant's predictions after its step for the student's targets (a third pass through
-    # the head, +15-18% per iteration on CPU) or use the ones its step was computed from (one Adam step older).
-    recompute: bool = False
     # Not in the paper: the assistant trains alone this many iterations (the student's weights still) before
     # distillation starts, so its first targets are better than the student's own predictions.
     warmup_iterations: int = 200
@@ -199,7 +178,6 @@ class DistillConfig:
     temperature: float = 1.0  # softening of the soft classification targets
     background_weight: float = 1.5  # Chen et al. 2017
     margin: float = 0.0  # bounded regression margin m
-    bbox_loss: str = "bounded"  # "bounded" | "l2" | "smooth_l1"
     # Not in the paper: alpha, beta and gamma rise linearly from 0 over the student's first N distillation
     # iterations (0: full weight from the first). A warm student is far from the teacher's outputs, so at full
     # weight the first steps' output term is ~20x the detection loss (KIT: kd/cls ~23 x beta 0.2 against a focal
@@ -217,6 +195,46 @@ class DistillConfig:
     sdf: SDFConfig = field(default_factory=SDFConfig)
     csa: CSAConfig = field(default_factory=CSAConfig)
     crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
+
+
+@dataclass(frozen=True)
+class ExperimentalConfig:
+    """Options measured (or never shown) no better than their defaults, kept for the results that rest on them
+    (docs/results.md, docs/method.md) and for ablations against the paper; each default is the recipe's. Before
+    config version 10 they lived beside the settings they change (``model.assigner``, ``distill.sdf.teacher_sdf``,
+    ...); a config written that way still loads (``scalekd.config_versions``)."""
+
+    # RetinaNet's anchor assignment, both roles: "max_iou" (torchvision: IoU >= 0.5 positive) or "atss" (adaptive
+    # per object: tiny objects between anchor centres get positives). Measured on the bench's RetinaNet P2-P6: ATSS
+    # covers more small objects but trains worse plain students (k 1: -4.0 AP_S; quality_assign_*.json), and FCOS
+    # covers and trains best, so the presets run FCOS.
+    assigner: str = "max_iou"
+    # ATSS's k: candidate cells per level and object, whose anchors the IoU threshold (mean + std) is taken over.
+    # 9 is the original code's reading (k x anchors per cell: 81 candidates with RetinaNet's 9 anchors per cell);
+    # 1 gives mmdetection's ATSSAssigner (k anchors: the 9 of the nearest cell).
+    atss_topk: int = 9
+    # RetinaNet's max_iou thresholds, both roles: an anchor is positive at IoU >= positive_iou with an object,
+    # background below negative_iou, ignored between (torchvision: 0.5 / 0.4). 0.4 / 0.3 covers more 4-7 px
+    # objects with the same anchors, but the plain student trained worse with it (AP_S 34.6 vs 38.3).
+    positive_iou: float = 0.5
+    negative_iou: float = 0.4  # see positive_iou: background below this IoU
+    # RetinaNet's box loss, every stage: "l1" on the encoded deltas (torchvision's RetinaNet) or "giou" on the decoded
+    # boxes (torchvision's v2 recipe): with max_iou inside the run-to-run spread, with ATSS no help. FCOS always uses
+    # GIoU.
+    box_loss: str = "l1"
+    # SDF's teacher side (the paper is silent): "shared" (one module for both sides, gradient only through the
+    # student's) or "frozen" (a frozen copy of the initial module). No result of record shows frozen better; kept
+    # as the other reading of the paper.
+    teacher_sdf: str = "shared"
+    # Position codes on the assistant's queries and keys: "sine" (DETR's 2D sine code) or "none" (the paper's
+    # text); no difference measured (AP_S 8.10 +- 0.19 vs 8.13 +- 0.30).
+    csa_positional: str = "sine"
+    # Recompute the assistant's predictions after its step for the student's targets (a third pass through
+    # the head, +15-18% per iteration on CPU) or use the ones its step was computed from (one Adam step older).
+    csa_recompute: bool = False
+    # Output distillation's box term: "bounded" (Chen et al.'s teacher-bounded regression, the paper's), or "l2" /
+    # "smooth_l1" mimicry of the assistant's boxes; no result of record shows either better.
+    bbox_loss: str = "bounded"
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
 
     @property
     def one_stage(self) -> bool:
@@ -399,6 +418,10 @@ def load_config(path: str | None = None, preset: str | None = None,
             raise ConfigError("<root>", loaded, "a mapping of sections (data, model, distill, ...)")
         _deep_update(merged, loaded)
     _apply_overrides(merged, overrides or [])
+    merged, moves = _upgraded(merged)
+    for move in moves:  # a user's file or override written for an earlier version: say where the setting lives now
+        log.warning("%s is now %s (config version %d); the old name still works", ".".join(move.old),
+                    ".".join(move.new), move.version)
     return config_from_dict(apply_recipe(merged))
 
 
@@ -446,10 +469,23 @@ def config_from_dict(raw: dict) -> Config:
     the config, and every model, checkpoint and card that stores it, holds the clean URL only."""
     from scalekd import storage
 
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _upgraded(raw)[0] if isinstance(raw, dict) else raw, "")
     validate(cfg)
     clean = storage.adopt_endpoint(cfg.storage.endpoint_url)
     return cfg if clean == cfg.storage.endpoint_url else replace(cfg, storage={"endpoint_url": clean})
+
+
+def _upgraded(raw: dict) -> tuple[dict, list]:
+    """``raw`` with settings written at their place in an earlier config version moved to today's
+    (``scalekd.config_versions.upgrade``: models and checkpoints store the config they ran)."""
+    from scalekd.config_versions import MovedTwiceError, setting, upgrade
+
+    try:
+        return upgrade(raw)
+    except MovedTwiceError as exc:
+        old, new = exc.args
+        raise ConfigError(old, setting(raw, *old.split(".")), f"set at {new} too: give it once, at {new} (config "
+                          f"version 10 moved it there)") from None
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -522,6 +558,7 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model)
     _validate_distill(cfg)
     _validate_assistant(cfg)
+    _validate_experimental(cfg.experimental, cfg.model.detector)
     for path, value, allowed in _method(cfg.distill.method).problems(cfg):  # what the method itself cannot run
         raise ConfigError(path, value, allowed)
     _validate_train(cfg.train)
@@ -557,20 +594,6 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.anchor_scale > 0, "model.anchor_scale", m.anchor_scale, "> 0 (anchor side / stride)")
     _check(m.student_min_level in (2, 3), "model.student_min_level", m.student_min_level,
            "2 (P2-P6, for tiny objects) or 3 (P3-P7); one-stage detectors only (Faster R-CNN runs P2-P6)")
-    _check(m.assigner in ASSIGNERS, "model.assigner", m.assigner, f"one of {ASSIGNERS}")
-    _check(m.assigner == "max_iou" or m.detector == "retinanet", "model.assigner", m.assigner,
-           "max_iou unless model.detector=retinanet (FCOS and Faster R-CNN keep their own assignment)")
-    _check(m.atss_topk >= 1, "model.atss_topk", m.atss_topk, ">= 1 (candidate cells per level and object)")
-    _check(0.0 < m.positive_iou < 1.0, "model.positive_iou", m.positive_iou, "an IoU in (0, 1)")
-    _check(0.0 < m.negative_iou <= m.positive_iou, "model.negative_iou", m.negative_iou,
-           f"an IoU in (0, model.positive_iou = {m.positive_iou}]")
-    default_thresholds = (m.positive_iou, m.negative_iou) == (0.5, 0.4)
-    _check(default_thresholds or (m.detector == "retinanet" and m.assigner == "max_iou"), "model.positive_iou",
-           f"{m.positive_iou} / {m.negative_iou}", "0.5 / 0.4 unless model.detector=retinanet with "
-           "model.assigner=max_iou (ATSS sets its own threshold; FCOS and Faster R-CNN keep their assignment)")
-    _check(m.box_loss in BOX_LOSSES, "model.box_loss", m.box_loss, f"one of {BOX_LOSSES}")
-    _check(m.box_loss == "l1" or m.detector == "retinanet", "model.box_loss", m.box_loss,
-           "l1 unless model.detector=retinanet (FCOS trains with GIoU, Faster R-CNN with smooth L1, their own)")
     _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0 = from the dataset)")
 
 
@@ -602,12 +625,8 @@ def _validate_distill(cfg: Config) -> None:
     _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
     _check(k.background_weight > 0, "distill.background_weight", k.background_weight, "> 0")
     _check(k.margin >= 0, "distill.margin", k.margin, ">= 0")
-    _check(k.bbox_loss in ("bounded", "l2", "smooth_l1"), "distill.bbox_loss", k.bbox_loss,
-           "one of bounded, l2, smooth_l1")
     _check(len(k.sdf.dilations) >= 1 and all(x >= 1 for x in k.sdf.dilations), "distill.sdf.dilations",
            k.sdf.dilations, "a non-empty list of dilation rates >= 1 (paper: [1, 2, 3])")
-    _check(k.sdf.teacher_sdf in ("shared", "frozen"), "distill.sdf.teacher_sdf", k.sdf.teacher_sdf,
-           "shared or frozen")
     _check(k.sdf.embed_channels >= 1, "distill.sdf.embed_channels", k.sdf.embed_channels, ">= 1")
     _check(k.sdf.bottleneck_ratio >= 1, "distill.sdf.bottleneck_ratio", k.sdf.bottleneck_ratio, ">= 1")
     _check(k.crosskd.head_index in range(5), "distill.crosskd.head_index", k.crosskd.head_index,
@@ -624,7 +643,6 @@ def _validate_distill(cfg: Config) -> None:
 def _validate_assistant(cfg: Config) -> None:
     m, c = cfg.model, cfg.distill.csa
     _check(c.attention in ("multiscale", "plain"), "distill.csa.attention", c.attention, "multiscale or plain")
-    _check(c.positional in ("sine", "none"), "distill.csa.positional", c.positional, "sine or none")
     _check(c.head in ("shared", "own"), "distill.csa.head", c.head, "shared or own")
     _check(len(c.rates) >= 1 and all(r >= 1 for r in c.rates), "distill.csa.rates", c.rates,
            "a non-empty list of pooling rates >= 1")
@@ -650,6 +668,27 @@ def _validate_assistant(cfg: Config) -> None:
            "0 unless distill.csa.keys_from=teacher, distill.pairing=scale_aligned, a one-stage detector, "
            "distill.csa.head=own and data.teacher_scale=2 (the teacher's own predictions on the student's anchors)")
     _check(c.warmup_iterations >= 0, "distill.csa.warmup_iterations", c.warmup_iterations, ">= 0 (0: none)")
+
+
+def _validate_experimental(e: ExperimentalConfig, detector: str) -> None:
+    _check(e.assigner in ASSIGNERS, "experimental.assigner", e.assigner, f"one of {ASSIGNERS}")
+    _check(e.assigner == "max_iou" or detector == "retinanet", "experimental.assigner", e.assigner,
+           "max_iou unless model.detector=retinanet (FCOS and Faster R-CNN keep their own assignment)")
+    _check(e.atss_topk >= 1, "experimental.atss_topk", e.atss_topk, ">= 1 (candidate cells per level and object)")
+    _check(0.0 < e.positive_iou < 1.0, "experimental.positive_iou", e.positive_iou, "an IoU in (0, 1)")
+    _check(0.0 < e.negative_iou <= e.positive_iou, "experimental.negative_iou", e.negative_iou,
+           f"an IoU in (0, experimental.positive_iou = {e.positive_iou}]")
+    default_thresholds = (e.positive_iou, e.negative_iou) == (0.5, 0.4)
+    _check(default_thresholds or (detector == "retinanet" and e.assigner == "max_iou"), "experimental.positive_iou",
+           f"{e.positive_iou} / {e.negative_iou}", "0.5 / 0.4 unless model.detector=retinanet with "
+           "experimental.assigner=max_iou (ATSS sets its own threshold; FCOS and Faster R-CNN keep their assignment)")
+    _check(e.box_loss in BOX_LOSSES, "experimental.box_loss", e.box_loss, f"one of {BOX_LOSSES}")
+    _check(e.box_loss == "l1" or detector == "retinanet", "experimental.box_loss", e.box_loss,
+           "l1 unless model.detector=retinanet (FCOS trains with GIoU, Faster R-CNN with smooth L1, their own)")
+    _check(e.teacher_sdf in ("shared", "frozen"), "experimental.teacher_sdf", e.teacher_sdf, "shared or frozen")
+    _check(e.csa_positional in ("sine", "none"), "experimental.csa_positional", e.csa_positional, "sine or none")
+    _check(e.bbox_loss in ("bounded", "l2", "smooth_l1"), "experimental.bbox_loss", e.bbox_loss,
+           "one of bounded, l2, smooth_l1")
 
 
 def _validate_train(t: TrainConfig) -> None:

@@ -82,7 +82,7 @@ def student_spec(cfg: Config, num_classes: int) -> DetectorSpec:
     min_level = cfg.model.student_min_level if cfg.one_stage else 3
     return DetectorSpec(cfg.model.detector, cfg.model.student_backbone, num_classes, cfg.model.fpn_channels,
                         size, int(round(size * cfg.data.max_size_ratio)), cfg.model.anchor_scale, min_level,
-                        positive_iou=cfg.model.positive_iou, negative_iou=cfg.model.negative_iou)
+                        positive_iou=cfg.experimental.positive_iou, negative_iou=cfg.experimental.negative_iou)
 
 
 def teacher_spec(cfg: Config, num_classes: int) -> DetectorSpec:
@@ -91,7 +91,7 @@ def teacher_spec(cfg: Config, num_classes: int) -> DetectorSpec:
     max_size = int(round(int(round(cfg.data.student_size * cfg.data.max_size_ratio)) * scale))
     return DetectorSpec(cfg.model.detector, cfg.model.teacher_backbone, num_classes, cfg.model.fpn_channels,
                         cfg.teacher_size, max_size, cfg.model.anchor_scale, 3, cfg.teacher_size_divisible,
-                        positive_iou=cfg.model.positive_iou, negative_iou=cfg.model.negative_iou)
+                        positive_iou=cfg.experimental.positive_iou, negative_iou=cfg.experimental.negative_iou)
 
 
 def anchor_generator(spec: DetectorSpec) -> AnchorGenerator:

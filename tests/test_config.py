@@ -25,7 +25,7 @@ def test_overrides_and_paper_defaults():
     ("model.detector=yolo", "model.detector", "retinanet"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
     ("distill.csa.heads=3", "distill.csa.heads", "multiple"),
-    ("distill.sdf.teacher_sdf=ema", "distill.sdf.teacher_sdf", "shared or frozen"),
+    ("experimental.teacher_sdf=ema", "experimental.teacher_sdf", "shared or frozen"),
     ("train.lr_steps=[0.9,0.5]", "train.lr_steps", "increasing"),
     ("data.teacher_scale=1.3", "data.teacher_scale", "multiple of 32"),
     ("data.teacher_holdout=1.0", "data.teacher_holdout", "[0, 1)"),
@@ -58,7 +58,7 @@ def test_unknown_keys_and_wrong_types_are_rejected_with_dotted_path():
     with pytest.raises(ConfigError, match="'train.batch_size' = 'four'"):
         load_config(text="train:\n  batch_size: four\n")
     with pytest.raises(ConfigError, match="true or false"):
-        load_config(overrides=["distill.csa.recompute=1"])
+        load_config(overrides=["experimental.csa_recompute=1"])
 
 
 def test_yaml_is_safe_loaded(tmp_path):

@@ -4,8 +4,12 @@ reuse key would change with it."""
 import json
 from pathlib import Path
 
-from scalekd.config import PRESETS, load_config, replace
-from scalekd.config_versions import HISTORY, VERSION, downgrade, setting
+import logging
+
+import pytest
+
+from scalekd.config import PRESETS, ConfigError, config_from_dict, load_config, replace
+from scalekd.config_versions import HISTORY, MOVES, VERSION, Addition, downgrade, setting, upgrade
 
 V1 = Path(__file__).parent / "data" / "config_v1_settings.json"
 
@@ -19,13 +23,19 @@ def _leaves(config: dict, prefix: tuple[str, ...] = ()):
 
 
 def _added(path: tuple[str, ...]) -> bool:
-    return any(path[:len(addition.path)] == addition.path for addition in HISTORY)
+    return any(path[:len(addition.path)] == addition.path for addition in HISTORY if isinstance(addition, Addition))
+
+
+def _before_moves(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a setting of today's schema was written before any version moved it."""
+    return next((move.old for move in MOVES if move.new == path), path)
 
 
 def test_every_setting_of_the_schema_is_version_one_s_or_has_a_version_in_the_history():
     version_one = set(json.loads(V1.read_text())["settings"])
     for preset in PRESETS:
-        paths = {".".join(path) for path in _leaves(load_config(preset=preset).to_dict()) if not _added(path)}
+        paths = {".".join(path) for path in map(_before_moves, _leaves(load_config(preset=preset).to_dict()))
+                 if not _added(path)}
         assert paths - version_one == set(), (
             f"preset {preset}: settings with no entry in scalekd.config_versions.HISTORY; add one (a new version) "
             "whose as_before says when the setting computes what runs before it computed")
@@ -33,11 +43,35 @@ def test_every_setting_of_the_schema_is_version_one_s_or_has_a_version_in_the_hi
 
 
 def test_versions_follow_one_another_and_name_settings_that_exist():
-    assert [addition.version for addition in HISTORY] == list(range(2, VERSION + 1))
+    versions = [entry.version for entry in HISTORY]
+    assert versions == sorted(versions) and sorted(set(versions)) == list(range(2, VERSION + 1))
     defaults = load_config(preset="tiny").to_dict()
     for addition in HISTORY:
-        *section, name = addition.path
-        assert name in setting(defaults, *section), addition.path
+        if isinstance(addition, Addition):
+            *section, name = next((m.new for m in MOVES if m.old == addition.path), addition.path)
+            assert name in setting(defaults, *section), addition.path
+    for move in MOVES:
+        assert setting(defaults, *move.new) is not None and setting(defaults, *move.old) is None, move
+
+
+def test_a_config_written_before_a_move_loads_as_today_s_and_keys_as_before(caplog):
+    today = replace(load_config(preset="tiny"), experimental={"assigner": "atss", "teacher_sdf": "frozen",
+                                                                "csa_recompute": True}).to_dict()
+    written_before = downgrade(today, to_version=VERSION - 1)
+    assert setting(written_before, "model", "assigner") == "atss" and "experimental" not in written_before
+    assert setting(written_before, "distill", "sdf", "teacher_sdf") == "frozen"
+    assert config_from_dict(written_before).to_dict() == today  # a model or checkpoint that stored the old form
+    assert upgrade(written_before)[0] == today and len(upgrade(written_before)[1]) == len(MOVES)
+    assert downgrade(written_before) == downgrade(today)  # the same reuse key
+    with caplog.at_level(logging.WARNING, logger="scalekd.config"):
+        cfg = load_config(preset="tiny", overrides=["model.assigner=atss"])
+    assert cfg.experimental.assigner == "atss"
+    assert "model.assigner is now experimental.assigner" in caplog.text
+
+
+def test_a_moved_setting_given_at_both_places_is_refused_naming_both():
+    with pytest.raises(ConfigError, match="model.box_loss.*experimental.box_loss"):
+        load_config(preset="tiny", overrides=["model.box_loss=giou", "experimental.box_loss=l1"])
 
 
 def test_a_config_written_for_an_earlier_version_drops_later_settings_only_where_they_change_nothing():

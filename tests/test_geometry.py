@@ -69,15 +69,15 @@ def test_atss_with_one_candidate_cell_per_level_keeps_fewer_low_overlap_positive
 
 
 def test_atss_topk_reaches_the_matcher_and_is_validated(tiny_cfg):
-    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss", "atss_topk": 1})
+    cfg = replace(tiny_cfg, model={"student_min_level": 2}, experimental={"assigner": "atss", "atss_topk": 1})
     distiller, _ = distiller_with_optimizers(cfg)
     assert distiller.student_parts.atss_topk == 1
-    with pytest.raises(ConfigError, match="model.atss_topk"):
-        replace(tiny_cfg, model={"assigner": "atss", "atss_topk": 0})
+    with pytest.raises(ConfigError, match="experimental.atss_topk"):
+        replace(tiny_cfg, experimental={"assigner": "atss", "atss_topk": 0})
 
 
 def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_loss(tiny_cfg):
-    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss"})
+    cfg = replace(tiny_cfg, model={"student_min_level": 2}, experimental={"assigner": "atss"})
     distiller, _ = distiller_with_optimizers(cfg)
     assert distiller.student_parts.assigner == "atss"
     batch = tiny_batch(cfg)
@@ -85,8 +85,8 @@ def test_a_retinanet_trained_with_atss_gives_every_box_a_positive_and_a_finite_l
     for matched, target in zip(out.context.matched_idxs, out.context.targets):
         assert set(matched[matched >= 0].tolist()) == set(range(len(target["boxes"])))
     assert all(torch.isfinite(v) for v in out.losses.values())
-    with pytest.raises(ConfigError, match="model.assigner"):
-        replace(tiny_cfg, model={"detector": "fcos", "assigner": "atss"})
+    with pytest.raises(ConfigError, match="experimental.assigner"):
+        replace(tiny_cfg, model={"detector": "fcos"}, experimental={"assigner": "atss"})
 
 
 def test_lower_iou_thresholds_cover_a_tiny_box_between_anchor_centres_and_reach_the_matcher(tiny_cfg):
@@ -98,7 +98,7 @@ def test_lower_iou_thresholds_cover_a_tiny_box_between_anchor_centres_and_reach_
     assert box_iou(between, image_anchors_of(P2_RETINANET)).max().item() == pytest.approx(16 / 36)
     assert covered(P2_RETINANET, between, 128, 128).tolist() == [False]
     assert covered(lowered, between, 128, 128).tolist() == [True]
-    cfg = replace(tiny_cfg, model={"student_min_level": 2, "positive_iou": 0.4, "negative_iou": 0.3})
+    cfg = replace(tiny_cfg, model={"student_min_level": 2}, experimental={"positive_iou": 0.4, "negative_iou": 0.3})
     distiller, _ = distiller_with_optimizers(cfg)
     for model in (distiller.student, distiller.teacher):
         matcher = model.proposal_matcher
@@ -106,14 +106,17 @@ def test_lower_iou_thresholds_cover_a_tiny_box_between_anchor_centres_and_reach_
     assert (student_spec(cfg, 2).positive_iou, teacher_spec(cfg, 2).negative_iou) == (0.4, 0.3)
 
 
-@pytest.mark.parametrize("model, field", [
-    ({"positive_iou": 1.0}, "model.positive_iou"), ({"positive_iou": 0.0}, "model.positive_iou"),
-    ({"positive_iou": 0.4, "negative_iou": 0.5}, "model.negative_iou"), ({"negative_iou": 0.0}, "model.negative_iou"),
-    ({"negative_iou": -0.1}, "model.negative_iou"), ({"detector": "fcos", "positive_iou": 0.4}, "model.positive_iou"),
-    ({"assigner": "atss", "negative_iou": 0.3}, "model.positive_iou")])
-def test_iou_thresholds_out_of_range_or_for_a_detector_that_ignores_them_are_refused(tiny_cfg, model, field):
+@pytest.mark.parametrize("settings, field", [
+    ({"positive_iou": 1.0}, "experimental.positive_iou"), ({"positive_iou": 0.0}, "experimental.positive_iou"),
+    ({"positive_iou": 0.4, "negative_iou": 0.5}, "experimental.negative_iou"),
+    ({"negative_iou": 0.0}, "experimental.negative_iou"), ({"negative_iou": -0.1}, "experimental.negative_iou"),
+    ({"detector": "fcos", "positive_iou": 0.4}, "experimental.positive_iou"),
+    ({"assigner": "atss", "negative_iou": 0.3}, "experimental.positive_iou")])
+def test_iou_thresholds_out_of_range_or_for_a_detector_that_ignores_them_are_refused(tiny_cfg, settings, field):
+    experimental = dict(settings)
+    model = {"detector": experimental.pop("detector")} if "detector" in experimental else {}
     with pytest.raises(ConfigError, match=field):
-        replace(tiny_cfg, model=model)
+        replace(tiny_cfg, model=model, experimental=experimental)
 
 
 def image_anchors_of(spec: DetectorSpec) -> torch.Tensor:
@@ -152,7 +155,7 @@ def test_data_stats_pools_the_small_bands_and_warns_with_the_options_when_the_st
     assert "all under 32 px 50.0%" in text
     warning = [line for line in text.splitlines() if "warning" in line]
     assert len(warning) == 1 and "50.0% of its 2 objects under 32 px" in warning[0]
-    assert "model.detector=fcos" in warning[0] and "model.assigner=atss" in warning[0]
+    assert "model.detector=fcos" in warning[0] and "experimental.assigner=atss" in warning[0]
     assert "student_min_level" not in warning[0]  # already P2
     full = _one_image_annotations(tmp_path / "full.json", [on_grid])
     text = format_stats({**dataset_stats(full), "anchor_coverage": coverage_for_config(full, cfg)}, full)
@@ -300,7 +303,7 @@ def test_the_assigner_and_the_box_loss_reach_the_teacher_and_warmup_stages(tiny_
     from scalekd.train.stage import build_stage
     from scalekd.train.loop import detection_step
 
-    cfg = replace(tiny_cfg, model={"student_min_level": 2, "assigner": "atss", "box_loss": "giou"})
+    cfg = replace(tiny_cfg, model={"student_min_level": 2}, experimental={"assigner": "atss", "box_loss": "giou"})
     batch = tiny_batch(cfg)
     for stage_name in ("teacher", "warmup"):
         request = StageRequest(stage_name, cfg.to_dict(), cfg.data.root, "unused")
@@ -314,7 +317,7 @@ def test_the_assigner_and_the_box_loss_reach_the_teacher_and_warmup_stages(tiny_
     values = detection_step(stage.parts, batch.student_images, batch.student_targets, stage.opt, None)
     assert float(values["det/bbox_regression"]) != pytest.approx(float(other["bbox_regression"].detach()), rel=1e-3)
     assert all(torch.isfinite(v) for v in values.values())
-    with pytest.raises(ConfigError, match="model.box_loss"):
-        replace(tiny_cfg, model={"detector": "fcos", "box_loss": "giou"})
-    with pytest.raises(ConfigError, match="model.box_loss"):
-        replace(tiny_cfg, model={"box_loss": "smooth"})
+    with pytest.raises(ConfigError, match="experimental.box_loss"):
+        replace(tiny_cfg, model={"detector": "fcos"}, experimental={"box_loss": "giou"})
+    with pytest.raises(ConfigError, match="experimental.box_loss"):
+        replace(tiny_cfg, experimental={"box_loss": "smooth"})

@@ -196,11 +196,12 @@ def test_baselines_and_ablations_run_through_the_same_step(tiny_cfg):
         "none": {"method": "none"}, "fitnet": {"method": "fitnet"}, "od": {"method": "od"},
         "no_sdf": {"sdf": {"enabled": False}}, "no_csa": {"csa": {"enabled": False}},
         "plain_attention": {"csa": {"attention": "plain"}}, "separate_sdf": {"sdf": {"weight_sharing": False}},
-        "frozen_teacher_sdf": {"sdf": {"teacher_sdf": "frozen"}}, "reuse": {"csa": {"recompute": False}},
-        "l2_bbox": {"bbox_loss": "l2"}, "crosskd": {"method": "crosskd"},
+        "frozen_teacher_sdf": {}, "recompute": {}, "l2_bbox": {}, "crosskd": {"method": "crosskd"},
     }
+    experimental = {"frozen_teacher_sdf": {"teacher_sdf": "frozen"}, "recompute": {"csa_recompute": True},
+                    "l2_bbox": {"bbox_loss": "l2"}}
     for name, overrides in variants.items():
-        cfg = replace(tiny_cfg, distill=overrides)
+        cfg = replace(tiny_cfg, distill=overrides, experimental=experimental.get(name, {}))
         distiller, opt = distiller_with_optimizers(cfg)
         logs = distiller.train_step(batch, opt)
         assert torch.isfinite(logs["loss/total"]), name

@@ -327,11 +327,11 @@ def test_settings_a_stage_never_reads_do_not_retire_it(tiny_cfg):
     assert key("warmup", replace(tiny_cfg, train={"freeze_backbone_iterations": 9})) != key("warmup", tiny_cfg)
     # ATSS's k is read only by the ATSS assigner: a config without ATSS keys as if k did not exist.
     without_k = tiny_cfg.to_dict()
-    del without_k["model"]["atss_topk"]
+    del without_k["experimental"]["atss_topk"]
     assert inputs_key(StageRequest("teacher", without_k, tiny_cfg.data.root, "unused")) == key("teacher", tiny_cfg)
-    assert key("teacher", replace(tiny_cfg, model={"atss_topk": 1})) == key("teacher", tiny_cfg)
-    atss = replace(tiny_cfg, model={"assigner": "atss"})
-    assert key("teacher", replace(atss, model={"atss_topk": 1})) != key("teacher", atss)
+    assert key("teacher", replace(tiny_cfg, experimental={"atss_topk": 1})) == key("teacher", tiny_cfg)
+    atss = replace(tiny_cfg, experimental={"assigner": "atss"})
+    assert key("teacher", replace(atss, experimental={"atss_topk": 1})) != key("teacher", atss)
     # The assistant head's own rate, a nested setting: absent or null keys the same; a value counts.
     without_head_lr = tiny_cfg.to_dict()
     del without_head_lr["distill"]["csa"]["head_lr"]
@@ -404,9 +404,9 @@ def test_a_setting_added_later_keys_at_its_old_value_as_if_absent(tiny_cfg):
         return inputs_key(StageRequest("warmup", config, tiny_cfg.data.root, "unused"))
 
     before_box_loss = tiny_cfg.to_dict()
-    del before_box_loss["model"]["box_loss"]
+    del before_box_loss["experimental"]["box_loss"]
     assert key(before_box_loss) == key(tiny_cfg.to_dict())
-    assert key(replace(tiny_cfg, model={"box_loss": "giou"}).to_dict()) != key(tiny_cfg.to_dict())
+    assert key(replace(tiny_cfg, experimental={"box_loss": "giou"}).to_dict()) != key(tiny_cfg.to_dict())
     # CrossKD's section, added later, is read by CrossKD alone (or beside ScaleKD with cross-head terms): a ScaleKD
     # stage without them keys as if it were absent.
     def distill_key(config: dict) -> str:

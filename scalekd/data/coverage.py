@@ -2,7 +2,7 @@
 
 For each object, resized as the student (or the teacher, at teacher_scale) sees it, the best IoU of any of
 the detector's anchors on the padded canvas; an object is covered when that reaches the detector's
-positive threshold (RetinaNet's ``model.positive_iou``, 0.5 by default; the RPN 0.7). FCOS has point anchors:
+positive threshold (RetinaNet's ``experimental.positive_iou``, 0.5 by default; the RPN 0.7). FCOS has point anchors:
 an object is covered when at least one location is positive under its own assignment (centre sampling and
 per-level size ranges). An object no anchor covers gets at most one low-quality positive, and its neighbours
 are trained as background: no distillation can buy what this geometry forbids. Size bands are by the object's

@@ -42,19 +42,19 @@ def coverage_for_config(annotation_uri: str, cfg) -> dict:
 
     data = load_coco_json(annotation_uri)
     classes = max(1, len(data["categories"]))
-    m = cfg.model
+    m, e = cfg.model, cfg.experimental
     threshold_rule = "some anchor reaches the positive threshold for"
     if m.detector == "fcos":
         assigner, rule = "fcos's centre sampling and per-level size ranges", "that get a positive location"
     elif m.detector == "faster_rcnn":
         assigner, rule = f"the RPN's max_iou (positive at IoU >= {RPN_POSITIVE_IOU:g})", threshold_rule
-    elif m.assigner == "atss":
-        assigner, rule = f"atss (k {m.atss_topk})", "that get a positive anchor"
+    elif e.assigner == "atss":
+        assigner, rule = f"atss (k {e.atss_topk})", "that get a positive anchor"
     else:
-        assigner, rule = f"max_iou (positive at IoU >= {m.positive_iou:g})", threshold_rule
+        assigner, rule = f"max_iou (positive at IoU >= {e.positive_iou:g})", threshold_rule
     student = student_spec(cfg, classes)
-    roles = {"student": anchor_coverage(data, student, m.assigner, m.atss_topk),
-             "teacher": anchor_coverage(data, teacher_spec(cfg, classes), m.assigner, m.atss_topk)}
+    roles = {"student": anchor_coverage(data, student, e.assigner, e.atss_topk),
+             "teacher": anchor_coverage(data, teacher_spec(cfg, classes), e.assigner, e.atss_topk)}
     return {"detector": m.detector, "assigner": assigner, "rule": rule, "student_min_level": student.min_level,
             **roles, "small_objects": {role: small_object_coverage(bands) for role, bands in roles.items()}}
 
@@ -89,7 +89,7 @@ def _coverage_warning(cov: dict) -> list[str]:
     if cov["detector"] != "fcos":
         options.append("model.detector=fcos")
     if cov["detector"] == "retinanet":
-        options += ["model.assigner=atss", "a lower model.positive_iou"]
+        options += ["experimental.assigner=atss", "a lower experimental.positive_iou"]
     return [f"  warning: the student's anchors cover {small['covered_pct']}% of its {small['objects']} objects under "
             f"{SMALL_SIDE} px (below {COVERAGE_TARGET_PCT:g}%): the rest train as background. Options that cover "
             f"more: {', '.join(options) or 'larger inputs (data.student_size)'} (docs/method.md)"]

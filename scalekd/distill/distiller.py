@@ -95,12 +95,12 @@ class Distiller(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = student
-        self.student_parts = DetectorParts(student, cfg.model.assigner, cfg.model.atss_topk)
+        self.student_parts = DetectorParts(student, cfg.experimental.assigner, cfg.experimental.atss_topk)
         # The teacher is frozen and kept out of this module's state_dict and parameters().
         self._teacher = [teacher] if teacher is not None else []
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-            self.teacher_parts = DetectorParts(teacher, cfg.model.assigner, cfg.model.atss_topk)
+            self.teacher_parts = DetectorParts(teacher, cfg.experimental.assigner, cfg.experimental.atss_topk)
         kind = method_class(cfg.distill.method)
         if kind.needs_teacher() and teacher is None:
             raise ValueError(f"distill.method={cfg.distill.method} needs a teacher")

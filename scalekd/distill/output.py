@@ -9,16 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from scalekd.config import DistillConfig
+from scalekd.config import Config
 from scalekd.distill import losses as L
 from scalekd.models.parts import DetectorParts, StepContext
 
 
 def output_losses(parts: DetectorParts, pred: dict[str, Tensor], ctx: StepContext, target: dict[str, Tensor],
-                  k: DistillConfig) -> dict[str, Tensor]:
+                  cfg: Config) -> dict[str, Tensor]:
     """``pred`` towards ``target`` on the anchors or proposals of ``ctx`` (the student's step): soft
-    classification at ``k.temperature`` and ``k.background_weight``, and the box term ``k.bbox_loss`` on the
-    foreground (bounded by the ground truth's error, or a plain mimic)."""
+    classification at ``distill.temperature`` and ``distill.background_weight``, and the box term
+    ``experimental.bbox_loss`` on the foreground (bounded by the ground truth's error, or a plain mimic)."""
+    k, bbox_loss = cfg.distill, cfg.experimental.bbox_loss
     if parts.one_stage:
         fg, gt_reg = parts.dense_regression_targets(ctx)
         cls = L.soft_sigmoid_loss(pred["cls_logits"].float(), target["cls_logits"].float(), k.temperature,
@@ -38,8 +39,8 @@ def output_losses(parts: DetectorParts, pred: dict[str, Tensor], ctx: StepContex
         s_reg = pred["box_regression"].float().reshape(labels.shape[0], -1, 4)[pos, cols]
         t_reg = target["box_regression"].float().reshape(labels.shape[0], -1, 4)[pos, cols]
         y = y[pos]
-    if k.bbox_loss == "bounded":
+    if bbox_loss == "bounded":
         out["kd/bbox"] = L.bounded_regression_loss(s_reg, t_reg, y, k.margin)
     else:
-        out["kd/bbox"] = L.mimic_regression_loss(s_reg, t_reg, k.bbox_loss)
+        out["kd/bbox"] = L.mimic_regression_loss(s_reg, t_reg, bbox_loss)
     return out

@@ -135,7 +135,7 @@ def kd_ramp(student_iteration: int, ramp_iterations: int) -> float:
 def detection_step(parts: DetectorParts, images: list, targets: list, opt: Optimizers,
                    autocast: torch.dtype | None) -> dict:
     """A plain supervised step: the detector's own loss (teacher and warm-up stages), assigned as the distill stage
-    assigns it (``DetectorParts``: ``model.assigner`` reaches every stage, not only distillation)."""
+    assigns it (``DetectorParts``: ``experimental.assigner`` reaches every stage, not only distillation)."""
     amp = autocast_context(autocast)
     with amp:
         losses = parts.forward_train(images, targets).losses

@@ -138,7 +138,7 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
     spec = teacher_spec(cfg, num_classes) if request.stage == "teacher" else student_spec(cfg, num_classes)
     model = build_detector(spec)
     if cfg.model.detector == "retinanet":  # torchvision reads its box loss from this attribute (its v2 recipe)
-        model.head.regression_head._loss_type = cfg.model.box_loss
+        model.head.regression_head._loss_type = cfg.experimental.box_loss
     distiller = None
     if request.stage == "distill":
         needs_teacher = method_class(cfg.distill.method).needs_teacher()
@@ -167,7 +167,7 @@ def build_stage(request: StageRequest, cfg: Config, num_classes: int, device: to
                                          weight_decay=cfg.distill.csa.weight_decay)
     opt = Optimizers(student_opt, assistant_opt, cfg.train.grad_clip, make_grad_sync(world))
     parts = (distiller.student_parts if distiller is not None
-             else DetectorParts(model, cfg.model.assigner, cfg.model.atss_topk))
+             else DetectorParts(model, cfg.experimental.assigner, cfg.experimental.atss_topk))
     return Stage(spec, model, distiller, student_opt, scheduler, assistant_opt, opt, parts,
                  stage_iterations(cfg, request.stage)[1])
 

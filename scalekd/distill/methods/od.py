@@ -21,4 +21,4 @@ class OutputDistillation(DistillMethod):
             targets = self.distiller.teacher_predictions(teacher[1], student_out)
         with amp, phase("od"):
             return output_losses(self.distiller.student_parts, student_out.predictions, student_out.context,
-                                 targets, self.cfg.distill), {}
+                                 targets, self.cfg), {}

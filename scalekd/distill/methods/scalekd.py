@@ -68,14 +68,14 @@ class ScaleKD(DistillMethod):
         if k.sdf.enabled:
             self.sdf = ScaleDecoupledFeatures(c5_channels(distiller.student), c5_channels(distiller.teacher),
                                               k.sdf.embed_channels, k.sdf.dilations, k.sdf.weight_sharing,
-                                              k.sdf.bottleneck_ratio, k.sdf.teacher_sdf)
+                                              k.sdf.bottleneck_ratio, self.cfg.experimental.teacher_sdf)
         # Read once here, not on every assistant pass (config.Config.assistant_starts_as_teacher).
         self.starts_as_teacher = cfg.assistant_starts_as_teacher
         self.teacher_anchor = k.csa.teacher_anchor
         self.trains = cfg.assistant_trains
         if k.csa.enabled:
             self.csa = CrossScaleAssistant(cfg.model.fpn_channels, k.csa.heads, k.csa.rates, k.csa.attention,
-                                           k.csa.positional, k.csa.locality, k.csa.zero_init_output)
+                                           self.cfg.experimental.csa_positional, k.csa.locality, k.csa.zero_init_output)
             if k.csa.head == "own":
                 # Interpretation ("we stacked head layers ... to update the weights"): the assistant gets its own
                 # copy of the warm student's head (or, starting as the teacher, of the teacher's) and trains it with
@@ -127,7 +127,7 @@ class ScaleKD(DistillMethod):
             with phase("losses"):
                 if targets is not None:
                     terms.update(output_losses(self.distiller.student_parts, student_out.predictions,
-                                               student_out.context, targets, self.cfg.distill))
+                                               student_out.context, targets, self.cfg))
                 if self.cfg.cross_head_weight:
                     d = self.distiller
                     terms.update(cross_head_losses(d.student_parts, d.teacher_parts, student_out, teacher_maps,
@@ -175,7 +175,7 @@ class ScaleKD(DistillMethod):
         if self.trains:
             with phase("assistant_backward_step"):
                 self._update(sum(weights.get(k, 1.0) * v.float() for k, v in assistant_losses.items()), opt)
-        if self.cfg.distill.csa.recompute:
+        if self.cfg.experimental.csa_recompute:
             with phase("assistant_recompute"), torch.no_grad(), amp:
                 preds = parts.predict(self.assistant_maps(student_maps, teacher_maps), student_out.fpn_names, ctx,
                                       self.assistant_head)
@@ -199,4 +199,4 @@ class ScaleKD(DistillMethod):
         from scalekd.distill.output import output_losses
 
         targets = self.distiller.teacher_predictions(teacher_maps, student_out)
-        return output_losses(self.distiller.student_parts, preds, student_out.context, targets, self.cfg.distill)
+        return output_losses(self.distiller.student_parts, preds, student_out.context, targets, self.cfg)
