@@ -9,11 +9,11 @@ import dataclasses
 import inspect
 import json
 
-from scalekd import config as config_module
+from scalekd import config_schema as config_module
 
 HEADER = """# Configuration reference
 
-Every field of the one typed config (`scalekd/config.py`), generated from its dataclasses by
+Every field of the one typed config (`scalekd/config_schema.py`), generated from its dataclasses by
 `scalekd config --reference > docs/configuration.md` (a test fails when this page is stale). Set a field with
 `--set section.field=value`, in a YAML file (`--config`), or through a preset (`--preset tiny|demo|bench|paper`, whose
 values `scalekd config --preset NAME` prints); a bad value fails at load, naming the field and what it accepts.
