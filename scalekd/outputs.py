@@ -38,9 +38,15 @@ def _lease_seconds() -> float:
     return storage._env_number("SCALEKD_LEASE_S", 120.0)
 
 
+class LeaseLost(storage.StorageError):
+    """Another run took over an output while this run held it."""
+
+
 @contextlib.contextmanager
 def held(out: str, what: str) -> Iterator[None]:
-    """Hold ``out`` for this run (``what``: e.g. "stage teacher") or refuse with who holds it."""
+    """Hold ``out`` for this run (``what``: e.g. "stage teacher") or refuse with who holds it. A run that stalled
+    past its lease may find another run took the output over as lapsed: it then fails at the end (LeaseLost,
+    naming the other run) instead of exiting 0, and leaves the other run's lease in place."""
     uri = storage.join(out, LEASE_NAME)
     lease_s = _lease_seconds()
     me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": time.time()}
@@ -48,13 +54,32 @@ def held(out: str, what: str) -> Iterator[None]:
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(uri, me, lease_s, stop), name="scalekd-lease", daemon=True)
     renewer.start()
+    other = None
     try:
         yield
     finally:
         stop.set()
         renewer.join(timeout=5)
-        with contextlib.suppress(storage.StorageError, OSError):
-            storage.delete(uri)
+        other = _other_holder(uri, me)
+        if other is None:
+            with contextlib.suppress(storage.StorageError, OSError):
+                storage.delete(uri)
+    if other is not None:
+        raise LeaseLost(f"{out}: another run ({other.get('what')}, process {other.get('pid')} on "
+                        f"{other.get('host')}) took this output over while this run held it (this run had not "
+                        f"renewed its lease within {lease_s:g} s, SCALEKD_LEASE_S); the two runs' files may be "
+                        "mixed: check the output, or run again with another --out")
+
+
+def _other_holder(uri: str, me: dict) -> dict | None:
+    """The lease's holder when it names another run; None when it is ours, absent or unreadable."""
+    try:
+        holder = _read(uri)
+    except (storage.StorageError, OSError):
+        return None
+    if holder is None or "host" not in holder or _is(holder, me):
+        return None
+    return holder
 
 
 def _take(out: str, uri: str, me: dict, lease_s: float) -> None:
@@ -142,15 +167,19 @@ def _lapsed(holder: dict, lease_s: float) -> bool:
 
 
 def _renew(uri: str, me: dict, lease_s: float, stop: threading.Event) -> None:
+    """Renew the lease while it is ours: a run that stalled past the lease may have lost it to another, which
+    then keeps it (``held`` fails this run at the end)."""
     while not stop.wait(lease_s / 3):
         try:
-            if storage.is_s3(uri):  # only while it is still ours: a run that stalled past the lease may have lost it
+            if storage.is_s3(uri):
                 me["etag"] = storage.write_s3_if(uri, _lease_bytes(me), me.get("etag"))
+            elif _other_holder(uri, me) is not None:
+                raise storage.PreconditionFailed(uri)
             else:
                 storage.write_json(uri, {**me, "renewed": time.time()})
         except storage.PreconditionFailed:
             log.error("%s: another run took over this output's lease after ours lapsed; this run no longer holds "
-                      "it and its writes may mix with the other's", uri)
+                      "it, its writes may mix with the other's, and it will fail at its end", uri)
             return
         except (storage.StorageError, OSError) as exc:  # the next renewal may succeed; the lease says how old it is
             log.warning("%s: could not renew the lease (%s)", uri, exc)

@@ -31,6 +31,20 @@ def test_a_second_run_on_a_held_output_is_refused_by_name(out):
     assert not storage.exists(storage.join(out, outputs.LEASE_NAME))
 
 
+def test_a_run_that_lost_its_lease_to_another_fails_naming_it_and_leaves_the_other_lease(out, monkeypatch):
+    monkeypatch.setenv("SCALEKD_LEASE_S", "0.3")  # renewed every 0.1 s
+    lease = storage.join(out, outputs.LEASE_NAME)
+    other = {"host": "other-pod", "pid": 7, "what": "stage teacher", "since": 1.0, "renewed": time.time() + 3600}
+    lost = pytest.raises(outputs.LeaseLost, match=r"another run \(stage teacher, process 7 on other-pod\)")
+    with lost, outputs.held(out, "stage warmup"):
+        storage.write_json(lease, other)  # the other run took it over as lapsed (this one had stalled)
+        time.sleep(0.5)  # renewals meanwhile: none may overwrite the other's lease
+    assert json.loads(storage.read_text(lease))["host"] == "other-pod"
+    refused = pytest.raises(storage.StorageError, match="is held by another run")  # and it still holds the output
+    with refused, outputs.held(out, "stage warmup"):
+        pass
+
+
 def test_a_lease_left_by_a_dead_process_or_never_renewed_is_taken_over(out, monkeypatch, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
