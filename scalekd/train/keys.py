@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from scalekd import storage
@@ -66,13 +67,15 @@ def inputs_key(request: StageRequest) -> str:
     return _key(request, stored_location=None)
 
 
-def same_inputs(request: StageRequest, key: str, stored_key: object, stored_config: object) -> bool:
+def same_inputs(request: StageRequest, key: str, stored_key: object, stored_config: Callable[[], object]) -> bool:
     """Whether a finished stage or checkpoint keyed ``stored_key`` came from this request's inputs. Keys written
     before the data's location left the key hashed ``data.root`` as it was spelled; such a key still matches when
-    the stage differs from the request in that spelling alone (the root it read is in its stored config)."""
+    the stage differs from the request in that spelling alone (the root it read is in the config it stored, which
+    ``stored_config`` reads only then)."""
     if stored_key == key:
         return True
-    data = stored_config.get("data") if isinstance(stored_config, dict) else None
+    config = stored_config()
+    data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict):
         return False
     return stored_key == _key(request, stored_location={k: data[k] for k in _LOCATION if k in data})

@@ -95,18 +95,12 @@ def completed_summary(request: StageRequest, key: str | None = None) -> dict | N
     summary = json.loads(storage.read_text(summary_uri))
     student, assistant = stage_iterations(config_from_dict(request.config), request.stage)
     end = min(student + assistant, request.stop_at) if request.stop_at else student + assistant
-    if summary.get("stage") != request.stage or not _finished_from(request, key or inputs_key(request), summary):
+    stored_config = lambda: ckpt.load(ckpt.model_uri(request.out)).get("config")  # read only if the keys differ
+    if summary.get("stage") != request.stage or not same_inputs(request, key or inputs_key(request),
+                                                                summary.get("inputs_key"), stored_config):
         raise TrainingError(f"{request.out} holds a finished {summary.get('stage')} stage from other inputs (stage, "
                             "config, data or starting models differ); use a fresh output URI or remove it")
     return summary if summary.get("iterations") == end else None
-
-
-def _finished_from(request: StageRequest, key: str, summary: dict) -> bool:
-    """Whether the finished stage at ``request.out`` came from the request's inputs (its model file holds the
-    config it ran, read only when the keys differ in form)."""
-    if summary.get("inputs_key") == key:
-        return True
-    return same_inputs(request, key, summary.get("inputs_key"), ckpt.load(ckpt.model_uri(request.out)).get("config"))
 
 
 @dataclass
@@ -185,7 +179,7 @@ def resume(stage: Stage, request: StageRequest, key: str, kept: dict | None = No
     if state.get("stage") != request.stage:
         raise TrainingError(f"{latest}: a checkpoint of stage {state.get('stage')!r}, not "
                             f"{request.stage!r}; use a fresh output URI per stage")
-    if not same_inputs(request, key, state.get("inputs_key", key), state.get("config")):
+    if not same_inputs(request, key, state.get("inputs_key", key), lambda: state.get("config")):
         raise TrainingError(f"{latest}: a checkpoint of this stage from other inputs (config, data or starting "
                             "models differ); use a fresh output URI or remove it")
     stage.model.load_state_dict(state["model"])
