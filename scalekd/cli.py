@@ -263,9 +263,6 @@ def cmd_export(args) -> int:
 def cmd_tune(args) -> int:
     from scalekd.tune import TuneSpace, run_tune
 
-    if args.workers not in (None, 1):
-        raise ConfigError("--workers", args.workers, "1: each trial is one process (--cpus-per-trial CPUs, one GPU "
-                          "with --gpu); Ray Train workers inside a trial are not offered")
     cfg = _load(args)
     space = TuneSpace.parse(args.space) if args.space else TuneSpace.around_paper(cfg)
     best = run_tune(cfg, args.teacher, args.student, cfg.data.root, args.out, space, trials=args.trials,
@@ -463,12 +460,14 @@ def _add_tune_command(sub) -> None:
                    "'teacher_anchor=0|5' (a choice); default: alpha, beta, gamma from 1/4 to 4x the paper's")
     p.add_argument("--ray-address", help="run the search as a Ray job on this cluster (http://HEAD:8265); every URI "
                    "then s3://")
-    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs Ray reserves for each trial")
-    p.add_argument("--gpu", action="store_true", help="one GPU per trial")
-    p.add_argument("--workers", type=int, help="1 only: each trial is one process")
+    p.add_argument("--cpus-per-trial", type=int, default=1,
+                   help="CPUs Ray reserves for each of a trial's training processes")
+    p.add_argument("--gpu", action="store_true", help="one GPU for each of a trial's training processes")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial (default 1: the trial trains in its own "
+                   "process); N > 1 runs a TorchTrainer of N workers inside each trial")
     p.add_argument("--resume", action="store_true",
-                   help="continue the search already under --out (only from a folder that this user owns and nobody "
-                        "else can write: Ray restores a search by unpickling it)")
+                   help="continue the search under --out (local or s3://, from any machine): trials that ended are "
+                        "kept, the others continue from their last rung and checkpoint")
     p.set_defaults(func=cmd_tune)
 
 

@@ -6,8 +6,7 @@ Distillation losses can sit orders of magnitude above or below the detection los
 this search is the documented answer (docs/method.md, "Loss scales"). ``teacher_anchor`` (not in the paper) is in the
 space because whether it pays depends on the data (docs/results.md: it helps on KIT AIS cars and costs on the
 synthetic set), so a user settles it on their own validation set; ``cross_head_weight`` (CrossKD's cross-head terms
-beside ScaleKD's, not in the paper; the default's ``auto`` is 1) is there too, measured on three seeds of the
-synthetic set only (docs/results.md).
+beside ScaleKD's, not in the paper) is there too, as its best value differs between datasets (docs/results.md).
 """
 
 from __future__ import annotations
@@ -16,16 +15,16 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
-from scalekd import storage
+from scalekd import search_record, storage
 from scalekd.config import Config, ConfigError, replace
 
 log = logging.getLogger(__name__)
 # A trial whose worker dies (a lost node, a preempted pod) is restarted this often, from its last reported rung.
 TRIAL_RETRIES = 2
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes Ray reserves for a trial that drives Ray Train workers
 WEIGHTS = ("alpha", "beta", "gamma")
 # What a search may vary, and where each lives under ``distill``.
 SEARCHABLE = {"alpha": ("alpha",), "beta": ("beta",), "gamma": ("gamma",), "teacher_anchor": ("csa", "teacher_anchor"),
@@ -113,58 +112,58 @@ def rung_stops(cfg: Config, rungs: int) -> list[tuple[int, int]]:
 
 
 def _trial(params: dict) -> None:
-    """One trial: distill in rungs from the warm student, report validation metrics after each (and the node it
-    ran on, for the record)."""
+    """One trial: distil in rungs from the warm student, report validation metrics after each (and the node it
+    ran on). A restarted trial (a lost node, a preempted pod, a resumed search) skips the rungs its record holds,
+    and its stage resumes from its own last checkpoint."""
     import ray
     from ray import tune
 
     from scalekd.config import config_from_dict
     from scalekd.data.coco import dataset_from_root
     from scalekd.eval.evaluate import evaluate_model
-    from scalekd.train.stage import StageRequest, run_stage
 
-    base = params["_base"]
-    cfg = replace(config_from_dict(base["config"]), distill=distill_overrides(params))
-    out = storage.join(base["out"], "trials", tune.get_context().get_trial_id())
+    base, index = params["_base"], params["trial"]
+    searched = base["plan"][index]
+    cfg = replace(config_from_dict(base["config"]), distill=distill_overrides(searched))
+    out = search_record.trial_out(base["out"], index)
     val = dataset_from_root(base["data"], cfg.data.val_split)
     node_id = ray.get_runtime_context().get_node_id()
-    restored = _rungs_done(tune.get_checkpoint())
+    restored = len(search_record.rung_reports(out))
     attempt = _record_attempt(out, node_id)
     for rung, (stop, student_iterations) in enumerate(rung_stops(cfg, base["rungs"]), 1):
         if rung <= restored:
-            continue  # reported before this trial was lost and restarted
-        # A restarted trial's stage resumes from its own last checkpoint under ``out``.
-        run_stage(StageRequest("distill", cfg.to_dict(), base["data"], out, teacher=base["teacher"],
-                               student_init=base["student"], stop_at=stop))
+            continue
+        _distil_to(cfg, base, out, stop)
         result = evaluate_model("trial", storage.join(out, "model.pt"), val, cfg, speed_images=1)
-        with tempfile.TemporaryDirectory(prefix="scalekd-rung-") as folder:
-            with open(os.path.join(folder, RUNG_FILE), "w") as f:
-                json.dump({"rungs_done": rung}, f)
-            tune.report({**result.metrics, "iteration": student_iterations, "node_id": node_id,
-                         "restored_after_rung": restored, "attempt": attempt,
-                         **{n: params[n] for n in SEARCHABLE if n in params}},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        report = {**result.metrics, "iteration": student_iterations, "node_id": node_id,
+                  "restored_after_rung": restored, "attempts": attempt, **searched}
+        search_record.record_rung(out, rung, report)
+        tune.report(report)
 
 
-RUNG_FILE = "rung.json"  # a trial's Tune checkpoint: how many rungs it reported (its model lives in its stage)
+def _distil_to(cfg: Config, base: dict, out: str, stop: int) -> None:
+    """The trial's distillation up to iteration ``stop``: in this process, or with ``scaling.workers`` > 1 on that
+    many Ray Train workers (a TorchTrainer inside the trial, as Ray documents Train within Tune)."""
+    from scalekd.train.stage import StageRequest, run_stage
+
+    request = StageRequest("distill", cfg.to_dict(), base["data"], out, teacher=base["teacher"],
+                           student_init=base["student"], stop_at=stop)
+    if cfg.scaling.workers > 1:
+        from scalekd.train.ray_runner import run_with_ray_train
+
+        run_with_ray_train(request, cfg)
+    else:
+        run_stage(request)
 
 
 def _record_attempt(trial_out: str, node_id: str) -> int:
-    """This run of a trial: 1, or 2 and on after Tune restarted it (a lost node, a preempted pod). Each run is
-    recorded under the trial's folder (``attempts/N.json``: the node it ran on, when it started), so a search's
-    results say which trials were restarted and where they ran."""
+    """This run of a trial: 1, or 2 and on after it was restarted (a lost node, a preempted pod, a resumed
+    search). Each run is recorded under the trial's folder (``attempts/N.json``: the node it ran on, when it
+    started), so a search's results say which trials were restarted and where they ran."""
     folder = storage.join(trial_out, "attempts")
     attempt = sum(1 for uri in storage.list_uris(folder) if uri.endswith(".json")) + 1
     storage.write_json(storage.join(folder, f"{attempt}.json"), {"node_id": node_id, "started": time.time()})
     return attempt
-
-
-def _rungs_done(checkpoint) -> int:
-    """Rungs a restarted trial already reported, from its Tune checkpoint (JSON, never a pickle); 0 when new."""
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder, open(os.path.join(folder, RUNG_FILE)) as f:
-        return int(json.load(f)["rungs_done"])
 
 
 @dataclass(frozen=True)
@@ -189,12 +188,15 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
              metric: str = "AP_S", rungs: int = 2, cpus_per_trial: int = 1, resume: bool = False) -> dict:
     """Run the search, or with ``resume`` continue the one under ``out``; writes results.json, results.md and
     best.yaml under ``out``. With ``scaling.ray_address`` the search runs as a Ray job on that cluster, its trials
-    on the cluster's nodes (``cpus_per_trial`` CPUs each, and one GPU each with ``scaling.gpu``)."""
+    on the cluster's nodes. Each trial is one process of ``cpus_per_trial`` CPUs (and a GPU with ``scaling.gpu``),
+    or with ``scaling.workers`` > 1 that many Ray Train workers of ``cpus_per_trial`` CPUs (and a GPU) each."""
     space.validate(cfg)
     if trials < 1 or rungs < 1:
         raise ConfigError("tune.trials" if trials < 1 else "tune.rungs", trials if trials < 1 else rungs, ">= 1")
     if cpus_per_trial < 1:
         raise ConfigError("--cpus-per-trial", cpus_per_trial, ">= 1")
+    if cfg.scaling.workers > 1:  # --cpus-per-trial: CPUs for each of a trial's training processes
+        cfg = replace(cfg, scaling={"cpus_per_worker": cpus_per_trial})
     request = TuneRequest(cfg.to_dict(), teacher, student, data, out, dict(space.ranges), dict(space.choices),
                           trials, metric, rungs, cpus_per_trial, resume)
     if cfg.scaling.ray_address:
@@ -203,70 +205,91 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
 
 
 def _search_on_cluster(request: TuneRequest, address: str) -> dict:
-    """The search as a Ray job: every URI on S3 (the trials run on other machines), the experiment's state in the
-    bucket beside the results (Tune needs storage every node reaches), and so no ``--resume``: restoring would
-    unpickle what the bucket holds (docs/security.md)."""
+    """The search as a Ray job: every URI on S3 (the trials run on other machines), Tune's experiment beside the
+    results in the bucket (Tune needs storage every node reaches)."""
     from scalekd.train.ray_runner import run_ray_job
 
     for flag, uri in (("--out", request.out), ("--data", request.data), ("--teacher", request.teacher),
                       ("--student", request.student)):
         if not storage.is_s3(uri):
             raise ConfigError(flag, uri, "an s3:// URI: on a cluster the trials run on other machines")
-    if request.resume:
-        raise ConfigError("--resume", True, "not offered for a search on a cluster: its state is in the bucket, and "
-                          "Ray restores a search by unpickling it (docs/security.md); start a new search")
+    search_record.start_or_resume(request, request.config["train"]["seed"])  # refusals here, before any job
     config = {**request.config, "scaling": {**request.config["scaling"], "ray_address": ""}}
-    payload = {**request.__dict__, "config": config}
+    payload = {**request.__dict__, "config": config, "resume": True}  # the job continues the plan just read or made
     run_ray_job(address, "scalekd.tune", payload, "tune search", {"scalekd_stage": "tune", "out": request.out})
     results = json.loads(storage.read_text(storage.join(request.out, "results.json")))
     return _summary(results["trials"], request.metric, request.out, tuple(request.ranges) + tuple(request.choices))
 
 
 def _search(request: TuneRequest, shared_storage: bool) -> dict:
-    """The search in this Ray (a private local one, or the cluster's inside a Ray job). ``shared_storage``: the
-    experiment's state under ``out`` in S3, which every node reaches; else in a private local folder."""
+    """The search in this Ray (a private local one, or the cluster's inside a Ray job). ``shared_storage``: Tune's
+    experiment under ``out`` in S3, which every node reaches; else in a local folder. Resuming reads the search's
+    own JSON record (``scalekd.search_record``), never Tune's pickled state."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from scalekd.config import config_from_dict
     from scalekd.train.ray_runner import init_ray
 
     cfg, out, metric = config_from_dict(request.config), request.out, request.metric
-    space = TuneSpace(request.ranges, request.choices)
-    name = "scalekd-tune"
-    storage_path, filesystem = _experiment_storage(out, shared_storage)
-    restore = False if shared_storage else _search_to_resume(os.path.join(storage_path, name), request.resume, out)
+    names = tuple(request.ranges) + tuple(request.choices)
     init_ray()
     if not shared_storage:  # a private local Ray: a trial larger than this machine would wait forever
-        _check_trial_fits(request.cpus_per_trial, cfg.scaling.gpu, ray.cluster_resources())
-    # Trials run in their own working directory: hand them absolute local paths.
-    base = {"config": request.config, "out": storage.absolute(out), "data": storage.absolute(request.data),
-            "teacher": storage.absolute(request.teacher), "student": storage.absolute(request.student),
-            "rungs": request.rungs}
-    trainable = tune.with_resources(_trial, {"cpu": request.cpus_per_trial, "gpu": 1 if cfg.scaling.gpu else 0})
-    if restore:
-        log.info("resuming the search in %s", storage_path)
-        tuner = tune.Tuner.restore(os.path.join(storage_path, name), trainable, resume_errored=True)
-    else:
-        param_space = {n: tune.loguniform(lo, hi) for n, (lo, hi) in space.ranges.items()}
-        param_space.update({n: tune.choice(list(values)) for n, values in space.choices.items()})
-        param_space["_base"] = base
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=request.rungs, grace_period=1,
-                                  reduction_factor=2)
-        slots = int(ray.cluster_resources().get("CPU", 1)) // request.cpus_per_trial
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=request.trials, scheduler=scheduler,
-                                        max_concurrent_trials=max(1, slots)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
-    rows = _trial_rows(tuner.fit(), metric, space.names)
+        _check_trial_fits(request.cpus_per_trial, cfg.scaling.gpu, ray.cluster_resources(), cfg.scaling.workers)
+    plan = search_record.start_or_resume(request, cfg.train.seed)
+    to_run = search_record.trials_to_run(out, plan, request.rungs)
+    if request.resume:
+        log.info("the search at %s: %d of %d trials to run", out, len(to_run), len(plan))
+    grid = list(_run_trials(request, cfg, plan, to_run, shared_storage)) if to_run else []
+    _mark_ended(grid, out)
+    rows = search_record.result_rows(out, plan, metric)
+    if not rows:
+        errors = [str(r.error) for r in grid if r.error]
+        raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")
     best_cfg = replace(cfg, distill=distill_overrides(rows[0]))
     storage.write_text(storage.join(out, "best.yaml"), best_cfg.to_yaml())
     storage.write_json(storage.join(out, "results.json"), {"metric": metric, "trials": rows})
-    storage.write_text(storage.join(out, "results.md"), results_table(rows, metric, space.names) + "\n")
-    return _summary(rows, metric, out, space.names)
+    storage.write_text(storage.join(out, "results.md"), results_table(rows, metric, names) + "\n")
+    return _summary(rows, metric, out, names)
+
+
+def _run_trials(request: TuneRequest, cfg: Config, plan: list[dict], to_run: list[int], shared_storage: bool):
+    """Tune over the planned trials in ``to_run``: ASHA stops weak ones at a rung; a trial whose worker dies is
+    restarted (``TRIAL_RETRIES``) and continues from its record. Departure from a single uninterrupted search:
+    a resumed search's scheduler compares only the trials it runs, not those that ended before."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Trials run in their own working directory: hand them absolute local paths.
+    base = {"config": request.config, "out": storage.absolute(request.out), "data": storage.absolute(request.data),
+            "teacher": storage.absolute(request.teacher), "student": storage.absolute(request.student),
+            "rungs": request.rungs, "plan": plan}
+    workers = cfg.scaling.workers
+    # With Ray Train workers the trial only drives them and evaluates: its workers hold the CPUs (and GPUs), and
+    # the trial reserves memory alone (Ray refuses an empty request; a CPU would starve a machine the workers fill).
+    trial_resources: dict[str, float] = ({"cpu": request.cpus_per_trial, "gpu": 1.0 if cfg.scaling.gpu else 0.0}
+                                         if workers == 1 else {"memory": TRIAL_DRIVER_MEMORY})
+    slots = int(ray.cluster_resources().get("CPU", 1)) // (request.cpus_per_trial * workers)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=request.rungs, grace_period=1, reduction_factor=2)
+    storage_path, filesystem = _experiment_storage(request.out, shared_storage)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, trial_resources),
+        param_space={"trial": tune.grid_search(to_run), "_base": base},
+        tune_config=tune.TuneConfig(metric=request.metric, mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=max(1, slots)),
+        # A new experiment per start: a resumed search never reads (unpickles) the one before.
+        run_config=tune.RunConfig(name=f"scalekd-tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
+                                  storage_filesystem=filesystem, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
+    return tuner.fit()
+
+
+def _mark_ended(grid, out: str) -> None:
+    """Trials that finished without error (every rung, or stopped early by ASHA) are not run again on resume."""
+    for result in grid:
+        if result.error is None and result.config:
+            trial = search_record.trial_out(out, result.config["trial"])
+            search_record.mark_ended(trial, len(search_record.rung_reports(trial)))
 
 
 def _summary(rows: list[dict], metric: str, out: str, names: tuple[str, ...]) -> dict:
@@ -295,62 +318,15 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _search_to_resume(path: str, resume: bool, out: str) -> bool:
-    """Whether to restore the search at ``path``. Ray Tune restores by unpickling its state (``tuner.pkl``), which
-    runs whatever code the file names: a search is resumed only when asked, and only from a folder that this user
-    owns and nobody else can write. An ``s3://`` output keeps that state in the local cache, never in the bucket."""
-    from ray import tune
-
-    found = os.path.exists(path)
-    if not resume:
-        if found:
-            raise ConfigError("--out", out, f"already holds a search ({path}); pass --resume to continue it, or "
-                              "choose a new --out")
-        return False
-    if not found or not tune.Tuner.can_restore(path):
-        raise ConfigError("--resume", out, f"there is no search to resume at {path}")
-    unsafe = _writable_by_others(path)
-    if unsafe:
-        raise ConfigError("--resume", out, f"{unsafe} is not owned by this user or can be written by others; a "
-                          "search is restored by unpickling its state, so it is resumed only from a private folder")
-    return True
-
-
-def _writable_by_others(path: str) -> str | None:
-    """The first of ``path``, everything below it and its parent folder that another user owns or may write (None
-    where none)."""
-    uid = os.getuid()
-    below = [os.path.join(d, n) for d, dirs, files in os.walk(path) for n in dirs + files]
-    for item in [path, *below, os.path.dirname(path)]:
-        st = os.lstat(item)
-        if st.st_uid != uid or st.st_mode & 0o022:
-            return item
-    return None
-
-
-def _check_trial_fits(cpus: int, gpu: bool, have: dict) -> None:
+def _check_trial_fits(cpus: int, gpu: bool, have: dict, workers: int = 1) -> None:
+    """``cpus`` (and a GPU with ``gpu``) for each of the trial's ``workers`` processes."""
     cpus_here, gpus_here = have.get("CPU", 0), have.get("GPU", 0)
     fits = f"a trial that fits this machine ({cpus_here:g} CPUs, {gpus_here:g} GPUs), or a Ray cluster (--ray-address)"
-    if cpus > cpus_here:
-        raise ConfigError("--cpus-per-trial", cpus, fits)
-    if gpu and gpus_here < 1:
+    if cpus * workers > cpus_here:
+        raise ConfigError("--cpus-per-trial" if workers == 1 else "--workers", cpus if workers == 1 else workers,
+                          f"{cpus} CPUs for each of {workers} workers: {fits}")
+    if gpu and gpus_here < workers:
         raise ConfigError("--gpu", True, fits)
-
-
-def _trial_rows(grid, metric: str, names: tuple[str, ...]) -> list[dict]:
-    """One row per trial that reported ``metric`` (its last report), best first."""
-    rows = []
-    for result in grid:
-        if result.metrics and metric in result.metrics:
-            rows.append({**{n: result.metrics.get(n) for n in names}, metric: result.metrics[metric],
-                         "AP": result.metrics.get("AP"), "iteration": result.metrics.get("iteration"),
-                         "node_id": result.metrics.get("node_id"),
-                         "restored_after_rung": result.metrics.get("restored_after_rung"),
-                         "attempts": result.metrics.get("attempt"), "path": result.path})
-    if not rows:
-        errors = [str(r.error) for r in grid if r.error]
-        raise RuntimeError(f"no tune trial reported {metric}; first error: {errors[0] if errors else 'none'}")
-    return sorted(rows, key=lambda r: r[metric], reverse=True)
 
 
 def results_table(rows: list[dict], metric: str, names: tuple[str, ...]) -> str:

@@ -235,7 +235,8 @@ def _wait_for_trials_with_a_checkpoint(s3: dict, prefix: str, count: int, job: s
 def test_tune_refuses_flags_it_cannot_honour(s3_server, tmp_path):
     env = _env(s3_server)
     base = ["tune", "--preset", "tiny", "--teacher", "t.pt", "--student", "s.pt"]
-    for extra, words in ((["--out", str(tmp_path / "o"), "--workers", "2"], "--workers"),
+    for extra, words in ((["--out", str(tmp_path / "o"), "--workers", "0"], "scaling.workers"),
+                         (["--out", str(tmp_path / "o"), "--workers", "64"], "--workers"),  # more than this machine
                          (["--out", str(tmp_path / "o"), "--ray-address", "http://127.0.0.1:9"], "s3:// URI"),
                          (["--out", str(tmp_path / "o"), "--cpus-per-trial", "0"], "--cpus-per-trial")):
         done = _cli(base + extra, env, timeout=120)

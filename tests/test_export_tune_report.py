@@ -115,8 +115,12 @@ def test_tiny_tune_search_writes_a_usable_best_config(trained, tmp_path, synth_r
     assert all(r["teacher_anchor"] in (0.0, 2.0) for r in rows["trials"])
     assert max(r["iteration"] for r in rows["trials"]) == cfg.train.distill_iterations  # the student's, all of them
     assert open(os.path.join(out, "results.md")).readline().startswith("| alpha | beta | gamma | teacher_anchor |")
+    marker = str(tmp_path / "pwned")
+    for experiment in glob.glob(os.path.join(out, "experiment", "*")):
+        _planted_pickle(experiment, marker)
     again = run_tune(cfg, str(root / "teacher" / "model.pt"), str(root / "warmup" / "model.pt"), synth_root, out,
-                     space, trials=2, rungs=2, resume=True)  # restored from its own private experiment folder
+                     space, trials=2, rungs=2, resume=True)  # every trial ended: read from the record, nothing run
+    assert not os.path.exists(marker)
     trial = lambda row: tuple(row[n] for n in space.names)
     assert sorted(map(trial, again["table"])) == sorted(map(trial, best["table"])) and again["AP_S"] == best["AP_S"]
 
@@ -259,35 +263,90 @@ def test_export_refuses_a_malformed_out_uri_before_exporting(synth_root, capsys,
     assert "use s3://bucket/key or a local path" in capsys.readouterr().err
 
 
-def _planted_search(out, mode: int = 0o700) -> str:
-    """A search folder whose tuner.pkl would create a marker file when unpickled."""
+def _planted_pickle(folder: str, marker: str) -> None:
+    """A tuner.pkl in ``folder`` that would create ``marker`` when unpickled."""
     import pickle
-
-    folder = os.path.join(out, "experiment", "scalekd-tune")
-    os.makedirs(folder)
-    marker = os.path.join(out, "pwned")
 
     class Payload:
         def __reduce__(self):
             return (open, (marker, "w"))
 
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "tuner.pkl"), "wb") as f:
         pickle.dump(Payload(), f)
-    os.chmod(folder, mode)
-    return marker
 
 
-def test_a_search_found_in_the_output_is_never_unpickled_unless_resumed_from_a_private_folder(tiny_cfg, tmp_path):
+def test_a_search_found_in_the_output_is_refused_or_resumed_from_json_never_unpickled(tiny_cfg, tmp_path):
+    from scalekd import search_record
+    from scalekd.tune import TuneRequest
+
     space = TuneSpace.around_paper(tiny_cfg)
     out = str(tmp_path / "shared")
-    marker = _planted_search(out, mode=0o777)
-    with pytest.raises(ConfigError, match="already holds a search.*--resume"):
-        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space)
-    with pytest.raises(ConfigError, match="can be written by others"):
-        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space, resume=True)
-    assert not os.path.exists(marker)
+    marker = os.path.join(out, "pwned")
+    _planted_pickle(os.path.join(out, "experiment", "scalekd-tune"), marker)
     with pytest.raises(ConfigError, match="no search to resume"):
-        run_tune(tiny_cfg, "t.pt", "s.pt", "data", str(tmp_path / "new"), space, resume=True)
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space, resume=True)
+    request = TuneRequest(tiny_cfg.to_dict(), "t.pt", "s.pt", "data", out, dict(space.ranges), {}, trials=2)
+    plan = search_record.start_or_resume(request, seed=0)
+    assert len(plan) == 2 and all(space.ranges[n][0] <= v <= space.ranges[n][1] for p in plan for n, v in p.items())
+    with pytest.raises(ConfigError, match="already holds a search.*--resume"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space, trials=2)
+    narrower = TuneSpace({"alpha": (0.01, 0.02)})
+    with pytest.raises(ConfigError, match="differs in ranges"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, narrower, trials=2, resume=True)
+    with pytest.raises(ConfigError, match="differs in teacher, trials"):
+        run_tune(tiny_cfg, "other.pt", "s.pt", "data", out, space, trials=3, resume=True)
+    assert not os.path.exists(marker)
+
+
+def _cli_tune(args: list[str], env: dict, timeout: int = 600):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "scalekd.cli", "tune", "--preset", "tiny", *args],
+                          env={**os.environ, "SCALEKD_NO_PROGRESS": "1", **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_search_in_s3_resumes_on_another_machine_from_its_record(trained, s3_server, tmp_path, synth_root):
+    """A search whose second trial was cut short after its first rung is resumed from another machine (another
+    local cache): the ended trial is kept as it was, the other continues from its rung record and checkpoint."""
+    cfg, root = trained
+    bucket, client = s3_server["bucket"], s3_server["client"]
+    env = {"AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": s3_server["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    args = ["--data", synth_root, "--teacher", str(root / "teacher" / "model.pt"), "--student",
+            str(root / "warmup" / "model.pt"), "--out", f"s3://{bucket}/tune-resume", "--trials", "2", "--rungs", "2"]
+    done = _cli_tune(args, {**env, "SCALEKD_CACHE_DIR": str(tmp_path / "machine-a")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cut = "tune-resume/trials/trial-001/"
+    for name in ("ended.json", "rungs/2.json", "summary.json", "model.pt"):  # as if the search died mid-rung 2
+        client.delete_object(Bucket=bucket, Key=cut + name)
+    elsewhere = {**env, "SCALEKD_CACHE_DIR": str(tmp_path / "machine-b")}
+    refused = _cli_tune(args, elsewhere)
+    assert refused.returncode == 2 and "already holds a search" in refused.stderr, refused.stderr[-2000:]
+    done = _cli_tune([*args, "--resume"], elsewhere)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(client.get_object(Bucket=bucket, Key="tune-resume/results.json")["Body"].read())
+    trials = {t["trial"]: t for t in results["trials"]}
+    assert sorted(trials) == [0, 1]
+    assert all(t["iteration"] == cfg.train.distill_iterations for t in trials.values()), trials
+    assert (trials[0]["attempts"], trials[0]["restored_after_rung"]) == (1, 0)  # kept, not run again
+    assert (trials[1]["attempts"], trials[1]["restored_after_rung"]) == (2, 1), trials[1]
+
+
+def test_a_trial_trains_on_ray_train_workers_with_workers(trained, tmp_path, synth_root):
+    """``--workers 2``: each trial drives a TorchTrainer of two workers (one CPU each) and evaluates its model."""
+    cfg, root = trained
+    out = tmp_path / "tune"
+    done = _cli_tune(["--data", synth_root, "--teacher", str(root / "teacher" / "model.pt"), "--student",
+                      str(root / "warmup" / "model.pt"), "--out", str(out), "--trials", "1", "--rungs", "1",
+                      "--workers", "2"], {})
+    assert done.returncode == 0, done.stderr[-3000:]
+    trial = json.load(open(out / "results.json"))["trials"][0]
+    assert trial["iteration"] == cfg.train.distill_iterations
+    assert json.load(open(out / "trials" / "trial-000" / "summary.json"))["workers"] == 2
+    assert (out / "trials" / "trial-000" / "ray_result.json").exists()  # Ray Train ran the stage
 
 
 def test_a_trial_whose_worker_dies_is_restarted_from_its_last_rung_and_the_search_completes(trained, tmp_path,
@@ -324,3 +383,27 @@ def test_a_trial_larger_than_this_machine_is_refused_naming_the_flag():
         _check_trial_fits(4, False, {"CPU": 2.0})
     with pytest.raises(ConfigError, match="--gpu"):
         _check_trial_fits(1, True, {"CPU": 2.0})
+
+
+@pytest.mark.parametrize("record", ["{", "[]", '{"version": 1}', '{"version": 1, "identity": {}, "trials": []}',
+                                    "RECORD_WITH_A_BAD_TRIAL", "RECORD_WITH_A_MISSING_TRIAL"])
+def test_a_damaged_search_record_is_refused_by_name_on_resume(tiny_cfg, tmp_path, record):
+    from scalekd import search_record
+    from scalekd.tune import TuneRequest
+
+    space = TuneSpace.around_paper(tiny_cfg)
+    out = str(tmp_path / "search")
+    search_record.start_or_resume(TuneRequest(tiny_cfg.to_dict(), "t.pt", "s.pt", "data", out, dict(space.ranges),
+                                              {}, trials=2), seed=0)
+    uri = os.path.join(out, search_record.SEARCH_FILE)
+    good = json.load(open(uri))
+    if record == "RECORD_WITH_A_BAD_TRIAL":
+        good["trials"][1]["alpha"] = "0.1; rm -rf"
+        record = json.dumps(good)
+    elif record == "RECORD_WITH_A_MISSING_TRIAL":
+        good["trials"].pop()
+        record = json.dumps(good)
+    with open(uri, "w") as f:
+        f.write(record)
+    with pytest.raises(ConfigError, match="not a search record this version reads"):
+        run_tune(tiny_cfg, "t.pt", "s.pt", "data", out, space, trials=2, resume=True)
