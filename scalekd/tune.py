@@ -191,6 +191,8 @@ def run_tune(cfg: Config, teacher: str, student: str, data: str, out: str, space
     on the cluster's nodes. Each trial is one process of ``cpus_per_trial`` CPUs (and a GPU with ``scaling.gpu``),
     or with ``scaling.workers`` > 1 that many Ray Train workers of ``cpus_per_trial`` CPUs (and a GPU) each."""
     space.validate(cfg)
+    for uri in (out, data, teacher, student):
+        storage.is_s3(uri)  # a malformed URI is refused here, before Ray starts
     if trials < 1 or rungs < 1:
         raise ConfigError("tune.trials" if trials < 1 else "tune.rungs", trials if trials < 1 else rungs, ">= 1")
     if cpus_per_trial < 1:

@@ -237,6 +237,7 @@ def test_tune_refuses_flags_it_cannot_honour(s3_server, tmp_path):
     base = ["tune", "--preset", "tiny", "--teacher", "t.pt", "--student", "s.pt"]
     for extra, words in ((["--out", str(tmp_path / "o"), "--workers", "0"], "scaling.workers"),
                          (["--out", str(tmp_path / "o"), "--workers", "64"], "--workers"),  # more than this machine
+                         (["--out", "s3:/bucket/o"], "not an S3 URI"),
                          (["--out", str(tmp_path / "o"), "--ray-address", "http://127.0.0.1:9"], "s3:// URI"),
                          (["--out", str(tmp_path / "o"), "--cpus-per-trial", "0"], "--cpus-per-trial")):
         done = _cli(base + extra, env, timeout=120)
