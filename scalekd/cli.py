@@ -141,13 +141,14 @@ def _data_convert(args) -> int:
 
 def cmd_data(args) -> int:
     from scalekd.data import stats, synth
+    from scalekd.data.annotations import split_annotations
 
     if args.data_command == "synth":
         _refuse_to_overwrite(args.out, args.force, folder=True)
         counts = synth.generate(args.out, args.images, args.seed, args.size)
         print(json.dumps(counts))
         for split in ("train", "val"):
-            ann = storage.join(args.out, "annotations", f"instances_{split}.json")
+            ann = split_annotations(args.out, split)
             print(stats.format_stats(stats.dataset_stats(ann), f"{split}: {ann}"))
         return 0
     if args.data_command == "convert":

@@ -18,7 +18,7 @@ import time
 
 from scalekd import storage
 from scalekd.config import Config, paper_recipe, replace
-from scalekd.data.annotations import DataError
+from scalekd.data.annotations import SPLIT_RULE, DataError, is_split_name, split_annotations
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,11 @@ def check_request(cfg: Config, request: CompareRequest) -> None:
         raise CompareError(f"--seeds {list(request.seeds)}: give distinct non-negative integers")
     if request.max_detections < 1:
         raise CompareError(f"--max-detections {request.max_detections}: a positive number of detections per image")
+    if not is_split_name(request.eval_split):
+        raise CompareError(f"--eval-split {request.eval_split!r}: {SPLIT_RULE}")
+    if request.eval_split == cfg.data.train_split:
+        raise CompareError(f"--eval-split {request.eval_split}: the split the models train on (data.train_split); "
+                           "evaluate on images they never saw (val, or a test split)")
     for role, split in (("training", cfg.data.train_split), ("evaluation", request.eval_split)):
         uri = annotation_uri(request.data, split)
         if not storage.exists(uri):
@@ -114,7 +119,7 @@ def check_request(cfg: Config, request: CompareRequest) -> None:
 
 
 def annotation_uri(root: str, split: str) -> str:
-    return storage.join(root, "annotations", f"instances_{split}.json")
+    return split_annotations(root, split)
 
 
 def run_compare(cfg: Config, request: CompareRequest) -> dict:

@@ -10,6 +10,7 @@ from typing import Any
 from scalekd.config_schema import (ASSIGNERS, BACKBONES, BOX_LOSSES, DETECTORS, MAX_FPN_CHANNELS, PAIRINGS, Config,
                                    ConfigError, DataConfig, EvalConfig, ExperimentalConfig, ModelConfig,
                                    ScalingConfig, TrainConfig, _method, _method_names)
+from scalekd.data.annotations import SPLIT_RULE, is_split_name
 
 def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
@@ -45,6 +46,8 @@ def _validate_data(d: DataConfig) -> None:
     _check(0.0 <= d.teacher_holdout < 1.0, "data.teacher_holdout", d.teacher_holdout,
            "a share in [0, 1): 0 for one set of images for all stages, 0.5 for halves (the students need some)")
     _check(bool(d.root), "data.root", d.root, "a local folder or s3://bucket/prefix")
+    for field in ("train_split", "val_split"):
+        _check(is_split_name(getattr(d, field)), f"data.{field}", getattr(d, field), SPLIT_RULE)
 
 
 def _validate_model(m: ModelConfig) -> None:

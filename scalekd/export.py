@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from scalekd import storage
+from scalekd.data.annotations import split_annotations
 from scalekd.data.coco import dataset_from_root
 from scalekd.data.transforms import DualResolutionCollate
 from scalekd.eval.predict import configure_for_eval
@@ -64,7 +65,7 @@ def compare(reference: dict, candidate: dict, min_score: float = 0.1) -> dict:
 
 
 def _dataset_hash(data_root: str, split: str) -> str:
-    raw = storage.read_bytes(storage.join(data_root, "annotations", f"instances_{split}.json"))
+    raw = storage.read_bytes(split_annotations(data_root, split))
     return hashlib.sha256(raw).hexdigest()
 
 

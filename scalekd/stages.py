@@ -11,6 +11,7 @@ import logging
 import os
 
 from scalekd import storage
+from scalekd.data.annotations import split_annotations
 from scalekd.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def prepare_data(config_path: str, dataset_uri: str, workdir: str, synth_images:
     if not dataset_uri:
         # Objects keep their pixel sizes (8-24 px mostly, 4-12 at the student's size) whatever the scene size.
         ensure_synthetic(root, synth_images, seed=cfg.train.seed, size=2 * cfg.data.student_size, object_scale=1.0)
-    stats = {split: dataset_stats(storage.join(root, "annotations", f"instances_{split}.json"))
+    stats = {split: dataset_stats(split_annotations(root, split))
              for split in (cfg.data.train_split, cfg.data.val_split)}
     _ensure_dir(stats_path)
     with open(stats_path, "w") as f:

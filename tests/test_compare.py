@@ -89,6 +89,9 @@ def test_eval_split_selects_the_file_and_a_missing_split_is_refused_before_train
     ({"seeds": (0, 0)}, "distinct non-negative"),
     ({"seeds": (-1,)}, "distinct non-negative"),
     ({"max_detections": 0}, "positive number"),
+    ({"eval_split": "train"}, "the split the models train on"),
+    ({"eval_split": "../val"}, "--eval-split '../val': a plain name"),
+    ({"eval_split": "val/../../x"}, "a plain name"),
 ])
 def test_bad_requests_are_refused_by_name(synth_root, tmp_path, tiny_cfg, change, message):
     request = CompareRequest(synth_root, str(tmp_path / "out"), **change)

@@ -22,6 +22,8 @@ def test_overrides_and_paper_defaults():
     ("distill.alpha=-0.1", "distill.alpha", "non-negative"),
     ("data.student_size=100", "data.student_size", "multiple of 32"),
     ("data.student_size=65", "data.student_size", "multiple of 32"),
+    ("data.val_split=../../etc", "data.val_split", "a plain name"),
+    ("data.train_split=/abs/train", "data.train_split", "a plain name"),
     ("model.detector=yolo", "model.detector", "retinanet"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
     ("distill.csa.heads=3", "distill.csa.heads", "multiple"),

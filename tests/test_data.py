@@ -70,6 +70,8 @@ def test_malformed_json_names_file_and_position(tmp_path):
     ([], [], None, "no images"),
     ([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
      [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}], None, "expected \\[x, y, width, height\\]"),
+    ([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}], [],
+     [{"id": 1, "name": "car"}, {"id": 2, "name": "car"}], "categories\\[1\\] \\(id 2\\) repeats the name 'car'"),
 ])
 def test_bad_annotations_get_clear_errors(tmp_path, images, anns, cats, words):
     path = write_coco(tmp_path, images, anns, cats)

@@ -10,12 +10,32 @@ import contextlib
 import io
 import json
 import math
+import re
 
 from scalekd import storage
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and line or field) and what to do."""
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def split_annotations(root: str, split: str) -> str:
+    """``ROOT/annotations/instances_SPLIT.json``: the one place a split's file is named. A split is a plain name
+    (letters, digits, ``_ . -``; not ``..`` or a path), so no split reaches a file outside its dataset root."""
+    if not is_split_name(split):
+        raise DataError(f"split {split!r}: {SPLIT_RULE}")
+    return storage.join(root, "annotations", f"instances_{split}.json")
+
+
+def is_split_name(split) -> bool:
+    return isinstance(split, str) and SPLIT_NAME.fullmatch(split) is not None and ".." not in split
+
+
+SPLIT_RULE = ("a plain name such as train, val or test (letters, digits, _ . -), naming "
+              "annotations/instances_<split>.json")
 
 
 def load_coco_json(uri: str) -> dict:
@@ -85,10 +105,17 @@ def _inside_images(name) -> bool:
 
 
 def _check_categories(uri: str, categories: list) -> set:
+    """Ids are integers and names are text, each name once: models, reports and the stages' class checks match
+    classes by name, so two ids under one name would be one class to them."""
+    names: dict[str, int] = {}
     for i, cat in enumerate(categories):
         _require(uri, f"categories[{i}]", "id", cat.get("id"), is_integer(cat.get("id")), "an integer")
         if "name" in cat:
             _require(uri, f"categories[{i}]", "name", cat["name"], isinstance(cat["name"], str), "text")
+            if cat["name"] in names:
+                raise DataError(f"{uri}: categories[{i}] (id {cat['id']}) repeats the name {cat['name']!r} of id "
+                                f"{names[cat['name']]}; give each category its own name, or merge the two ids")
+            names[cat["name"]] = cat["id"]
     return {c["id"] for c in categories}
 
 

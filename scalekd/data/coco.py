@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from scalekd import storage
 from scalekd.data.annotations import (  # noqa: F401 - re-exported: the dataset's readers
-    DataError, coco_api, is_finite_number, load_coco_json)
+    DataError, coco_api, is_finite_number, load_coco_json, split_annotations)
 
 log = logging.getLogger(__name__)
 
@@ -186,5 +186,5 @@ def dataset_from_root(root: str, split: str, cache: bool = True,
                       keep: Callable[[dict], bool] | None = None) -> CocoDetection:
     """The project's layout: ``ROOT/annotations/instances_SPLIT.json`` and ``ROOT/images/``."""
     root = resolve_root(root)
-    return CocoDetection(storage.join(root, "annotations", f"instances_{split}.json"),
+    return CocoDetection(split_annotations(root, split),
                          storage.join(root, "images"), cache=cache, keep=keep)

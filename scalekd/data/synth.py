@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from scalekd import storage
-from scalekd.data.annotations import DataError
+from scalekd.data.annotations import DataError, split_annotations
 
 CLASSES = ("disc", "square", "ring", "cross")
 PALETTE = [(230, 60, 50), (60, 200, 80), (60, 110, 240), (240, 220, 60), (240, 240, 240), (200, 80, 220)]
@@ -123,7 +123,7 @@ def generate(out: str, images: int, seed: int = 0, size: int = 256, val_fraction
     for split, data in splits.items():
         data["info"] = {"description": f"scalekd synthetic small objects, seed {seed}, size {size}",
                         "object_scale": size / 256.0 if object_scale is None else object_scale}
-        storage.write_text(storage.join(out, "annotations", f"instances_{split}.json"), json.dumps(data))
+        storage.write_text(split_annotations(out, split), json.dumps(data))
     return {split: {"images": len(d["images"]), "annotations": len(d["annotations"])}
             for split, d in splits.items()}
 

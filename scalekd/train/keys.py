@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from scalekd import storage
+from scalekd.data.annotations import split_annotations
 from scalekd.config import Config, config_from_dict
 from scalekd.config_versions import downgrade
 
@@ -88,7 +89,7 @@ def _key(request: StageRequest, stored_location: dict | None) -> str:
         config = {**config, "data": {**config["data"], **stored_location}}
     config = stage_inputs_config(request.stage, config, location=stored_location is not None)
     h = hashlib.sha256(json.dumps({"stage": request.stage, "config": config}, sort_keys=True).encode())
-    h.update(storage.read_bytes(storage.join(request.data, "annotations", f"instances_{cfg.data.train_split}.json")))
+    h.update(storage.read_bytes(split_annotations(request.data, cfg.data.train_split)))
     for model in (request.teacher, request.student_init):
         h.update(storage.read_bytes(model) if model else b"-")
     return h.hexdigest()
