@@ -48,17 +48,29 @@ def search_identity(request) -> dict:
 
 
 def start_or_resume(request, seed: int) -> list[dict]:
-    """The search's plan: a new one written to ``out`` (refused where ``out`` holds a search and ``resume`` is not
-    asked), or the stored one when resuming the same search (refused, naming what differs, when it is not)."""
+    """The search's plan, written to ``out`` when new (``plan_or_resume`` then ``write_plan``)."""
+    plan, new = plan_or_resume(request, seed)
+    if new:
+        write_plan(request, plan)
+    return plan
+
+
+def write_plan(request, plan: list[dict]) -> None:
+    storage.write_json(storage.join(request.out, SEARCH_FILE),
+                       {"version": RECORD_VERSION, "identity": search_identity(request), "trials": plan})
+
+
+def plan_or_resume(request, seed: int) -> tuple[list[dict], bool]:
+    """(the search's plan, whether it is new), writing nothing: a new plan (refused where ``out`` holds a search
+    and ``resume`` is not asked), or the stored one when resuming the same search (refused, naming what differs,
+    when it is not)."""
     uri = storage.join(request.out, SEARCH_FILE)
     found = storage.exists(uri)
     if not request.resume:
         if found:
             raise ConfigError("--out", request.out, f"already holds a search ({uri}); pass --resume to continue "
                               "it, or choose a new --out")
-        plan = plan_trials(request.ranges, request.choices, request.trials, seed)
-        storage.write_json(uri, {"version": RECORD_VERSION, "identity": search_identity(request), "trials": plan})
-        return plan
+        return plan_trials(request.ranges, request.choices, request.trials, seed), True
     if not found:
         raise ConfigError("--resume", request.out, f"there is no search to resume at {uri}")
     stored = _read_record(uri)
@@ -67,7 +79,7 @@ def start_or_resume(request, seed: int) -> list[dict]:
     if differ:
         raise ConfigError("--resume", request.out, f"the search there differs in {', '.join(differ)}; resume it "
                           "with the same settings, or start a new search at another --out")
-    return stored["trials"]
+    return stored["trials"], False
 
 
 def _read_record(uri: str) -> dict:

@@ -234,10 +234,12 @@ def _search(request: TuneRequest, shared_storage: bool) -> dict:
 
     cfg, out, metric = config_from_dict(request.config), request.out, request.metric
     names = tuple(request.ranges) + tuple(request.choices)
+    plan, new = search_record.plan_or_resume(request, cfg.train.seed)  # refusals before Ray starts
     init_ray()
     if not shared_storage:  # a private local Ray: a trial larger than this machine would wait forever
         _check_trial_fits(request.cpus_per_trial, cfg.scaling.gpu, ray.cluster_resources(), cfg.scaling.workers)
-    plan = search_record.start_or_resume(request, cfg.train.seed)
+    if new:
+        search_record.write_plan(request, plan)
     to_run = search_record.trials_to_run(out, plan, request.rungs)
     if request.resume:
         log.info("the search at %s: %d of %d trials to run", out, len(to_run), len(plan))
