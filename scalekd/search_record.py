@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 
 from scalekd import storage
 from scalekd.config import ConfigError
@@ -115,8 +116,8 @@ def rung_reports(trial: str) -> list[dict]:
     return reports
 
 
-def mark_ended(trial: str, rungs: int) -> None:
-    storage.write_json(storage.join(trial, "ended.json"), {"rungs": rungs})
+def mark_ended(trial: str) -> None:
+    storage.write_json(storage.join(trial, "ended.json"), {"ended": time.time()})
 
 
 def trials_to_run(out: str, plan: list[dict], rungs: int) -> list[int]:

@@ -292,8 +292,7 @@ def _mark_ended(grid, out: str) -> None:
     """Trials that finished without error (every rung, or stopped early by ASHA) are not run again on resume."""
     for result in grid:
         if result.error is None and result.config:
-            trial = search_record.trial_out(out, result.config["trial"])
-            search_record.mark_ended(trial, len(search_record.rung_reports(trial)))
+            search_record.mark_ended(search_record.trial_out(out, result.config["trial"]))
 
 
 def _summary(rows: list[dict], metric: str, out: str, names: tuple[str, ...]) -> dict:
